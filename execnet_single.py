@@ -1,0 +1,2516 @@
+"""execnet_single: run parts of a program in any Python you can reach.
+
+One file, standard library only, CPython 3.6-3.13 on both ends.  The local
+side sends this file's own source text to the remote interpreter, so both
+ends always run identical code and nothing is installed remotely.  It is a
+drop-in for execnet (``import execnet_single as execnet``).
+
+Sections (each uses only the ones above it):
+
+  1. Compat, tracing and logging          (both ends)
+  2. Errors and message texts             (both ends)
+  3. Serializer                           (both ends)
+  4. Framing and byte streams             (both ends)
+  5. Channels                             (both ends)
+  6. Gateway core                         (both ends)
+  7. Remote side                          (remote only)
+  8. Bootstrap                            (wherever a process is started)
+  9. Local gateways: popen and via        (local side)
+ 10. XSpec, exec models, Group, MultiChannel
+ 11. CLI
+"""
+
+import os
+import struct
+import sys
+import threading
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Channel",
+    "DataFormatError",
+    "DumpError",
+    "ExecnetError",
+    "Gateway",
+    "Group",
+    "HostNotFound",
+    "InterpreterNotFound",
+    "LoadError",
+    "MultiChannel",
+    "PopenGateway",
+    "RemoteError",
+    "RemoteTooOld",
+    "TimeoutError",
+    "XSpec",
+    "default_group",
+    "dump",
+    "dumps",
+    "get_execmodel",
+    "load",
+    "loads",
+    "makegateway",
+    "set_execmodel",
+]
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover - typing is never imported at run time
+    from typing import Any, Callable, Dict, List, Optional, Tuple  # noqa: F401
+
+# Set by the bootstrap on the remote side: the exact bytes of this file.
+_SOURCE = None
+
+
+# === 1. Compat, tracing and logging ===
+
+import queue as _queue_mod  # noqa: E402  (cheap, and needed on both ends)
+
+# 3.6: queue.SimpleQueue (a fast C queue) arrived in 3.7.
+_Queue = getattr(_queue_mod, "SimpleQueue", _queue_mod.Queue)
+_Empty = _queue_mod.Empty
+_builtin_TimeoutError = TimeoutError
+
+
+def _trace_off(*msg):
+    """Tracing is off: do nothing."""
+
+
+_trace = _trace_off  # replaced by _setup_trace() when EXECNET_DEBUG is set
+_trace_state = {"setup": False}
+
+
+def _setup_trace():
+    """Read EXECNET_DEBUG (1: a file per process in the temp dir, 2: stderr)."""
+    global _trace
+    if _trace_state["setup"]:
+        return
+    _trace_state["setup"] = True
+    level = os.environ.get("EXECNET_DEBUG")
+    if not level:
+        return
+    if level == "2":
+        stream = sys.__stderr__
+    else:
+        import tempfile
+
+        path = os.path.join(tempfile.gettempdir(), "execnet-debug-%d" % os.getpid())
+        stream = open(path, "w", buffering=1, encoding="utf-8")
+    lock = threading.Lock()
+    pid = os.getpid()
+
+    def trace(*msg):
+        line = "[%d] %s\n" % (pid, " ".join(str(m) for m in msg))
+        with lock:
+            try:
+                stream.write(line)
+                stream.flush()
+            except Exception:
+                pass
+
+    _trace = trace
+
+
+def _log(level, msg):
+    """Send a diagnostic to the 'execnet_single' logger if logging is in use.
+
+    logging is not imported for this: an application that never imported it
+    has configured no handlers, and importing it costs remote start-up time.
+    """
+    _trace(msg)
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        try:
+            logging.getLogger("execnet_single").log(level, msg)
+        except Exception:
+            pass
+
+
+# === 2. Errors and message texts ===
+
+
+class ExecnetError(Exception):
+    """Root of every error execnet_single raises on purpose."""
+
+
+class RemoteError(ExecnetError):
+    """Code on the other side raised; carries its traceback as text."""
+
+    def __init__(self, formatted):
+        super().__init__(formatted)
+        self.formatted = formatted
+
+    def __str__(self):
+        return self.formatted
+
+    def __repr__(self):
+        return "%s: %s" % (self.__class__.__name__, self.formatted)
+
+    def warn(self):
+        """Report an error nobody received (to the logger, never stderr)."""
+        _log(30, "unhandled RemoteError: %s" % self.formatted)
+
+
+class TimeoutError(ExecnetError, _builtin_TimeoutError):
+    """A receive() or waitclose() with a timeout saw nothing in time."""
+
+
+class DataFormatError(ExecnetError):
+    """Data could not be serialized or deserialized."""
+
+
+class DumpError(DataFormatError):
+    """An object (or something inside it) cannot be serialized."""
+
+
+class LoadError(DataFormatError):
+    """Bytes are not a valid serialization (or frame stream)."""
+
+
+class HostNotFound(ExecnetError):
+    """A gateway could not be started; ``output`` is what the remote printed."""
+
+    def __init__(self, message, output=""):
+        self.message = message
+        if output and output.strip():
+            message = "%s\n--- remote output ---\n%s" % (message, output.rstrip())
+        super().__init__(message)
+        self.output = output
+
+
+class InterpreterNotFound(HostNotFound):
+    """The Python command for a gateway does not exist or cannot run."""
+
+
+class RemoteTooOld(HostNotFound):
+    """The remote interpreter is older than Python 3.6."""
+
+
+class _Text:
+    """Message texts, kept in one place so tests and users can rely on them."""
+
+    TOO_OLD = "remote Python %s is too old; execnet_single needs 3.6+ (%s)"
+    NOT_FOUND = "could not start Python %r for gateway %s: %s"
+    DIED_IN_BOOTSTRAP = (
+        "Python %r for gateway %s exited during bootstrap (exit status %s)"
+    )
+    BAD_BOOTSTRAP = "gateway %s: unexpected bootstrap reply %r"
+    CONNECTION_LOST = "gateway %s: connection to the remote side lost%s"
+    CLOSE_IN_EXEC = "cannot explicitly close channel within remote_exec"
+    HAS_CALLBACK = "cannot receive(), channel has receiver callback"
+    SEND_CLOSED = "cannot send to %r"
+    MAIN_THREAD_BUSY = (
+        "concurrent remote_exec would cause deadlock for main_thread_only "
+        "execmodel: another remote_exec is still running in the main thread"
+    )
+    INTERRUPTED = "keyboard-interrupted"
+    CHANNEL_LOAD_FAILED = "gateway %s: could not load an item for channel %d: %s"
+
+
+# === 3. Serializer ===
+#
+# Byte format (execnet's, so data written by one library loads in the other).
+# A dump is the version byte 0x02, a postfix program of opcodes building the
+# value on a stack, and 'Q'.  Integers in lengths and 'F' are 4-byte
+# big-endian signed.
+#
+#   '@' n   tuple of the last n stack items    'L'      None
+#   'A' n b bytes                              'N' n b  str (UTF-8)
+#   'B' id  channel                            'O' n    set of last n items
+#   'C'     False                              'P'      stack[-3][stack[-2]] = stack[-1]
+#   'D' 8b  float (IEEE double, big-endian)    'Q'      stop
+#   'E' n   frozenset of last n items          'R'      True
+#   'F' i   int that fits in 4 bytes           'T' 16b  complex (two doubles)
+#   'H' n b other int, as ASCII decimal        'J'      new empty dict
+#   'K' n   new list of n Nones, filled by 'P'
+#   legacy, load only: 'G' = 'F', 'I' = 'H', 'M' py2 str, 'S' py2 unicode
+#
+# The same format is used on the wire between two execnet_single ends.
+
+_DUMPFORMAT_VERSION = b"\x02"
+_INT4 = struct.Struct("!i")
+_pack_i4 = _INT4.pack
+_unpack_i4 = _INT4.unpack_from
+_DOUBLE = struct.Struct("!d")
+_COMPLEX = struct.Struct("!dd")
+_INT4_MIN = -(2 ** 31)
+_INT4_MAX = 2 ** 31 - 1
+# 'F' + index for the first list positions, precomputed for speed.
+_LIST_INDEX = tuple(b"F" + _pack_i4(i) for i in range(1024))
+_DECIMAL_CHUNK = 10 ** 1000
+
+
+class _DumpFail(Exception):
+    """Internal: carries the reason and the path while unwinding a dump."""
+
+    def __init__(self, reason):
+        Exception.__init__(self, reason)
+        self.reason = reason
+        self.path = []
+
+
+def _int_to_ascii(value):
+    """Decimal digits of any int, even past 3.11's int_max_str_digits."""
+    try:
+        return str(value).encode("ascii")
+    except ValueError:  # 3.11+: too many digits for str()
+        pass
+    sign = b"-" if value < 0 else b""
+    value = abs(value)
+    parts = []
+    while value:
+        value, low = divmod(value, _DECIMAL_CHUNK)
+        parts.append(low)
+    head = str(parts.pop()).encode("ascii")
+    return sign + head + b"".join(str(p).encode("ascii").rjust(1000, b"0") for p in reversed(parts))
+
+
+def _ascii_to_int(digits):
+    """int() of ASCII decimal digits, even past 3.11's int_max_str_digits."""
+    if not digits or len(digits) != len(digits.strip()):
+        raise ValueError("not a decimal integer: %r" % digits[:40])
+    try:
+        return int(digits)
+    except ValueError:
+        if len(digits) < 4000:
+            raise
+    negative = digits[:1] == b"-"
+    body = digits[1:] if digits[:1] in (b"-", b"+") else digits
+    if not body.isdigit():
+        raise ValueError("not a decimal integer")
+    value = 0
+    first = len(body) % 1000 or 1000
+    value = int(body[:first])
+    for start in range(first, len(body), 1000):
+        value = value * _DECIMAL_CHUNK + int(body[start:start + 1000])
+    return -value if negative else value
+
+
+def _save(obj, w):
+    saver = _SAVERS.get(type(obj))
+    if saver is None:
+        raise _DumpFail("can't serialize %s" % (type(obj),))
+    saver(obj, w)
+
+
+def _save_none(obj, w):
+    w(b"L")
+
+
+def _save_bool(obj, w):
+    w(b"R" if obj else b"C")
+
+
+def _save_int(obj, w):
+    if _INT4_MIN <= obj <= _INT4_MAX:
+        w(b"F" + _pack_i4(obj))
+    else:
+        digits = _int_to_ascii(obj)
+        w(b"H" + _pack_i4(len(digits)) + digits)
+
+
+def _save_float(obj, w):
+    w(b"D" + _DOUBLE.pack(obj))
+
+
+def _save_complex(obj, w):
+    w(b"T" + _COMPLEX.pack(obj.real, obj.imag))
+
+
+def _save_str(obj, w):
+    try:
+        data = obj.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _DumpFail("can't serialize str that is not UTF-8 encodable (%s)" % exc)
+    w(b"N" + _pack_i4(len(data)))
+    w(data)
+
+
+def _save_bytes(obj, w):
+    if len(obj) > _INT4_MAX:
+        raise _DumpFail("can't serialize bytes longer than 2 GiB")
+    w(b"A" + _pack_i4(len(obj)))
+    w(obj)
+
+
+def _save_list(obj, w):
+    w(b"K" + _pack_i4(len(obj)))
+    index = 0
+    get = _SAVERS.get
+    try:
+        for index, item in enumerate(obj):
+            w(_LIST_INDEX[index] if index < 1024 else b"F" + _pack_i4(index))
+            saver = get(type(item))
+            if saver is None:
+                raise _DumpFail("can't serialize %s" % (type(item),))
+            saver(item, w)
+            w(b"P")
+    except _DumpFail as fail:
+        fail.path.append("[%d]" % index)
+        raise
+
+
+def _save_dict(obj, w):
+    w(b"J")
+    key = None
+    try:
+        for key, value in obj.items():
+            _save(key, w)
+            _save(value, w)
+            w(b"P")
+    except _DumpFail as fail:
+        fail.path.append("[%r]" % (key,))
+        raise
+
+
+def _save_tuple(obj, w):
+    index = 0
+    try:
+        for index, item in enumerate(obj):
+            _save(item, w)
+    except _DumpFail as fail:
+        fail.path.append("[%d]" % index)
+        raise
+    w(b"@" + _pack_i4(len(obj)))
+
+
+def _save_set(obj, w):
+    _save_members(obj, w, b"O")
+
+
+def _save_frozenset(obj, w):
+    _save_members(obj, w, b"E")
+
+
+def _save_members(obj, w, opcode):
+    item = None
+    try:
+        for item in obj:
+            _save(item, w)
+    except _DumpFail as fail:
+        fail.path.append("{%r}" % (item,))
+        raise
+    w(opcode + _pack_i4(len(obj)))
+
+
+def _save_channel(obj, w):
+    w(b"B" + _pack_i4(obj.id))
+
+
+_SAVERS = {
+    type(None): _save_none,
+    bool: _save_bool,
+    int: _save_int,
+    float: _save_float,
+    complex: _save_complex,
+    str: _save_str,
+    bytes: _save_bytes,
+    list: _save_list,
+    dict: _save_dict,
+    tuple: _save_tuple,
+    set: _save_set,
+    frozenset: _save_frozenset,
+}  # Channel is added in section 5
+
+
+def dumps(obj):
+    """Serialize obj to bytes in execnet's format; DumpError says what and where."""
+    out = [_DUMPFORMAT_VERSION]
+    w = out.append
+    try:
+        _save(obj, w)
+    except _DumpFail as fail:
+        where = "".join(reversed(fail.path))
+        raise DumpError(fail.reason + (" at %s" % where if where else "")) from None
+    except RecursionError:
+        raise DumpError(
+            "can't serialize a recursive or too deeply nested structure"
+        ) from None
+    w(b"Q")
+    return b"".join(out)
+
+
+def dump(byteio, obj):
+    """Write the serialization of obj to a binary file."""
+    byteio.write(dumps(obj))
+
+
+def loads(bytestring, py2str_as_py3str=False, py3str_as_py2str=False):
+    """Deserialize bytes made by dumps(); anything else raises LoadError."""
+    return _loads(bytestring, None, py2str_as_py3str, py3str_as_py2str)
+
+
+def load(byteio, py2str_as_py3str=False, py3str_as_py2str=False):
+    """Read exactly one serialized object from a binary file."""
+    return _loads(_read_one_dump(byteio.read), None, py2str_as_py3str, py3str_as_py2str)
+
+
+# Bytes following each opcode: a fixed count, or -1 for a 4-byte length + data.
+_OPCODE_ARGS = {
+    64: 4, 65: -1, 66: 4, 67: 0, 68: 8, 69: 4, 70: 4, 71: 4, 72: -1, 73: -1,
+    74: 0, 75: 4, 76: 0, 77: -1, 78: -1, 79: 4, 80: 0, 81: 0, 82: 0, 83: -1, 84: 16,
+}
+
+
+def _read_one_dump(read):
+    """Read one dump's bytes from a stream without reading past its end."""
+
+    def exact(n):
+        data = read(n)
+        if len(data) != n:
+            raise LoadError("truncated data: wanted %d bytes, got %d" % (n, len(data)))
+        return data
+
+    parts = [exact(1)]
+    while True:
+        op = exact(1)
+        parts.append(op)
+        if op == b"Q":
+            return b"".join(parts)
+        size = _OPCODE_ARGS.get(op[0])
+        if size is None:
+            raise LoadError("unknown opcode %r" % op)
+        if size < 0:
+            head = exact(4)
+            parts.append(head)
+            size = _unpack_i4(head)[0]
+            if size < 0:
+                raise LoadError("negative length %d" % size)
+        parts.append(exact(size))
+
+
+def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=False):
+    """Load one value from data; channels are made with channel_factory(id)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("loads() needs bytes, not %s" % type(data).__name__)
+    data = bytes(data)
+    if data[:1] != _DUMPFORMAT_VERSION:
+        raise LoadError("not serialized data: version byte is %r, expected %r" % (
+            data[:1], _DUMPFORMAT_VERSION))
+    end = len(data)
+    pos = 1
+    stack = []
+    push = stack.append
+    pop = stack.pop
+    try:
+        while True:
+            op = data[pos]
+            pos += 1
+            if op == 70 or op == 71:  # 'F' int ('G' legacy long)
+                push(_unpack_i4(data, pos)[0])
+                pos += 4
+            elif op == 80:  # 'P' setitem
+                value = pop()
+                key = pop()
+                stack[-1][key] = value
+            elif op == 78 or op == 65 or op == 77 or op == 83:  # str, bytes, py2 str/unicode
+                size = _unpack_i4(data, pos)[0]
+                pos += 4
+                if size < 0 or pos + size > end:
+                    raise LoadError("length %d at byte %d exceeds the data" % (size, pos - 4))
+                chunk = data[pos:pos + size]
+                pos += size
+                if op == 78:
+                    push(chunk if py3str_as_py2str else chunk.decode("utf-8"))
+                elif op == 65:
+                    push(chunk)
+                elif op == 77:
+                    push(chunk.decode("latin-1") if py2str_as_py3str else chunk)
+                else:
+                    push(chunk.decode("utf-8"))
+            elif op == 76:  # 'L'
+                push(None)
+            elif op == 75:  # 'K' new list
+                size = _unpack_i4(data, pos)[0]
+                pos += 4
+                # every element costs at least 7 bytes ('F' index, value, 'P')
+                if size < 0 or size * 7 > end - pos:
+                    raise LoadError("list length %d at byte %d exceeds the data" % (size, pos - 4))
+                push([None] * size)
+            elif op == 74:  # 'J'
+                push({})
+            elif op == 64 or op == 79 or op == 69:  # tuple, set, frozenset
+                size = _unpack_i4(data, pos)[0]
+                pos += 4
+                if size < 0 or size > len(stack):
+                    raise LoadError("collection of %d items at byte %d, stack has %d" % (
+                        size, pos - 4, len(stack)))
+                kind = tuple if op == 64 else set if op == 79 else frozenset
+                if size:
+                    items = kind(stack[-size:])
+                    del stack[-size:]
+                else:
+                    items = kind()
+                push(items)
+            elif op == 82:
+                push(True)
+            elif op == 67:
+                push(False)
+            elif op == 68:
+                push(_DOUBLE.unpack_from(data, pos)[0])
+                pos += 8
+            elif op == 72 or op == 73:  # 'H' big int
+                size = _unpack_i4(data, pos)[0]
+                pos += 4
+                if size < 0 or pos + size > end:
+                    raise LoadError("length %d at byte %d exceeds the data" % (size, pos - 4))
+                push(_ascii_to_int(data[pos:pos + size]))
+                pos += size
+            elif op == 84:
+                real, imag = _COMPLEX.unpack_from(data, pos)
+                push(complex(real, imag))
+                pos += 16
+            elif op == 66:  # 'B' channel
+                if channel_factory is None:
+                    raise LoadError("data contains a channel but there is no gateway")
+                push(channel_factory(_unpack_i4(data, pos)[0]))
+                pos += 4
+            elif op == 81:  # 'Q' stop
+                break
+            else:
+                raise LoadError("unknown opcode %r at byte %d" % (bytes([op]), pos - 1))
+    except LoadError:
+        raise
+    except IndexError:
+        raise LoadError("truncated or malformed data near byte %d of %d" % (pos, end)) from None
+    except Exception as exc:
+        raise LoadError("malformed data near byte %d: %s: %s" % (
+            pos, type(exc).__name__, exc)) from None
+    if pos != end:
+        raise LoadError("%d bytes of garbage after the end of the data" % (end - pos))
+    if len(stack) != 1:
+        raise LoadError("malformed data: %d values left, expected 1" % len(stack))
+    return stack[0]
+
+
+# === 4. Framing and byte streams ===
+#
+# Frame: 9-byte header then payload.
+#
+#   offset  size  field
+#   0       1     message code (_MSG_*)
+#   1       4     channel id (unsigned, big-endian); the fd for _MSG_OUTPUT
+#   5       4     payload length (unsigned, big-endian), at most _MAX_PAYLOAD
+#
+# Items larger than _CHUNK travel as _MSG_DATA_PART frames closed by one
+# _MSG_DATA frame, so other channels' frames interleave with a big item.
+# Flow control: the receiver of data acknowledges consumed bytes with
+# _MSG_ACK (payload: 4-byte count); a sender keeps at most `window` bytes
+# unacknowledged per channel.
+
+_HEADER = struct.Struct("!BII")
+_HEADER_SIZE = _HEADER.size
+_COUNT = struct.Struct("!I")
+
+_MSG_STATUS = 0          # ask for remote_status (reply on the channel id)
+_MSG_RECONFIGURE = 1     # execnet's py2 string config: accepted, no effect
+_MSG_TERMINATE = 2       # the other side should shut down
+_MSG_EXEC = 3            # payload: (source, filename, call_name, kwargs)
+_MSG_DATA = 4            # payload: one serialized item (or its last piece)
+_MSG_CLOSE = 5           # the sender closed the channel
+_MSG_CLOSE_ERROR = 6     # closed with an error text
+_MSG_LAST_MESSAGE = 7    # the sender will send no more, but still receives
+_MSG_DATA_PART = 8       # a non-final piece of a large item
+_MSG_ACK = 9             # payload: count of data bytes consumed
+_MSG_OUTPUT = 10         # remote stdout/stderr bytes; channel id is the fd
+_MSG_READY = 11          # bootstrap done; payload: serialized rinfo dict
+_MSG_MAX = 11
+
+_CHUNK = 256 * 1024
+_MAX_PAYLOAD = 1024 * 1024
+_DEFAULT_WINDOW = 16 * 1024 * 1024
+_READ_SIZE = 64 * 1024
+
+
+def _encode_frame(msgcode, channelid, payload=b""):
+    """One frame as bytes."""
+    return _HEADER.pack(msgcode, channelid, len(payload)) + payload
+
+
+class _FrameReader:
+    """Turns a byte stream, fed in pieces of any size, into frames."""
+
+    def __init__(self):
+        self._buf = b""
+        self._pending = []   # pieces of an incomplete large frame
+        self._pending_len = 0
+        self._need = 0       # bytes needed before the pending frame is whole
+
+    def feed(self, data):
+        """Add data; return the list of (msgcode, channelid, payload) now complete."""
+        if self._need:
+            self._pending.append(data)
+            self._pending_len += len(data)
+            if self._pending_len < self._need:
+                return []
+            buf = b"".join(self._pending)
+            self._pending = []
+            self._need = 0
+        elif self._buf:
+            buf = self._buf + data
+        else:
+            buf = data
+        frames = []
+        pos = 0
+        size = len(buf)
+        unpack = _HEADER.unpack_from
+        while size - pos >= _HEADER_SIZE:
+            code, cid, length = unpack(buf, pos)
+            if code > _MSG_MAX or length > _MAX_PAYLOAD:
+                raise LoadError(
+                    "corrupt frame header %r at stream offset +%d (garbage on the stream?)"
+                    % (bytes(buf[pos:pos + _HEADER_SIZE]), pos))
+            end = pos + _HEADER_SIZE + length
+            if end > size:
+                if length > _READ_SIZE:
+                    self._pending = [buf[pos:]]
+                    self._pending_len = size - pos
+                    self._need = end - pos
+                    self._buf = b""
+                    return frames
+                break
+            frames.append((code, cid, buf[pos + _HEADER_SIZE:end]))
+            pos = end
+        self._buf = buf[pos:] if pos < size else b""
+        return frames
+
+    def leftover(self):
+        """Bytes fed but not yet returned as frames."""
+        return self._buf + b"".join(self._pending)
+
+
+class _FdIO:
+    """A byte stream over two file descriptors (pipes)."""
+
+    remoteaddress = ""
+
+    def __init__(self, rfd, wfd):
+        self.rfd = rfd
+        self.wfd = wfd
+
+    def read(self):
+        """Return the next available bytes, b'' at end of stream."""
+        try:
+            return os.read(self.rfd, _READ_SIZE)
+        except OSError:
+            return b""
+
+    def write(self, data):
+        """Write all of data (raises OSError when the peer is gone)."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.wfd, view):]
+
+    def close_write(self):
+        """Signal end of stream to the peer."""
+        fd, self.wfd = self.wfd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def close_read(self):
+        """Stop reading."""
+        fd, self.rfd = self.rfd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# === 5. Channels ===
+
+_ENDMARKER = object()
+_NO_ENDMARKER_WANTED = object()
+
+
+class Channel:
+    """One end of a two-way message pipe between two interpreters."""
+
+    RemoteError = RemoteError
+    TimeoutError = TimeoutError
+    _executing = False
+
+    def __init__(self, gateway, id):
+        """:private: made by Gateway.newchannel() and remote_exec()."""
+        self.gateway = gateway
+        self.id = id
+        self._items = _Queue()         # None once a callback is set
+        self._closed = False           # we will send no more
+        self._receiveclosed = threading.Event()  # the peer will send no more
+        self._remoteerrors = []
+        self._flow = threading.Condition(threading.Lock())
+        self._unacked = 0              # bytes sent, not yet acknowledged
+        self._consumed = 0             # bytes received and consumed, not yet acknowledged
+        self._parts = []               # pieces of a large item being received
+
+    def __repr__(self):
+        return "<Channel id=%d %s>" % (self.id, "closed" if self.isclosed() else "open")
+
+    def __del__(self):
+        gateway = self.gateway
+        if gateway is None:
+            return
+        try:
+            if self._closed:
+                for error in self._remoteerrors:
+                    error.warn()
+            elif not self._receiveclosed.is_set():
+                # nobody can receive from this channel any more
+                code = _MSG_LAST_MESSAGE if self._items is None else _MSG_CLOSE
+                gateway._send(code, self.id)
+        except Exception:
+            pass  # interpreter shutdown or dead gateway: nothing to tell
+
+    # -- public API --
+
+    def isclosed(self):
+        """True if the channel is closed (it may still hold items)."""
+        return self._closed
+
+    def send(self, item):
+        """Send item to the other side; blocks while the peer's window is full."""
+        if self._closed:
+            raise OSError(_Text.SEND_CLOSED % (self,))
+        data = _dumps_wire(item)
+        gateway = self.gateway
+        if len(data) <= gateway._chunk:
+            self._take_credit(len(data))
+            gateway._send(_MSG_DATA, self.id, data)
+            return
+        view = memoryview(data)
+        chunk = gateway._chunk
+        last = len(data) - chunk
+        for start in range(0, len(data), chunk):
+            piece = view[start:start + chunk]
+            self._take_credit(len(piece))
+            gateway._send(_MSG_DATA if start >= last else _MSG_DATA_PART, self.id, piece)
+            gateway._yield_writer()
+
+    def receive(self, timeout=None):
+        """Return the next item; raise TimeoutError, EOFError or RemoteError."""
+        items = self._items
+        if items is None:
+            raise OSError(_Text.HAS_CALLBACK)
+        try:
+            entry = items.get(timeout=timeout)
+        except _Empty:
+            raise self.TimeoutError("no item after %r seconds" % (timeout,)) from None
+        if entry is _ENDMARKER:
+            items.put(entry)  # for other receivers
+            raise self._getremoteerror() or EOFError()
+        item, size = entry
+        self._did_consume(size)
+        return item
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return self.receive()
+        except EOFError:
+            raise StopIteration from None
+
+    next = __next__
+
+    def waitclose(self, timeout=None):
+        """Wait until the peer sends no more; re-raise its error if any."""
+        if not self._receiveclosed.wait(timeout):
+            raise self.TimeoutError("Timeout after %r seconds" % (timeout,))
+        error = self._getremoteerror()
+        if error:
+            raise error
+
+    def close(self, error=None):
+        """Close the channel (with an optional error text for the peer)."""
+        if self._executing:
+            raise OSError(_Text.CLOSE_IN_EXEC)
+        if self._closed:
+            return
+        if not self._receiveclosed.is_set():
+            if error is not None:
+                self.gateway._send(_MSG_CLOSE_ERROR, self.id, _dumps_wire(str(error)))
+            else:
+                self.gateway._send(_MSG_CLOSE, self.id)
+        if isinstance(error, RemoteError):
+            self._remoteerrors.append(error)
+        self._mark_closed(sendonly=False)
+
+    def setcallback(self, callback, endmarker=_NO_ENDMARKER_WANTED):
+        """Call callback(item) in the receiver thread for every item.
+
+        Already queued items are delivered first; if endmarker is given,
+        callback(endmarker) is called once when the channel closes.
+        """
+        gateway = self.gateway
+        with gateway._receivelock:
+            items = self._items
+            if items is None:
+                raise OSError("%r has a callback already" % (self,))
+            self._items = None
+            while True:
+                try:
+                    entry = items.get(block=False)
+                except _Empty:
+                    if not (self._closed or self._receiveclosed.is_set()):
+                        gateway._callbacks[self.id] = (callback, endmarker)
+                    break
+                if entry is _ENDMARKER:
+                    items.put(entry)
+                    if endmarker is not _NO_ENDMARKER_WANTED:
+                        callback(endmarker)
+                    break
+                callback(entry[0])
+                self._did_consume(entry[1])
+
+    def makefile(self, mode="w", proxyclose=False):
+        """A file-like object writing to ("w") or reading from ("r") the channel."""
+        if mode == "w":
+            return _ChannelFileWrite(self, proxyclose)
+        if mode == "r":
+            return _ChannelFileRead(self, proxyclose)
+        raise ValueError("mode %r not available" % (mode,))
+
+    def reconfigure(self, py2str_as_py3str=True, py3str_as_py2str=False):
+        """Accepted for execnet compatibility; both ends are Python 3."""
+        self._strconfig = (py2str_as_py3str, py3str_as_py2str)
+
+    def _getremoteerror(self):
+        try:
+            return self._remoteerrors.pop(0)
+        except IndexError:
+            return self.gateway._error
+
+    # -- flow control --
+
+    def _take_credit(self, size):
+        gateway = self.gateway
+        flow = self._flow
+        with flow:
+            while self._unacked and self._unacked + size > gateway._window:
+                if self._closed or gateway._finished:
+                    raise OSError(_Text.SEND_CLOSED % (self,))
+                if threading.get_ident() == gateway._receiver_ident:
+                    break  # the receiver thread must never wait for itself
+                flow.wait()
+            self._unacked += size
+
+    def _got_ack(self, size):
+        with self._flow:
+            self._unacked = max(0, self._unacked - size)
+            self._flow.notify_all()
+
+    def _did_consume(self, size):
+        if not size:
+            return
+        gateway = self.gateway
+        with self._flow:
+            self._consumed += size
+            if self._consumed < gateway._ack_threshold:
+                return
+            size, self._consumed = self._consumed, 0
+        try:
+            gateway._send(_MSG_ACK, self.id, _COUNT.pack(size))
+        except OSError:
+            pass  # the peer is gone; nobody waits for this ack
+
+    def _mark_closed(self, sendonly, error=None):
+        """State change on close; wakes receivers, senders and callbacks."""
+        if error is not None:
+            self._remoteerrors.append(error)
+        if not sendonly:
+            self._closed = True
+        self._receiveclosed.set()
+        items = self._items
+        if items is not None:
+            items.put(_ENDMARKER)
+        with self._flow:
+            self._flow.notify_all()
+        self.gateway._no_longer_opened(self.id)
+
+
+_SAVERS[Channel] = _save_channel
+
+
+def _dumps_wire(obj):
+    """dumps() for channel traffic (same format)."""
+    return dumps(obj)
+
+
+class _ChannelFile:
+    def __init__(self, channel, proxyclose):
+        self.channel = channel
+        self._proxyclose = proxyclose
+
+    def isatty(self):
+        return False
+
+    def close(self):
+        if self._proxyclose:
+            self.channel.close()
+
+    def __repr__(self):
+        state = "closed" if self.channel.isclosed() else "open"
+        return "<ChannelFile %d %s>" % (self.channel.id, state)
+
+
+class _ChannelFileWrite(_ChannelFile):
+    def write(self, out):
+        self.channel.send(out)
+
+    def flush(self):
+        pass
+
+
+class _ChannelFileRead(_ChannelFile):
+    def __init__(self, channel, proxyclose):
+        _ChannelFile.__init__(self, channel, proxyclose)
+        self._buffer = None
+
+    def _fill(self, enough):
+        try:
+            if self._buffer is None:
+                self._buffer = self.channel.receive()
+            while not enough(self._buffer):
+                self._buffer += self.channel.receive()
+        except EOFError:
+            self.close()
+
+    def read(self, n):
+        self._fill(lambda buf: len(buf) >= n)
+        if self._buffer is None:
+            return ""
+        result, self._buffer = self._buffer[:n], self._buffer[n:]
+        return result
+
+    def readline(self):
+        self._fill(lambda buf: "\n" in buf if isinstance(buf, str) else b"\n" in buf)
+        if self._buffer is None:
+            return ""
+        newline = "\n" if isinstance(self._buffer, str) else b"\n"
+        i = self._buffer.find(newline)
+        if i < 0:
+            result, self._buffer = self._buffer, self._buffer[:0]
+        else:
+            result, self._buffer = self._buffer[:i + 1], self._buffer[i + 1:]
+        return result
+
+
+# === 6. Gateway core ===
+
+
+class _GatewayBase:
+    """What both ends share: the frame writer, the receiver thread, channels."""
+
+    _error = None
+    _receiver = None
+    _receiver_ident = None
+
+    def __init__(self, io, id, startcount, execmodel, window):
+        import weakref
+
+        self._io = io
+        self.id = id
+        self.execmodel = get_execmodel(execmodel)
+        self._window = window
+        self._chunk = max(1, min(_CHUNK, window // 4))
+        self._ack_threshold = max(1, window // 4)
+        self._wlock = threading.Lock()
+        self._write_waiters = 0
+        self._waitlock = threading.Lock()
+        self._receivelock = threading.RLock()
+        self._channels = weakref.WeakValueDictionary()
+        self._callbacks = {}
+        self._chanlock = threading.Lock()
+        self._count = startcount
+        self._finished = False
+        self._handlers = {
+            _MSG_STATUS: self._on_status,
+            _MSG_RECONFIGURE: self._on_ignore,
+            _MSG_TERMINATE: self._on_terminate,
+            _MSG_EXEC: self._on_exec,
+            _MSG_DATA: self._on_data,
+            _MSG_CLOSE: self._on_close,
+            _MSG_CLOSE_ERROR: self._on_close_error,
+            _MSG_LAST_MESSAGE: self._on_last_message,
+            _MSG_DATA_PART: self._on_data_part,
+            _MSG_ACK: self._on_ack,
+            _MSG_OUTPUT: self._on_output,
+            _MSG_READY: self._on_ignore,
+        }
+
+    def __repr__(self):
+        return "<%s id=%r %s, %s model, %d active channels>" % (
+            self.__class__.__name__, self.id,
+            "receive-live" if self.hasreceiver() else "not-receiving",
+            self.execmodel.backend, len(self._channels))
+
+    # -- writing --
+
+    def _send(self, msgcode, channelid=0, payload=b""):
+        header = _HEADER.pack(msgcode, channelid, len(payload))
+        lock = self._wlock
+        if not lock.acquire(False):
+            # contended: count ourselves so a large send lets us in between pieces
+            with self._waitlock:
+                self._write_waiters += 1
+            lock.acquire()
+            with self._waitlock:
+                self._write_waiters -= 1
+        try:
+            if len(payload) < _READ_SIZE:
+                self._io.write(header + payload)
+            else:
+                self._io.write(header)
+                self._io.write(payload)
+        except (OSError, ValueError) as exc:
+            raise OSError("gateway %s: cannot send (%s)" % (self.id, exc)) from None
+        finally:
+            lock.release()
+
+    def _yield_writer(self):
+        """Between pieces of a large item: let a waiting sender go first."""
+        if self._write_waiters > 0:
+            import time
+
+            time.sleep(0.0005)
+
+    def _send_frame(self, msgcode, channelid, payload):
+        """Send a raw frame (for tests that inject malformed data)."""
+        self._send(msgcode, channelid, payload)
+
+    # -- channels --
+
+    def newchannel(self):
+        """Return a new channel, not yet tied to any remote code."""
+        return self._new_channel(None)
+
+    def _new_channel(self, id):
+        with self._chanlock:
+            if self._finished:
+                raise OSError("gateway %s: connection already closed" % (self.id,))
+            if id is None:
+                id = self._count
+                self._count += 2
+            channel = self._channels.get(id)
+            if channel is None:
+                channel = self._channels[id] = Channel(self, id)
+            return channel
+
+    def _no_longer_opened(self, id):
+        self._channels.pop(id, None)
+        entry = self._callbacks.pop(id, None)
+        if entry is not None and entry[1] is not _NO_ENDMARKER_WANTED:
+            entry[0](entry[1])
+
+    def _local_close(self, id, error=None, sendonly=False):
+        channel = self._channels.get(id)
+        if channel is None:
+            if error is not None:
+                error.warn()
+            self._no_longer_opened(id)
+        else:
+            channel._mark_closed(sendonly, error)
+
+    # -- receiving --
+
+    def _start_receiver(self, initial=b""):
+        self._receiver = threading.Thread(
+            target=self._receive_loop, args=(initial,),
+            name="execnet_single-receiver-%s" % (self.id,))
+        self._receiver.daemon = True
+        self._receiver.start()
+
+    def hasreceiver(self):
+        """True while the receiver thread runs."""
+        return self._receiver is not None and self._receiver.is_alive()
+
+    def _receive_loop(self, initial):
+        self._receiver_ident = threading.get_ident()
+        read = self._io.read
+        feed = _FrameReader().feed
+        handlers = self._handlers
+        error = None
+        try:
+            data = initial or read()
+            while data:
+                for code, cid, payload in feed(data):
+                    handlers[code](cid, payload)
+                data = read()
+            _trace(self.id, "receiver: end of stream")
+        except _GatewayTerminated:
+            _trace(self.id, "receiver: terminate requested")
+        except LoadError as exc:
+            error = exc
+            _log(40, "gateway %s: protocol error, closing: %s" % (self.id, exc))
+        except Exception as exc:  # a bug or a dying interpreter
+            error = exc
+            _log(40, "gateway %s: receiver failed: %r" % (self.id, exc))
+        finally:
+            self._finished_receiving(error)
+
+    def _finished_receiving(self, error=None):
+        with self._chanlock:
+            self._finished = True
+        if self._error is None:
+            self._error = self._connection_error(error)
+        for channel in list(self._channels.values()):
+            channel._mark_closed(sendonly=True)
+        for id in list(self._callbacks):
+            self._no_longer_opened(id)
+
+    def _connection_error(self, error):
+        """The error receivers see once the stream ended (None: plain EOF)."""
+        if error is None:
+            return None
+        return EOFError(_Text.CONNECTION_LOST % (self.id, ": %s" % (error,)))
+
+    # -- handlers, run in the receiver thread --
+
+    def _on_ignore(self, cid, payload):
+        pass
+
+    def _on_status(self, cid, payload):
+        pass
+
+    def _on_terminate(self, cid, payload):
+        raise _GatewayTerminated()
+
+    def _on_exec(self, cid, payload):
+        channel = self._new_channel(cid)
+        channel.close("execution disallowed")
+
+    def _on_data_part(self, cid, payload):
+        channel = self._channels.get(cid)
+        if channel is not None and not channel._closed:
+            channel._parts.append(payload)
+        # parts are acknowledged at once: only whole items wait in the window
+        self._send_ack_now(cid, len(payload))
+
+    def _send_ack_now(self, cid, size):
+        try:
+            self._send(_MSG_ACK, cid, _COUNT.pack(size))
+        except OSError:
+            pass
+
+    def _on_data(self, cid, payload):
+        channel = self._channels.get(cid)
+        size = len(payload)
+        if channel is not None and channel._parts:
+            payload = b"".join(channel._parts) + payload
+            channel._parts = []
+        with self._receivelock:
+            entry = self._callbacks.get(cid)
+            if channel is None and entry is None:
+                self._send_ack_now(cid, size)  # nobody will ever read it
+                return
+            try:
+                item = _loads(payload, self._channel_for_load)
+            except LoadError as exc:
+                self._send_ack_now(cid, size)
+                self._load_failed(cid, exc)
+                return
+            if entry is None:
+                if channel._items is None:  # raced with setcallback
+                    entry = self._callbacks.get(cid)
+                else:
+                    channel._items.put((item, size))
+                    return
+            if entry is None:
+                return
+            try:
+                entry[0](item)
+            except Exception as exc:
+                _log(40, "gateway %s: exception in channel %d callback: %r" % (self.id, cid, exc))
+                text = _format_error(exc)
+                try:
+                    self._send(_MSG_CLOSE_ERROR, cid, _dumps_wire(text))
+                except OSError:
+                    pass
+                self._local_close(cid, RemoteError(text))
+                return
+        if channel is not None:
+            channel._did_consume(size)
+        else:
+            self._send_ack_now(cid, size)
+
+    def _load_failed(self, cid, exc):
+        text = _Text.CHANNEL_LOAD_FAILED % (self.id, cid, exc)
+        _log(40, text)
+        try:
+            self._send(_MSG_CLOSE_ERROR, cid, _dumps_wire(text))
+        except OSError:
+            pass
+        self._local_close(cid, LoadError(text))
+
+    def _channel_for_load(self, id):
+        return self._new_channel(id)
+
+    def _on_close(self, cid, payload):
+        self._local_close(cid)
+
+    def _on_close_error(self, cid, payload):
+        try:
+            text = _loads(payload)
+        except LoadError as exc:
+            text = "(unreadable error text: %s)" % (exc,)
+        self._local_close(cid, RemoteError(str(text)))
+
+    def _on_last_message(self, cid, payload):
+        self._local_close(cid, sendonly=True)
+
+    def _on_ack(self, cid, payload):
+        channel = self._channels.get(cid)
+        if channel is not None and len(payload) == 4:
+            channel._got_ack(_COUNT.unpack(payload)[0])
+
+    def _on_output(self, cid, payload):
+        pass
+
+
+class _GatewayTerminated(Exception):
+    """Internal: the receiver got _MSG_TERMINATE."""
+
+
+def _format_error(exc):
+    """The traceback text of exc, as sent to the other side."""
+    import traceback
+
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:
+        return "%s: %s" % (type(exc).__name__, exc)
+
+
+# === 7. Remote side ===
+#
+# The bootstrap (section 8) execs this file as module `execnet_single` in the
+# new interpreter and calls _remote_main().  The protocol keeps private
+# duplicates of fds 0 and 1; fd 0 becomes /dev/null and fds 1 and 2 become
+# pipes whose bytes travel to the local side as _MSG_OUTPUT frames, so
+# print() or os.write(1, ...) can never corrupt the protocol.
+
+_EXIT_GRACE = 1.0   # remote: how long running code may finish after terminate
+
+
+class _RemoteGateway(_GatewayBase):
+    """The remote end: runs remote_exec requests, forwards output."""
+
+    def __init__(self, io, params):
+        _GatewayBase.__init__(self, io, params["id"], 2, params["execmodel"], params["window"])
+        self._tasks = _Queue()
+        self._active = 0
+        self._idle = threading.Condition(threading.Lock())
+        self._forwarder = None
+
+    def _on_status(self, cid, payload):
+        status = {
+            "numchannels": len(self._channels),
+            "numexecuting": self._active,
+            "execmodel": self.execmodel.backend,
+        }
+        self._send(_MSG_DATA, cid, _dumps_wire(status))
+        self._send(_MSG_CLOSE, cid)
+
+    def _on_exec(self, cid, payload):
+        channel = self._new_channel(cid)
+        try:
+            task = _loads(payload)
+        except LoadError as exc:
+            self._load_failed(cid, exc)
+            return
+        with self._idle:
+            if self.execmodel.backend == "main_thread_only" and self._active:
+                # the previous task may be just finishing: wait a moment
+                self._idle.wait_for(lambda: not self._active, 1.0)
+                if self._active:
+                    channel.close(_Text.MAIN_THREAD_BUSY)
+                    return
+            self._active += 1
+        if self.execmodel.backend == "main_thread_only":
+            self._tasks.put((channel, task))
+        else:
+            thread = threading.Thread(target=self._execute, args=(channel, task),
+                                      name="execnet_single-exec-%d" % cid)
+            thread.daemon = True
+            thread.start()
+
+    def _execute(self, channel, task):
+        """Run one remote_exec task; close its channel with the outcome."""
+        source = filename = None
+        error = None
+        try:
+            source, filename, call_name, kwargs = task
+            namespace = {"channel": channel, "__name__": "__channelexec__"}
+            _trace(self.id, "exec on channel", channel.id, repr(source)[:50])
+            channel._executing = True
+            try:
+                code = compile(source + "\n", filename or "<remote exec>", "exec")
+                exec(code, namespace)
+                if call_name:
+                    namespace[call_name](channel, **kwargs)
+            finally:
+                channel._executing = False
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too
+            if not (isinstance(exc, EOFError) and self._finished):
+                _remember_source(filename or "<remote exec>", source)
+                error = _format_error(exc)
+        finally:
+            _flush_std_streams()
+            try:
+                channel.close(error)
+            except OSError:
+                pass
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def _serve(self):
+        """The remote main thread: run main_thread_only tasks until exit."""
+        while True:
+            entry = self._tasks.get()
+            if entry is None:
+                return
+            self._execute(*entry)
+
+    def _finished_receiving(self, error=None):
+        _GatewayBase._finished_receiving(self, error)
+        # Give running code a grace period, then leave, busy or not: the
+        # local side asked us to go (or is gone).
+        self._tasks.put(None)
+        with self._idle:
+            self._idle.wait_for(lambda: not self._active, _EXIT_GRACE)
+        self._exit_process()
+
+    def _exit_process(self):
+        _flush_std_streams()
+        if self._forwarder is not None:
+            self._forwarder.finish()
+        self._io.close_write()
+        os._exit(0)
+
+
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _remember_source(filename, source):
+    """Let tracebacks show remote_exec'd source lines."""
+    if source is None:
+        return
+    import linecache
+
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+
+
+class _OutputForwarder:
+    """Makes fds 1 and 2 pipes and sends what arrives as _MSG_OUTPUT frames."""
+
+    def __init__(self, gateway):
+        self._gateway = gateway
+        self._fds = {}
+        for target in (1, 2):
+            rfd, wfd = os.pipe()
+            os.dup2(wfd, target)
+            os.close(wfd)
+            self._fds[rfd] = target
+        self._thread = threading.Thread(target=self._run, name="execnet_single-output")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _run(self):
+        import select
+
+        fds = dict(self._fds)
+        while fds:
+            try:
+                ready = select.select(list(fds), [], [])[0]
+            except (OSError, ValueError):
+                return
+            for rfd in ready:
+                data = os.read(rfd, _READ_SIZE)
+                if not data:
+                    del fds[rfd]
+                    continue
+                try:
+                    self._gateway._send(_MSG_OUTPUT, fds[rfd], data)
+                except OSError:
+                    return
+
+    def finish(self, timeout=0.5):
+        """Close our ends of fds 1 and 2 and forward what is left."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        self._thread.join(timeout)
+
+
+def _make_output_stream(gateway, fd):
+    """A text stream for sys.stdout/sys.stderr that sends frames directly,
+    so printed text arrives in order with channel data."""
+    import io
+
+    class OutputRaw(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def fileno(self):
+            return fd
+
+        def write(self, data):
+            try:
+                gateway._send(_MSG_OUTPUT, fd, bytes(data))
+            except OSError:
+                pass
+            return len(data)
+
+    return io.TextIOWrapper(io.BufferedWriter(OutputRaw(), 8192), encoding="utf-8",
+                            errors="backslashreplace", line_buffering=True)
+
+
+def _rinfo_dict():
+    return {
+        "executable": sys.executable,
+        "version_info": tuple(sys.version_info[:5]),
+        "platform": sys.platform,
+        "cwd": os.getcwd(),
+        "pid": os.getpid(),
+    }
+
+
+def _remote_main(source, params_bytes):
+    """Entry point on the remote side, called by the bootstrap."""
+    global _SOURCE
+    _SOURCE = source
+    params = loads(params_bytes)
+    _setup_trace()
+    _trace("remote start", params.get("id"))
+    os.environ.update(params.get("env") or {})
+    chdir = params.get("chdir")
+    if chdir:
+        if not os.path.exists(chdir):
+            os.makedirs(chdir)
+        os.chdir(chdir)
+    if params.get("nice"):
+        os.nice(int(params["nice"]))
+    if params.get("dont_write_bytecode"):
+        sys.dont_write_bytecode = True
+    me = sys.modules[__name__]
+    for name in params.get("names", ()):
+        if name not in sys.modules and not _importable(name):
+            sys.modules[name] = me
+    rfd = os.dup(0)
+    wfd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    gateway = _RemoteGateway(_FdIO(rfd, wfd), params)
+    gateway._send(_MSG_READY, 0, dumps(_rinfo_dict()))
+    gateway._forwarder = _OutputForwarder(gateway)
+    sys.stdout = _make_output_stream(gateway, 1)
+    sys.stderr = _make_output_stream(gateway, 2)
+    gateway._start_receiver()
+    gateway._serve()
+    # main thread done: the receiver thread ends the process
+    threading.Event().wait()
+
+
+def _importable(name):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# === 8. Bootstrap ===
+#
+# 1. Start `python -c _STAGE1`; it evals one line from stdin: repr(_STAGE2).
+# 2. _STAGE2 is valid Python 2.7 too.  It answers one line on stdout:
+#       execnet_single:too-old <version> <executable>   (and exits), or
+#       execnet_single:ok <sys.hexversion> <cache_tag>
+# 3. Then it reads a 12-byte header (!III: source, code, params lengths),
+#    the source of this file, a marshalled code object of it (only if the
+#    remote interpreter is exactly ours; else compiled there) and the
+#    serialized params; execs the module and calls _remote_main().
+# 4. The remote sends _MSG_READY with its rinfo; from then on, frames.
+
+_STAGE1 = "import sys;exec(eval(sys.stdin.readline()))"
+_STAGE2 = r'''
+import sys, os
+v = sys.version_info
+if v < (3, 6):
+    os.write(1, ("execnet_single:too-old %d.%d.%d %s\n" % (v[0], v[1], v[2], sys.executable)).encode("ascii", "replace"))
+    sys.exit(3)
+os.write(1, ("execnet_single:ok %d %s\n" % (sys.hexversion, sys.implementation.cache_tag)).encode("ascii"))
+def _readexact(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(0, n - len(data))
+        if not chunk:
+            sys.exit(4)
+        data += chunk
+    return data
+import struct
+slen, clen, plen = struct.unpack("!III", _readexact(12))
+source = _readexact(slen)
+code = _readexact(clen)
+params = _readexact(plen)
+if clen:
+    import marshal
+    code = marshal.loads(code)
+else:
+    code = compile(source, "execnet_single.py", "exec")
+mod = type(sys)("execnet_single")
+exec(code, mod.__dict__)
+sys.modules["execnet_single"] = mod
+mod._remote_main(source, params)
+'''
+_STAGE2_LINE = (repr(_STAGE2) + "\n").encode("ascii")
+_code_cache = {}
+
+
+def _get_source():
+    """This file's source bytes (read once, when the first gateway starts)."""
+    global _SOURCE
+    if _SOURCE is None:
+        with open(__file__, "rb") as f:
+            _SOURCE = f.read()
+    return _SOURCE
+
+
+def _code_for_remote(hexversion, cache_tag):
+    """Marshalled code of this file if the remote interpreter is exactly ours."""
+    if hexversion != sys.hexversion or cache_tag != sys.implementation.cache_tag:
+        return b""
+    if "code" not in _code_cache:
+        import marshal
+
+        code = compile(_get_source(), "execnet_single.py", "exec")
+        _code_cache["code"] = marshal.dumps(code)
+    return _code_cache["code"]
+
+
+def _bootstrap(io, params, describe, remote_output):
+    """Bring up execnet_single in the interpreter at the other end of io.
+
+    Returns (rinfo dict, bytes already read past the ready frame).  Raises a
+    HostNotFound subclass saying what went wrong; remote_output() returns
+    what the remote printed so far (its stderr).
+    """
+    gwid = params["id"]
+    try:
+        io.write(_STAGE2_LINE)
+    except OSError:
+        pass  # the process died already; reading tells why
+    buf = b""
+    noise = []
+    while True:
+        data = io.read()
+        if not data:
+            _raise_died(io, describe, gwid, noise, remote_output)
+        buf += data
+        if b"\n" not in buf:
+            continue
+        line, buf = buf.split(b"\n", 1)
+        if line.startswith(b"execnet_single:"):
+            break
+        noise.append(line.decode("utf-8", "replace"))  # e.g. a login banner
+    words = line.decode("ascii", "replace").split()
+    if words[0] == "execnet_single:too-old":
+        raise RemoteTooOld(_Text.TOO_OLD % (words[1], " ".join(words[2:]) or describe),
+                           _join_output(noise, remote_output()))
+    if words[0] != "execnet_single:ok" or len(words) != 3 or buf:
+        raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, line[:200]),
+                           _join_output(noise, remote_output()))
+    source = _get_source()
+    code = _code_for_remote(int(words[1]), words[2])
+    payload = dumps(params)
+    try:
+        io.write(struct.pack("!III", len(source), len(code), len(payload)) + source + code + payload)
+    except OSError:
+        pass
+    reader = _FrameReader()
+    frames = []
+    while not frames:
+        data = io.read()
+        if not data:
+            _raise_died(io, describe, gwid, noise, remote_output)
+        try:
+            frames = reader.feed(data)
+        except LoadError:
+            raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, data[:200]),
+                               _join_output(noise, remote_output()))
+    code_, cid, payload = frames[0]
+    if code_ != _MSG_READY:
+        raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, frames[0][:2]),
+                           _join_output(noise, remote_output()))
+    leftover = b"".join(_encode_frame(*frame) for frame in frames[1:]) + reader.leftover()
+    return _loads(payload), leftover
+
+
+def _join_output(noise, text):
+    return "\n".join(noise + ([text] if text else []))
+
+
+def _raise_died(io, describe, gwid, noise, remote_output):
+    status = io.exit_status()
+    output = _join_output(noise, remote_output())
+    if status in (126, 127):
+        raise InterpreterNotFound(_Text.NOT_FOUND % (describe, gwid, "exit status %s" % status),
+                                  output)
+    raise HostNotFound(_Text.DIED_IN_BOOTSTRAP % (describe, gwid, status), output)
+
+
+def _gateway_params(spec, names=()):
+    """What the remote needs to know, from an XSpec."""
+    return {
+        "id": spec.id,
+        "execmodel": spec.execmodel or "thread",
+        "window": int(spec.window or _DEFAULT_WINDOW),
+        "env": dict(spec.env),
+        "chdir": spec.chdir if isinstance(spec.chdir, str) else None,
+        "nice": spec.nice if isinstance(spec.nice, str) else None,
+        "dont_write_bytecode": bool(spec.dont_write_bytecode),
+        "names": list(names),
+    }
+
+
+class _PopenIO(_FdIO):
+    """A local Python subprocess: protocol on its stdin/stdout."""
+
+    def __init__(self, args, env=None):
+        import subprocess
+
+        self.args = args
+        self.popen = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            bufsize=0, env=env, start_new_session=True)
+        _FdIO.__init__(self, self.popen.stdout.fileno(), self.popen.stdin.fileno())
+        self.remoteaddress = str(self.popen.pid)
+        self._stderr = []
+        self.on_stderr = None   # set once the gateway exists
+        self._stderr_thread = threading.Thread(target=self._read_stderr,
+                                               name="execnet_single-stderr")
+        self._stderr_thread.daemon = True
+        self._stderr_thread.start()
+
+    def _read_stderr(self):
+        fd = self.popen.stderr.fileno()
+        while True:
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            handler = self.on_stderr
+            if handler is None:
+                self._stderr.append(data)
+            else:
+                handler(data)
+
+    def stderr_text(self, timeout=2.0):
+        """What the process wrote to stderr (waits for it to end, briefly)."""
+        self._stderr_thread.join(timeout)
+        return b"".join(self._stderr).decode("utf-8", "replace")
+
+    def exit_status(self, timeout=2.0):
+        import subprocess
+
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close_write(self):
+        self.wfd = -1
+        try:
+            self.popen.stdin.close()
+        except OSError:
+            pass
+
+    def close_read(self):
+        self.rfd = -1
+        try:
+            self.popen.stdout.close()
+        except OSError:
+            pass
+
+    def kill(self):
+        """Kill the process and its process group."""
+        import signal
+
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except OSError:
+            try:
+                self.popen.kill()
+            except OSError:
+                pass
+
+    def reap(self, timeout):
+        """Wait for the process to end; kill it if it does not in time."""
+        if self.exit_status(timeout) is None:
+            self.kill()
+            self.exit_status(timeout)
+
+
+def _popen_args(spec):
+    if spec.python in (None, True):
+        return [sys.executable]
+    import shlex
+
+    return shlex.split(spec.python)
+
+
+def _start_popen(spec, params):
+    """Start and bootstrap a Python subprocess for spec; returns (io, rinfo, leftover)."""
+    args = _popen_args(spec) + ["-c", _STAGE1]
+    describe = " ".join(args[:-2])
+    env = None
+    if spec.env:
+        env = dict(os.environ)
+        env.update(spec.env)
+    try:
+        io = _PopenIO(args, env)
+    except OSError as exc:
+        raise InterpreterNotFound(_Text.NOT_FOUND % (describe, spec.id, exc))
+    try:
+        rinfo, leftover = _bootstrap(io, params, describe, io.stderr_text)
+    except BaseException:
+        io.kill()
+        io.close_write()
+        io.reap(1.0)
+        io.close_read()
+        raise
+    return io, rinfo, leftover
+
+
+# === 9. Local gateways: popen and via ===
+
+_EXIT_TIMEOUT = _EXIT_GRACE + 1.0   # local: wait this long, then kill
+
+
+class RInfo:
+    """Facts about the remote interpreter (executable, version_info, ...)."""
+
+    def __init__(self, kwargs):
+        self.__dict__.update(kwargs)
+
+    def __repr__(self):
+        info = ", ".join("%s=%s" % item for item in sorted(self.__dict__.items()))
+        return "<RInfo %r>" % info
+
+
+RemoteStatus = RInfo
+
+
+class Gateway(_GatewayBase):
+    """The local end of a connection to a remote Python interpreter."""
+
+    _group = None
+
+    def __init__(self, io, spec, rinfo, output=None, initial=b""):
+        """:private: use makegateway() or Group.makegateway()."""
+        _GatewayBase.__init__(self, io, spec.id, 1, "thread",
+                              int(spec.window or _DEFAULT_WINDOW))
+        self.spec = spec
+        self._cache_rinfo = RInfo(rinfo)
+        self._output = output
+        self._partial = {1: b"", 2: b""}
+        self._outlock = threading.Lock()
+        if getattr(io, "on_stderr", False) is None:
+            io.on_stderr = lambda data: self._emit_output(2, data)
+        self._start_receiver(initial)
+
+    @property
+    def remoteaddress(self):
+        """Where the remote runs (for popen: its pid)."""
+        return self._io.remoteaddress
+
+    # -- output --
+
+    def _on_output(self, fd, payload):
+        self._emit_output(fd, payload)
+
+    def _emit_output(self, fd, data):
+        target = self._output
+        if target is not None:
+            try:
+                if callable(target):
+                    target(fd, data)
+                else:
+                    target.write(data.decode("utf-8", "replace"))
+            except Exception as exc:
+                _log(40, "gateway %s: output handler failed: %r" % (self.id, exc))
+            return
+        with self._outlock:
+            lines = (self._partial.get(fd, b"") + data).split(b"\n")
+            self._partial[fd] = lines.pop()
+        if lines:
+            self._write_prefixed(lines)
+
+    def _write_prefixed(self, lines):
+        prefix = "[%s] " % (self.id,)
+        text = "".join(prefix + line.decode("utf-8", "replace") + "\n" for line in lines)
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except Exception:
+            pass  # no stderr (interpreter shutdown): nothing to do
+
+    def _finished_receiving(self, error=None):
+        _GatewayBase._finished_receiving(self, error)
+        with self._outlock:
+            rest = [self._partial[fd] for fd in (1, 2) if self._partial.get(fd)]
+            self._partial = {}
+        if rest:
+            self._write_prefixed(rest)
+
+    def _connection_error(self, error):
+        if error is None and self._exit_requested:
+            return None
+        return EOFError(_Text.CONNECTION_LOST % (
+            self.id, ": %s" % (error,) if error is not None else ""))
+
+    _exit_requested = False
+
+    # -- remote execution --
+
+    def remote_exec(self, source, **kwargs):
+        """Run source remotely with a `channel` in its namespace; return the channel.
+
+        source is a string (dedented), a module (its source) or a function
+        taking `channel` first, called remotely as func(channel, **kwargs).
+        """
+        call_name = filename = None
+        if isinstance(source, type(sys)):
+            import inspect
+
+            filename = inspect.getsourcefile(source)
+            source = inspect.getsource(source)
+        elif isinstance(source, type(_function_source)):
+            call_name = source.__name__
+            filename, source = _function_source(source)
+        else:
+            import textwrap
+
+            source = textwrap.dedent(str(source))
+        if kwargs and not call_name:
+            raise TypeError("can't pass kwargs to non-function remote_exec")
+        payload = _dumps_wire((source, filename, call_name, kwargs))
+        channel = self.newchannel()
+        self._send(_MSG_EXEC, channel.id, payload)
+        return channel
+
+    def remote_status(self):
+        """Ask the remote how many channels and tasks it has."""
+        channel = self.newchannel()
+        self._send(_MSG_STATUS, channel.id)
+        status = channel.receive()
+        self._local_close(channel.id)
+        return RemoteStatus(status)
+
+    def _rinfo(self, update=False):
+        """executable, version_info, platform, cwd and pid of the remote (cached)."""
+        if update:
+            channel = self.remote_exec(
+                "import execnet_single\nchannel.send(execnet_single._rinfo_dict())")
+            self._cache_rinfo = RInfo(channel.receive())
+            channel.waitclose()
+        return self._cache_rinfo
+
+    def reconfigure(self, py2str_as_py3str=True, py3str_as_py2str=False):
+        """Accepted for execnet compatibility; both ends are Python 3."""
+        self._strconfig = (py2str_as_py3str, py3str_as_py2str)
+
+    # -- ending --
+
+    def exit(self):
+        """Shut the remote down: ask it, wait a grace period, then kill it."""
+        group = self._group
+        if group is not None:
+            group._unregister(self)
+        self._request_exit()
+        self._await_exit(_EXIT_TIMEOUT)
+
+    def join(self, timeout=None):
+        """Wait for the receiver thread to end."""
+        if self._receiver is not None and self._receiver is not threading.current_thread():
+            self._receiver.join(timeout)
+
+    def _request_exit(self):
+        self._exit_requested = True
+        try:
+            self._send(_MSG_TERMINATE)
+        except OSError:
+            pass
+        self._io.close_write()
+
+    def _await_exit(self, timeout):
+        """Wait for the remote to go; kill it after timeout.  Bounded."""
+        self.join(timeout)
+        if self.hasreceiver():
+            _trace(self.id, "did not exit in time: killing")
+            self._io.kill()
+            self.join(1.0)
+        reap = getattr(self._io, "reap", None)
+        if reap is not None:
+            reap(1.0)
+
+
+def _function_source(function):
+    """(filename, source padded to its real line numbers) of a pure function."""
+    import inspect
+    import textwrap
+
+    if function.__name__ == "<lambda>":
+        raise ValueError("can't evaluate lambda functions")
+    params = list(inspect.signature(function).parameters)
+    if not params or params[0] != "channel":
+        raise ValueError("expected first function argument to be `channel`")
+    if function.__closure__:
+        raise ValueError("functions with closures can't be passed")
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except OSError as exc:
+        raise ValueError("can't find source file for %s" % function) from exc
+    used = _non_builtin_globals(source, function.__code__)
+    if used:
+        raise ValueError("the use of non-builtin globals isn't supported", used)
+    filename = inspect.getsourcefile(function)
+    return filename, "\n" * (function.__code__.co_firstlineno - 1) + source
+
+
+def _non_builtin_globals(source, code):
+    import ast
+    import builtins
+
+    local = set()
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        local.update(c.co_varnames, c.co_cellvars, c.co_freevars)
+        todo.extend(k for k in c.co_consts if isinstance(k, type(code)))
+    local.add(code.co_name)
+    return sorted({
+        node.id for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Name) and node.id not in local
+        and not hasattr(builtins, node.id)
+    })
+
+
+class _ChannelIO:
+    """A byte stream carried by a channel of another gateway (for via=)."""
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.remoteaddress = "via %s" % (channel.gateway.id,)
+
+    def read(self):
+        try:
+            return self.channel.receive()
+        except (EOFError, RemoteError, OSError):
+            return b""
+
+    def write(self, data):
+        self.channel.send(bytes(data))
+
+    def close_write(self):
+        channel = self.channel
+        if not channel._closed:
+            channel._closed = True
+            try:
+                channel.gateway._send(_MSG_LAST_MESSAGE, channel.id)
+            except OSError:
+                pass
+
+    def kill(self):
+        """The relay kills the process once our side of the channel is gone."""
+        self.close_write()
+
+
+def _start_via(proxy, spec, params):
+    """Start spec's process from inside proxy's process; returns (io, rinfo, leftover)."""
+    control = proxy.remote_exec("import execnet_single\nexecnet_single._serve_via(channel)")
+    iochannel = proxy.newchannel()
+    control.send((iochannel, str(spec), params))
+    reply = control.receive()
+    if reply[0] != "ok":
+        kind = {"InterpreterNotFound": InterpreterNotFound,
+                "RemoteTooOld": RemoteTooOld}.get(reply[1], HostNotFound)
+        raise kind("%s (via %s)" % (reply[2], proxy.id), reply[3])
+    return _ChannelIO(iochannel), reply[1], reply[2]
+
+
+def _serve_via(channel):
+    """In the proxy's process: start a gateway's process and relay its bytes."""
+    iochannel, specstr, params = channel.receive()
+    spec = XSpec(specstr)
+    try:
+        if not spec.popen:
+            raise HostNotFound("via= supports only popen gateways so far: %s" % specstr)
+        io, rinfo, leftover = _start_popen(spec, params)
+    except HostNotFound as exc:
+        channel.send(("error", type(exc).__name__, exc.message, exc.output))
+        return
+    io.on_stderr = lambda data: _write_stderr_bytes(data)
+
+    def to_child(data):
+        if data is _RELAY_END:
+            io.close_write()
+            threading.Thread(target=io.reap, args=(_EXIT_TIMEOUT,), daemon=True).start()
+        else:
+            try:
+                io.write(data)
+            except OSError:
+                pass
+
+    def from_child():
+        while True:
+            data = io.read()
+            if not data:
+                break
+            try:
+                iochannel.send(data)
+            except OSError:
+                break
+        io.reap(_EXIT_TIMEOUT)
+        io.close_read()
+        try:
+            iochannel.close()
+        except OSError:
+            pass
+
+    iochannel.setcallback(to_child, endmarker=_RELAY_END)
+    thread = threading.Thread(target=from_child, name="execnet_single-via-%s" % spec.id)
+    thread.daemon = True
+    thread.start()
+    channel.send(("ok", rinfo, leftover))
+
+
+_RELAY_END = object()
+
+
+def _write_stderr_bytes(data):
+    try:
+        sys.stderr.write(data.decode("utf-8", "replace"))
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def PopenGateway(python=None, output=None):
+    """A gateway to a Python subprocess (the seed's name)."""
+    spec = "popen" if python is None else "popen//python=%s" % python
+    return default_group.makegateway(spec, output=output)
+
+
+# === 10. XSpec, exec models, Group, MultiChannel ===
+
+
+class XSpec:
+    """A gateway specification: 'key=value//key//...' (e.g. 'popen//id=w1')."""
+
+    popen = ssh = socket = python = chdir = nice = dont_write_bytecode = None
+    execmodel = via = installvia = id = window = ssh_config = vagrant_ssh = None
+
+    def __init__(self, string):
+        self._spec = string
+        self.env = {}
+        for part in string.split("//"):
+            key, sep, value = part.partition("=")
+            if not sep:
+                value = True
+            if not key or key[0] == "_":
+                raise AttributeError("%r not a valid XSpec key" % (key,))
+            if key in self.__dict__:
+                raise ValueError("duplicate key: %r in %r" % (key, string))
+            if key.startswith("env:"):
+                self.env[key[4:]] = value
+            else:
+                setattr(self, key, value)
+
+    def __getattr__(self, name):
+        if name[0] == "_":
+            raise AttributeError(name)
+        return None
+
+    def __repr__(self):
+        return "<XSpec %r>" % (self._spec,)
+
+    def __str__(self):
+        return self._spec
+
+    def __hash__(self):
+        return hash(self._spec)
+
+    def __eq__(self, other):
+        return self._spec == getattr(other, "_spec", None)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def _samefilesystem(self):
+        return self.popen is not None and self.chdir is None
+
+
+class _ExecModel:
+    """Threading primitives for a backend ('thread' or 'main_thread_only')."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.queue = _queue_mod
+        self.Lock = threading.Lock
+        self.RLock = threading.RLock
+        self.Event = threading.Event
+        self.Condition = threading.Condition
+        self.Semaphore = threading.Semaphore
+        self.get_ident = threading.get_ident
+
+    def __repr__(self):
+        return "<ExecModel %r>" % (self.backend,)
+
+    @property
+    def subprocess(self):
+        import subprocess
+
+        return subprocess
+
+    @property
+    def socket(self):
+        import socket
+
+        return socket
+
+    def sleep(self, delay):
+        import time
+
+        time.sleep(delay)
+
+    def fdopen(self, fd, mode, bufsize=1, closefd=True):
+        return os.fdopen(fd, mode, bufsize, closefd=closefd)
+
+    def start(self, func, args=()):
+        thread = threading.Thread(target=func, args=args)
+        thread.daemon = True
+        thread.start()
+        return thread
+
+
+_EXECMODELS = {}
+
+
+def get_execmodel(backend):
+    """The exec model object for 'thread' or 'main_thread_only'."""
+    if isinstance(backend, _ExecModel):
+        return backend
+    if backend not in ("thread", "main_thread_only"):
+        raise ValueError("unknown execmodel %r (use 'thread' or 'main_thread_only')" % (backend,))
+    model = _EXECMODELS.get(backend)
+    if model is None:
+        model = _EXECMODELS[backend] = _ExecModel(backend)
+    return model
+
+
+_all_groups = []      # weak references to every Group, for the exit handler
+_atexit_state = {"registered": False}
+
+
+class Group:
+    """A set of gateways, started together and terminated together."""
+
+    defaultspec = "popen"
+
+    def __init__(self, xspecs=(), execmodel="thread"):
+        import weakref
+
+        self._gateways = []
+        self._autoidcounter = 0
+        self._gateways_to_join = []
+        self.set_execmodel(execmodel)
+        _all_groups.append(weakref.ref(self))
+        if xspecs:
+            self.makegateways(xspecs)
+
+    def __repr__(self):
+        return "<Group %r>" % ([gw.id for gw in self],)
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return self._gateways[key]
+        for gw in self._gateways:
+            if gw == key or gw.id == key:
+                return gw
+        raise KeyError(key)
+
+    def __contains__(self, key):
+        try:
+            self[key]
+            return True
+        except KeyError:
+            return False
+
+    def __len__(self):
+        return len(self._gateways)
+
+    def __iter__(self):
+        return iter(list(self._gateways))
+
+    @property
+    def execmodel(self):
+        return self._execmodel
+
+    @property
+    def remote_execmodel(self):
+        return self._remote_execmodel
+
+    def set_execmodel(self, execmodel, remote_execmodel=None):
+        """Set the exec model for gateways made from now on."""
+        if self._gateways:
+            raise ValueError("can not set execution models if gateways have been created already")
+        self._execmodel = get_execmodel(execmodel)
+        self._remote_execmodel = get_execmodel(remote_execmodel or execmodel)
+
+    def allocate_id(self, spec):
+        """Give spec an id ('gw0', 'gw1', ...) unless it has one."""
+        if spec.id is None:
+            while True:
+                id = "gw" + str(self._autoidcounter)
+                self._autoidcounter += 1
+                if id not in self:
+                    break
+            spec.id = id
+        elif spec.id in self:
+            raise ValueError("duplicate gateway id %r" % (spec.id,))
+
+    def makegateway(self, spec=None, output=None):
+        """Start a gateway for spec (string or XSpec) and add it to the group."""
+        spec = self._prepare(spec)
+        gateway = self._start(spec, output)
+        self._register(gateway)
+        return gateway
+
+    def makegateways(self, specs, output=None):
+        """Start several gateways concurrently; return them in order."""
+        specs = [self._prepare(spec) for spec in specs]
+        results = [None] * len(specs)
+
+        def start(index):
+            try:
+                results[index] = self._start(specs[index], output)
+            except BaseException as exc:
+                results[index] = exc
+
+        # gateways started via= others in this batch must wait for them
+        ids = {spec.id for spec in specs}
+        direct = [i for i, spec in enumerate(specs) if spec.via not in ids]
+        threads = []
+        for i in direct[1:]:
+            thread = threading.Thread(target=start, args=(i,), name="execnet_single-start")
+            thread.daemon = True
+            thread.start()
+            threads.append(thread)
+        if direct:
+            start(direct[0])
+        for thread in threads:
+            thread.join()
+        for i in direct:
+            if isinstance(results[i], Gateway):
+                self._register(results[i])
+        for i, spec in enumerate(specs):
+            if i not in direct:
+                start(i)
+                if isinstance(results[i], Gateway):
+                    self._register(results[i])
+        errors = [r for r in results if not isinstance(r, Gateway)]
+        if errors:
+            for gateway in results:
+                if isinstance(gateway, Gateway):
+                    gateway.exit()
+            raise errors[0]
+        return results
+
+    def _prepare(self, spec):
+        if spec is None:
+            spec = self.defaultspec
+        if not isinstance(spec, XSpec):
+            spec = XSpec(spec)
+        self.allocate_id(spec)
+        if spec.execmodel is None:
+            spec.execmodel = self.remote_execmodel.backend
+        get_execmodel(spec.execmodel)
+        return spec
+
+    def _start(self, spec, output):
+        _setup_trace()
+        _register_atexit()
+        params = _gateway_params(spec, _module_names())
+        if spec.via:
+            io, rinfo, leftover = _start_via(self[spec.via], spec, params)
+        elif spec.popen:
+            io, rinfo, leftover = _start_popen(spec, params)
+        else:
+            raise ValueError("no gateway type found for %r (this version knows popen and via=)"
+                             % (spec._spec,))
+        gateway = Gateway(io, spec, rinfo, output, leftover)
+        _trace("started gateway", spec.id, rinfo)
+        return gateway
+
+    def _register(self, gateway):
+        gateway._group = self
+        self._gateways.append(gateway)
+
+    def _unregister(self, gateway):
+        if gateway in self._gateways:
+            self._gateways.remove(gateway)
+        self._gateways_to_join.append(gateway)
+
+    def remote_exec(self, source, **kwargs):
+        """remote_exec on every gateway; returns a MultiChannel."""
+        return MultiChannel([gw.remote_exec(source, **kwargs) for gw in self])
+
+    def terminate(self, timeout=None):
+        """Exit every gateway (proxies last); kill what is left after timeout."""
+        import time
+
+        gateways = list(self._gateways) + self._gateways_to_join
+        self._gateways[:] = []
+        self._gateways_to_join = []
+        proxies = {gw.spec.via for gw in gateways if gw.spec.via}
+        # those that others run through go last
+        ordered = [gw for gw in gateways if gw.id not in proxies]
+        ordered += [gw for gw in gateways if gw.id in proxies]
+        limit = _EXIT_TIMEOUT if timeout is None else timeout
+        for batch in ([gw for gw in ordered if gw.id not in proxies],
+                      [gw for gw in ordered if gw.id in proxies]):
+            for gw in batch:
+                gw._request_exit()
+            deadline = time.time() + limit
+            for gw in batch:
+                gw._await_exit(max(0.0, deadline - time.time()))
+
+    def _cleanup_atexit(self):
+        self.terminate(timeout=_EXIT_TIMEOUT)
+
+
+def _module_names():
+    """Names other than 'execnet_single' this module is imported under."""
+    me = sys.modules.get(__name__)
+    names = [name for name, mod in list(sys.modules.items())
+             if mod is me and name != "execnet_single" and "." not in name]
+    if __name__ != "execnet_single" and "." not in __name__ and __name__ != "__main__":
+        names.append(__name__)
+    return sorted(set(names))
+
+
+def _register_atexit():
+    if not _atexit_state["registered"]:
+        import atexit
+
+        _atexit_state["registered"] = True
+        atexit.register(_terminate_all_groups)
+
+
+def _terminate_all_groups():
+    """At interpreter exit: end every gateway quickly and silently."""
+    for ref in list(_all_groups):
+        group = ref()
+        if group is not None:
+            try:
+                group._cleanup_atexit()
+            except Exception:
+                pass
+
+
+class MultiChannel:
+    """Several channels used together (from Group.remote_exec)."""
+
+    def __init__(self, channels):
+        self._channels = channels
+
+    def __len__(self):
+        return len(self._channels)
+
+    def __iter__(self):
+        return iter(self._channels)
+
+    def __getitem__(self, key):
+        return self._channels[key]
+
+    def __contains__(self, chan):
+        return chan in self._channels
+
+    def send_each(self, item):
+        """Send item on every channel."""
+        for channel in self._channels:
+            channel.send(item)
+
+    def receive_each(self, withchannel=False):
+        """Receive one item from each channel, in order."""
+        if withchannel:
+            return [(ch, ch.receive()) for ch in self._channels]
+        return [ch.receive() for ch in self._channels]
+
+    def make_receive_queue(self, endmarker=_NO_ENDMARKER_WANTED):
+        """A queue of (channel, item) for items arriving on any channel."""
+        try:
+            return self._queue
+        except AttributeError:
+            self._queue = _queue_mod.Queue()
+            for channel in self._channels:
+                def putreceived(obj, channel=channel):
+                    self._queue.put((channel, obj))
+
+                if endmarker is _NO_ENDMARKER_WANTED:
+                    channel.setcallback(putreceived)
+                else:
+                    channel.setcallback(putreceived, endmarker=endmarker)
+            return self._queue
+
+    def waitclose(self):
+        """Wait for all channels to close; raise the first remote error."""
+        first = None
+        for channel in self._channels:
+            try:
+                channel.waitclose()
+            except ExecnetError as exc:
+                if first is None:
+                    first = exc
+        if first is not None:
+            raise first
+
+
+default_group = Group()
+makegateway = default_group.makegateway
+
+
+def set_execmodel(execmodel, remote_execmodel=None):
+    """Set the exec model of the default group."""
+    default_group.set_execmodel(execmodel, remote_execmodel)
+
+
+# === 11. CLI ===
+
+
+def main(argv=None):
+    """`python -m execnet_single`: for now, a self-check that starts one gateway."""
+    gw = makegateway("popen")
+    info = gw._rinfo()
+    print("execnet_single %s: gateway %s to pid %s, Python %s" % (
+        __version__, gw.id, info.pid, ".".join(map(str, info.version_info[:3]))))
+    gw.exit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
