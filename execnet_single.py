@@ -286,10 +286,11 @@ def _ascii_to_int(digits):
 
 
 def _save(obj, w):
-    saver = _SAVERS.get(type(obj))
-    if saver is None:
-        raise _DumpFail("can't serialize %s" % (type(obj),))
-    saver(obj, w)
+    (_SAVERS.get(type(obj)) or _unknown)(obj, w)
+
+
+def _unknown(obj, w):
+    raise _DumpFail("can't serialize %s" % (type(obj),))
 
 
 def _save_none(obj, w):
@@ -339,9 +340,7 @@ def _save_list(obj, w):
     try:
         for index, item in enumerate(obj):
             w(_LIST_INDEX[index] if index < 1024 else b"F" + _pack_i4(index))
-            saver = get(type(item))
-            if saver is None:
-                raise _DumpFail("can't serialize %s" % (type(item),))
+            saver = get(type(item)) or _unknown
             saver(item, w)
             w(b"P")
     except _DumpFail as fail:
@@ -352,10 +351,13 @@ def _save_list(obj, w):
 def _save_dict(obj, w):
     w(b"J")
     key = None
+    get = _SAVERS.get
     try:
         for key, value in obj.items():
-            _save(key, w)
-            _save(value, w)
+            saver = get(type(key)) or _unknown
+            saver(key, w)
+            saver = get(type(value)) or _unknown
+            saver(value, w)
             w(b"P")
     except _DumpFail as fail:
         fail.path.append("[%r]" % (key,))
@@ -364,9 +366,11 @@ def _save_dict(obj, w):
 
 def _save_tuple(obj, w):
     index = 0
+    get = _SAVERS.get
     try:
         for index, item in enumerate(obj):
-            _save(item, w)
+            saver = get(type(item)) or _unknown
+            saver(item, w)
     except _DumpFail as fail:
         fail.path.append("[%d]" % index)
         raise
@@ -383,9 +387,11 @@ def _save_frozenset(obj, w):
 
 def _save_members(obj, w, opcode):
     item = None
+    get = _SAVERS.get
     try:
         for item in obj:
-            _save(item, w)
+            saver = get(type(item)) or _unknown
+            saver(item, w)
     except _DumpFail as fail:
         fail.path.append("{%r}" % (item,))
         raise
@@ -491,6 +497,7 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
     stack = []
     push = stack.append
     pop = stack.pop
+    fast_str = not py3str_as_py2str
     try:
         while True:
             op = data[pos]
@@ -502,32 +509,85 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                 value = pop()
                 key = pop()
                 stack[-1][key] = value
-            elif op == 78 or op == 65 or op == 77 or op == 83:  # str, bytes, py2 str/unicode
+            elif op == 78 or op == 65:  # str, bytes
                 size = _unpack_i4(data, pos)[0]
                 pos += 4
                 if size < 0 or pos + size > end:
                     raise LoadError("length %d at byte %d exceeds the data" % (size, pos - 4))
                 chunk = data[pos:pos + size]
                 pos += size
-                if op == 78:
-                    push(chunk if py3str_as_py2str else chunk.decode("utf-8"))
-                elif op == 65:
-                    push(chunk)
-                elif op == 77:
-                    push(chunk.decode("latin-1") if py2str_as_py3str else chunk)
-                else:
-                    push(chunk.decode("utf-8"))
+                push(chunk.decode("utf-8") if op == 78 and fast_str else chunk)
             elif op == 76:  # 'L'
                 push(None)
+            elif op == 68:  # 'D'
+                push(_DOUBLE.unpack_from(data, pos)[0])
+                pos += 8
             elif op == 75:  # 'K' new list
                 size = _unpack_i4(data, pos)[0]
                 pos += 4
                 # every element costs at least 7 bytes ('F' index, value, 'P')
                 if size < 0 or size * 7 > end - pos:
                     raise LoadError("list length %d at byte %d exceeds the data" % (size, pos - 4))
-                push([None] * size)
+                container = [None] * size
+                push(container)
+                # Fast path: fill "F index, int-or-str, P" elements directly;
+                # whatever else comes is left to the general loop.
+                while data[pos] == 70:
+                    key = _unpack_i4(data, pos + 1)[0]
+                    vop = data[pos + 5]
+                    if vop == 70:
+                        if data[pos + 10] != 80:
+                            break
+                        container[key] = _unpack_i4(data, pos + 6)[0]
+                        pos += 11
+                    elif (vop == 78 and fast_str) or vop == 65:
+                        size = _unpack_i4(data, pos + 6)[0]
+                        stop = pos + 10 + size
+                        if size < 0 or stop >= end or data[stop] != 80:
+                            break
+                        value = data[pos + 10:stop]
+                        container[key] = value.decode("utf-8") if vop == 78 else value
+                        pos = stop + 1
+                    elif vop == 68:
+                        if data[pos + 14] != 80:
+                            break
+                        container[key] = _DOUBLE.unpack_from(data, pos + 6)[0]
+                        pos += 15
+                    else:
+                        break
             elif op == 74:  # 'J'
-                push({})
+                container = {}
+                push(container)
+                # Fast path: "str-or-int key, int-or-str value, P" items.
+                while fast_str:
+                    kop = data[pos]
+                    if kop == 78:
+                        size = _unpack_i4(data, pos + 1)[0]
+                        stop = pos + 5 + size
+                        if size < 0 or stop >= end:
+                            break
+                        key = data[pos + 5:stop].decode("utf-8")
+                    elif kop == 70:
+                        key = _unpack_i4(data, pos + 1)[0]
+                        stop = pos + 5
+                    else:
+                        break
+                    vop = data[stop]
+                    if vop == 70:
+                        value = _unpack_i4(data, stop + 1)[0]
+                        stop += 5
+                    elif vop == 78:
+                        size = _unpack_i4(data, stop + 1)[0]
+                        if size < 0 or stop + 5 + size >= end:
+                            break
+                        value = data[stop + 5:stop + 5 + size].decode("utf-8")
+                        stop += 5 + size
+                    else:
+                        break
+                    if data[stop] != 80:
+                        break
+                    container[key] = value
+                    pos = stop + 1
             elif op == 64 or op == 79 or op == 69:  # tuple, set, frozenset
                 size = _unpack_i4(data, pos)[0]
                 pos += 4
@@ -545,9 +605,17 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                 push(True)
             elif op == 67:
                 push(False)
-            elif op == 68:
-                push(_DOUBLE.unpack_from(data, pos)[0])
-                pos += 8
+            elif op == 77 or op == 83:  # legacy py2 str and unicode
+                size = _unpack_i4(data, pos)[0]
+                pos += 4
+                if size < 0 or pos + size > end:
+                    raise LoadError("length %d at byte %d exceeds the data" % (size, pos - 4))
+                chunk = data[pos:pos + size]
+                pos += size
+                if op == 83 or py2str_as_py3str:
+                    push(chunk.decode("utf-8" if op == 83 else "latin-1"))
+                else:
+                    push(chunk)
             elif op == 72 or op == 73:  # 'H' big int
                 size = _unpack_i4(data, pos)[0]
                 pos += 4
@@ -731,6 +799,7 @@ class Channel:
     RemoteError = RemoteError
     TimeoutError = TimeoutError
     _executing = False
+    _peer_closed = False   # the peer closed (or vanished): it receives no more
 
     def __init__(self, gateway, id):
         """:private: made by Gateway.newchannel() and remote_exec()."""
@@ -829,7 +898,7 @@ class Channel:
             raise OSError(_Text.CLOSE_IN_EXEC)
         if self._closed:
             return
-        if not self._receiveclosed.is_set():
+        if not self._peer_closed:
             if error is not None:
                 self.gateway._send(_MSG_CLOSE_ERROR, self.id, _dumps_wire(str(error)))
             else:
@@ -1112,6 +1181,8 @@ class _GatewayBase:
                 error.warn()
             self._no_longer_opened(id)
         else:
+            if not sendonly:
+                channel._peer_closed = True
             channel._mark_closed(sendonly, error)
 
     # -- receiving --
@@ -1157,6 +1228,7 @@ class _GatewayBase:
         if self._error is None:
             self._error = self._connection_error(error)
         for channel in list(self._channels.values()):
+            channel._peer_closed = True
             channel._mark_closed(sendonly=True)
         for id in list(self._callbacks):
             self._no_longer_opened(id)
