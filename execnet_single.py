@@ -1664,11 +1664,33 @@ def _code_for_remote(hexversion, cache_tag):
     if hexversion != sys.hexversion or cache_tag != sys.implementation.cache_tag:
         return b""
     if "code" not in _code_cache:
-        import marshal
+        code = _code_from_pyc()
+        if code is None:
+            import marshal
 
-        code = compile(_get_source(), "execnet_single.py", "exec")
-        _code_cache["code"] = marshal.dumps(code)
+            code = marshal.dumps(compile(_get_source(), "execnet_single.py", "exec"))
+        _code_cache["code"] = code
     return _code_cache["code"]
+
+
+def _code_from_pyc():
+    """The marshalled code from our own .pyc, if it matches the source we send."""
+    try:
+        import importlib.util
+
+        with open(__cached__, "rb") as f:  # noqa: F821 (set by the import system)
+            data = f.read()
+        stat = os.stat(__file__)
+        header = 16 if sys.version_info >= (3, 7) else 12  # 3.6: no flags word
+        mtime, size = struct.unpack("<II", data[header - 8:header])
+        if (data[:4] == importlib.util.MAGIC_NUMBER
+                and (header == 12 or data[4:8] == b"\0\0\0\0")
+                and mtime == int(stat.st_mtime) & 0xFFFFFFFF
+                and size == len(_get_source()) & 0xFFFFFFFF):
+            return data[header:]
+    except (NameError, OSError, ValueError, struct.error, ImportError):
+        pass
+    return None
 
 
 def _bootstrap(io, params, describe, remote_output):
@@ -1683,6 +1705,8 @@ def _bootstrap(io, params, describe, remote_output):
         io.write(_STAGE2_LINE)
     except OSError:
         pass  # the process died already; reading tells why
+    # while the remote starts: ready our code for a remote just like us
+    _code_for_remote(sys.hexversion, sys.implementation.cache_tag)
     buf = b""
     noise = []
     while True:
