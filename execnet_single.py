@@ -63,11 +63,10 @@ _SOURCE = None
 
 # === 1. Compat, tracing and logging ===
 
-import queue as _queue_mod  # noqa: E402  (cheap, and needed on both ends)
-
-# 3.6: queue.SimpleQueue (a fast C queue) arrived in 3.7.
-_Queue = getattr(_queue_mod, "SimpleQueue", _queue_mod.Queue)
-_Empty = _queue_mod.Empty
+try:  # the C queue, without importing queue.py (and heapq) at remote start
+    from _queue import Empty as _Empty, SimpleQueue as _Queue
+except ImportError:  # 3.6: no SimpleQueue yet
+    from queue import Empty as _Empty, Queue as _Queue
 _builtin_TimeoutError = TimeoutError
 
 
@@ -1793,7 +1792,8 @@ class _PopenIO(_FdIO):
         _FdIO.__init__(self, self.popen.stdout.fileno(), self.popen.stdin.fileno())
         self.remoteaddress = str(self.popen.pid)
         self._stderr = []
-        self.on_stderr = None   # set once the gateway exists
+        self._stderr_lock = threading.Lock()
+        self._on_stderr = None   # set once the gateway exists
         self._stderr_thread = threading.Thread(target=self._read_stderr,
                                                name="execnet_single-stderr")
         self._stderr_thread.daemon = True
@@ -1808,11 +1808,19 @@ class _PopenIO(_FdIO):
                 return
             if not data:
                 return
-            handler = self.on_stderr
-            if handler is None:
-                self._stderr.append(data)
-            else:
-                handler(data)
+            with self._stderr_lock:
+                if self._on_stderr is None:
+                    self._stderr.append(data)
+                    continue
+            self._on_stderr(data)
+
+    def set_stderr_handler(self, handler):
+        """From now on pass stderr bytes to handler (after what came so far)."""
+        with self._stderr_lock:
+            self._on_stderr = handler
+            pending, self._stderr = self._stderr, []
+        for data in pending:
+            handler(data)
 
     def stderr_text(self, timeout=2.0):
         """What the process wrote to stderr (waits for it to end, briefly)."""
@@ -1924,8 +1932,8 @@ class Gateway(_GatewayBase):
         self._output = output
         self._partial = {1: b"", 2: b""}
         self._outlock = threading.Lock()
-        if getattr(io, "on_stderr", False) is None:
-            io.on_stderr = lambda data: self._emit_output(2, data)
+        if hasattr(io, "set_stderr_handler"):
+            io.set_stderr_handler(lambda data: self._emit_output(2, data))
         self._start_receiver(initial)
 
     @property
@@ -2159,7 +2167,7 @@ def _serve_via(channel):
     except HostNotFound as exc:
         channel.send(("error", type(exc).__name__, exc.message, exc.output))
         return
-    io.on_stderr = lambda data: _write_stderr_bytes(data)
+    io.set_stderr_handler(_write_stderr_bytes)
 
     def to_child(data):
         if data is _RELAY_END:
@@ -2265,7 +2273,6 @@ class _ExecModel:
 
     def __init__(self, backend):
         self.backend = backend
-        self.queue = _queue_mod
         self.Lock = threading.Lock
         self.RLock = threading.RLock
         self.Event = threading.Event
@@ -2275,6 +2282,12 @@ class _ExecModel:
 
     def __repr__(self):
         return "<ExecModel %r>" % (self.backend,)
+
+    @property
+    def queue(self):
+        import queue
+
+        return queue
 
     @property
     def subprocess(self):
@@ -2562,7 +2575,9 @@ class MultiChannel:
         try:
             return self._queue
         except AttributeError:
-            self._queue = _queue_mod.Queue()
+            import queue
+
+            self._queue = queue.Queue()
             for channel in self._channels:
                 def putreceived(obj, channel=channel):
                     self._queue.put((channel, obj))
