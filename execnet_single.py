@@ -811,6 +811,7 @@ class Channel:
         self._flow = threading.Condition(threading.Lock())
         self._unacked = 0              # bytes sent, not yet acknowledged
         self._consumed = 0             # bytes received and consumed, not yet acknowledged
+        self._deferred = 0             # bytes of pieces held back while items wait unread
         self._parts = []               # pieces of a large item being received
 
     def __repr__(self):
@@ -976,13 +977,31 @@ class Channel:
         gateway = self.gateway
         with self._flow:
             self._consumed += size
-            if self._consumed < gateway._ack_threshold:
+            items = self._items
+            if self._deferred and (items is None or items.empty()):
+                # the reader caught up: the big item in progress may flow on
+                self._consumed += self._deferred
+                self._deferred = 0
+            elif self._consumed < gateway._ack_threshold:
                 return
             size, self._consumed = self._consumed, 0
-        try:
-            gateway._send(_MSG_ACK, self.id, _COUNT.pack(size))
-        except OSError:
-            pass  # the peer is gone; nobody waits for this ack
+        gateway._send_ack_now(self.id, size)
+
+    def _got_part(self, payload):
+        """A piece of a large item arrived (receiver thread).
+
+        While the reader keeps up (no whole items waiting), pieces are
+        acknowledged at once, so an item larger than the window can pass.
+        If items are waiting unread, the piece counts against the window
+        until the reader catches up.
+        """
+        self._parts.append(payload)
+        with self._flow:
+            items = self._items
+            if items is not None and not items.empty():
+                self._deferred += len(payload)
+                return
+        self.gateway._send_ack_now(self.id, len(payload))
 
     def _mark_closed(self, sendonly, error=None):
         """State change on close; wakes receivers, senders and callbacks."""
@@ -1255,10 +1274,10 @@ class _GatewayBase:
 
     def _on_data_part(self, cid, payload):
         channel = self._channels.get(cid)
-        if channel is not None and not channel._closed:
-            channel._parts.append(payload)
-        # parts are acknowledged at once: only whole items wait in the window
-        self._send_ack_now(cid, len(payload))
+        if channel is None or channel._closed:
+            self._send_ack_now(cid, len(payload))  # nobody will read it
+        else:
+            channel._got_part(payload)
 
     def _send_ack_now(self, cid, size):
         try:
