@@ -698,25 +698,27 @@ class _FrameReader:
 
     def __init__(self):
         self._buf = b""
-        self._pending = []   # pieces of an incomplete large frame
+        self._head = None    # (code, cid) of a large frame being collected
+        self._pending = []   # its payload so far, in pieces
         self._pending_len = 0
-        self._need = 0       # bytes needed before the pending frame is whole
+        self._need = 0       # its payload length
 
     def feed(self, data):
         """Add data; return the list of (msgcode, channelid, payload) now complete."""
-        if self._need:
-            self._pending.append(data)
-            self._pending_len += len(data)
-            if self._pending_len < self._need:
-                return []
-            buf = b"".join(self._pending)
-            self._pending = []
-            self._need = 0
-        elif self._buf:
-            buf = self._buf + data
-        else:
-            buf = data
         frames = []
+        if self._head is not None:
+            # a large payload: keep the pieces and join them once (one copy)
+            missing = self._need - self._pending_len
+            if len(data) < missing:
+                self._pending.append(data)
+                self._pending_len += len(data)
+                return frames
+            self._pending.append(data[:missing])
+            frames.append(self._head + (b"".join(self._pending),))
+            self._head = None
+            self._pending = []
+            data = data[missing:]
+        buf = self._buf + data if self._buf else data
         pos = 0
         size = len(buf)
         unpack = _HEADER.unpack_from
@@ -726,23 +728,27 @@ class _FrameReader:
                 raise LoadError(
                     "corrupt frame header %r at stream offset +%d (garbage on the stream?)"
                     % (bytes(buf[pos:pos + _HEADER_SIZE]), pos))
-            end = pos + _HEADER_SIZE + length
+            start = pos + _HEADER_SIZE
+            end = start + length
             if end > size:
                 if length > _READ_SIZE:
-                    self._pending = [buf[pos:]]
-                    self._pending_len = size - pos
-                    self._need = end - pos
-                    self._buf = b""
-                    return frames
+                    self._head = (code, cid)
+                    self._pending = [buf[start:]]
+                    self._pending_len = size - start
+                    self._need = length
+                    pos = size
                 break
-            frames.append((code, cid, buf[pos + _HEADER_SIZE:end]))
+            frames.append((code, cid, buf[start:end]))
             pos = end
         self._buf = buf[pos:] if pos < size else b""
         return frames
 
     def leftover(self):
         """Bytes fed but not yet returned as frames."""
-        return self._buf + b"".join(self._pending)
+        if self._head is None:
+            return self._buf
+        head = _HEADER.pack(self._head[0], self._head[1], self._need)
+        return head + b"".join(self._pending)
 
 
 class _FdIO:
@@ -1289,7 +1295,8 @@ class _GatewayBase:
         channel = self._channels.get(cid)
         size = len(payload)
         if channel is not None and channel._parts:
-            payload = b"".join(channel._parts) + payload
+            channel._parts.append(payload)
+            payload = _join_pieces(channel._parts)
             channel._parts = []
         with self._receivelock:
             entry = self._callbacks.get(cid)
@@ -1297,7 +1304,10 @@ class _GatewayBase:
                 self._send_ack_now(cid, size)  # nobody will ever read it
                 return
             try:
-                item = _loads(payload, self._channel_for_load)
+                if type(payload) is _BigBytes:
+                    item = payload.value
+                else:
+                    item = _loads(payload, self._channel_for_load)
             except LoadError as exc:
                 self._send_ack_now(cid, size)
                 self._load_failed(cid, exc)
@@ -1358,6 +1368,23 @@ class _GatewayBase:
 
     def _on_output(self, cid, payload):
         pass
+
+
+class _BigBytes:
+    """A large bytes item joined straight from its pieces (no extra copy)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _join_pieces(pieces):
+    """The serialized item from its pieces, or _BigBytes for a plain bytes item."""
+    first, last = pieces[0], pieces[-1]
+    if first[:2] == b"\x02A" and last[-1:] == b"Q" and len(first) > 6 and len(last) > 1:
+        size = _unpack_i4(first, 2)[0]
+        if size == sum(map(len, pieces)) - 7:
+            return _BigBytes(b"".join([first[6:]] + pieces[1:-1] + [last[:-1]]))
+    return b"".join(pieces)
 
 
 class _GatewayTerminated(Exception):
