@@ -1,0 +1,2233 @@
+"""Tests for execnet_single.py: one class per section of the library.
+
+Run with ``python -m pytest test_execnet_single.py``.  Real processes, real
+kills, no mocks; every blocking call carries a timeout.  Interpreters
+3.6-3.13 are looked up under ~/.pyenv and on PATH: a missing one is a skip
+locally and a failure when ``CI=true``.
+
+For comparison runs only, ``EXECNET_SINGLE_TEST_AGAINST=execnet`` points the
+execnet-compatible tests at an installed execnet; the default (and the only
+mode CI uses) tests ``execnet_single.py`` next to this file.
+"""
+import atexit
+import glob
+import importlib.util
+import io
+import itertools
+import math
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+from contextlib import contextmanager
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LIBRARY_PATH = os.path.join(HERE, "execnet_single.py")
+TEST_FILE = os.path.abspath(__file__)
+if TEST_FILE.endswith((".pyc", ".pyo")):
+    TEST_FILE = TEST_FILE[:-1]
+
+if os.environ.get("EXECNET_SINGLE_TEST_AGAINST") == "execnet":
+    import execnet
+
+    SINGLE = False
+    IMPORT_LINE = "import execnet"
+else:
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import execnet_single as execnet
+
+    SINGLE = True
+    IMPORT_LINE = "import sys; sys.path.insert(0, %r); import execnet_single as execnet" % HERE
+
+single_only = pytest.mark.skipif(not SINGLE, reason="execnet_single-only behaviour")
+IN_CI = os.environ.get("CI") == "true"
+VERSIONS = ["3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+ALL_HEALTH_CHECKS = list(HealthCheck)
+FUZZ = settings(
+    max_examples=300, deadline=None, suppress_health_check=ALL_HEALTH_CHECKS
+)
+
+
+# ---------------------------------------------------------------- helpers
+#
+# HELPERS_SRC is exec'd here and shipped to remote interpreters, so that
+# both ends build the same sample values and compare them the same way.
+# It must run unchanged on 3.6-3.13.
+
+HELPERS_SRC = r'''
+import math
+
+
+def same(a, b):
+    """Deep equality that also checks exact types and treats nan == nan."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is float:
+        if a != a:
+            return b != b
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    if type(a) is complex:
+        return same(a.real, b.real) and same(a.imag, b.imag)
+    if type(a) in (list, tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if type(a) is dict:
+        ka, kb = list(a), list(b)
+        return (
+            len(ka) == len(kb)
+            and all(same(x, y) for x, y in zip(ka, kb))
+            and all(same(a[k], b[k]) for k in ka)
+        )
+    if type(a) in (set, frozenset):
+        def types(s):
+            return sorted(type(x).__name__ for x in s)
+        return a == b and types(a) == types(b)
+    return a == b
+
+
+def make_samples():
+    """One value of every serializable shape; sets hold only ints so that
+    dumps() gives the same bytes in every process."""
+    big = 10 ** 5000 + 12345
+    return [
+        None, True, False,
+        0, 1, -1, 255, 2 ** 31 - 1, -2 ** 31, 2 ** 31, -2 ** 31 - 1,
+        2 ** 63, -2 ** 63, 2 ** 64 + 1, -(2 ** 100), big, -big,
+        0.0, -0.0, 1.5, -2.25e-300, 1e300,
+        float("inf"), float("-inf"), float("nan"),
+        complex(1, -2), complex(0, 0), complex(float("inf"), 1),
+        "", "a", "hello world", "\x00\x01", "\u20ac", "\U0001F600 non-BMP",
+        "x" * 70000,
+        b"", b"\x00\xff", bytes(range(256)),
+        (), (1,), (1, "a", (None,)),
+        [], [1, [2, [3]]],
+        {}, {1: "a", "b": (2,), (3, 4): [5], None: {}, 2.5: True},
+        set(), {1, 2, 3}, frozenset(), frozenset({1, 2}),
+        {frozenset({1}): {2: frozenset()}},
+        [{"k": [(1, 2.5, b"x", None, True, complex(0, 1))]}],
+    ]
+'''
+
+exec(HELPERS_SRC)
+SAMPLES = make_samples()  # noqa: F821 (defined by exec)
+
+
+def wait_for(predicate, timeout=15.0, interval=0.05):
+    """Poll predicate() until it is true or timeout passes; return its value."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value or time.time() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def call_with_timeout(func, timeout, *args, **kwargs):
+    """Run func in a daemon thread; fail the test if it does not return."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = func(*args, **kwargs)
+        except BaseException as exc:  # re-raised in the caller
+            result["error"] = exc
+
+    name = getattr(func, "__name__", repr(func))
+    thread = threading.Thread(target=run, name="call_with_timeout:" + name)
+    thread.daemon = True
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail("%s did not return within %s s" % (name, timeout))
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class _TimeLimitExceeded(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds):
+    """Interrupt the main thread (SIGALRM) if the body hangs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _TimeLimitExceeded("took longer than %s s (hang?)" % seconds)
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@contextmanager
+def memory_limit(extra=512 * 1024 * 1024):
+    """Make allocations beyond `extra` more bytes fail with MemoryError
+    instead of letting a runaway allocation take the machine down."""
+    try:
+        import resource
+    except ImportError:  # not on this platform: no protection
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = psutil.Process().memory_info().vms + extra
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def pid_alive(pid):
+    """True if pid runs and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def pid_gone(pid):
+    return not pid_alive(pid)
+
+
+def mkgw(group, spec, timeout=60):
+    """group.makegateway(spec) with a bound on the bootstrap."""
+    return call_with_timeout(group.makegateway, timeout, spec)
+
+
+def rinfo(gw):
+    return call_with_timeout(gw._rinfo, 30)
+
+
+def status(gw):
+    return call_with_timeout(gw.remote_status, 30)
+
+
+def exit_and_join(gw, timeout=30):
+    call_with_timeout(gw.exit, timeout)
+    gw.join(timeout=timeout)
+
+
+_ids = itertools.count()
+
+
+def make_transport_gateway(group, transport, extra=""):
+    """A gateway of the given kind: "popen", or "via" a popen proxy."""
+    if transport == "popen":
+        return mkgw(group, "popen" + extra)
+    assert transport == "via", transport
+    proxy = "proxy-%d" % next(_ids)
+    mkgw(group, "popen//id=" + proxy)
+    return mkgw(group, "popen//via=%s%s" % (proxy, extra))
+
+
+_interpreters = {}
+
+
+def find_interpreters():
+    """Map "X.Y" -> path of a CPython found on this machine (cached)."""
+    if _interpreters:
+        return _interpreters
+    candidates = []
+    for root in ("/root/.pyenv/versions", os.path.expanduser("~/.pyenv/versions")):
+        candidates += sorted(glob.glob(os.path.join(root, "[23].*", "bin", "python")))
+    for version in VERSIONS + ["2.7"]:
+        found = shutil.which("python" + version)
+        if found:
+            candidates.append(found)
+    probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+    for path in candidates:
+        try:
+            out = subprocess.run(
+                [path, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                timeout=30,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        version = out.decode("ascii", "replace").strip()
+        if version and version not in _interpreters:
+            _interpreters[version] = path
+    _interpreters.setdefault("found", True)
+    return _interpreters
+
+
+def need_interpreter(version):
+    """Path of CPython `version`; fail in CI, skip elsewhere, when missing."""
+    path = find_interpreters().get(version)
+    if path is None:
+        message = "Python %s not found on this machine" % version
+        if IN_CI:
+            pytest.fail(message + " (required when CI=true)")
+        pytest.skip(message)
+    return path
+
+
+def host_python(version):
+    """Interpreter to run host-side scripts of the given version with."""
+    if version == "%d.%d" % sys.version_info[:2]:
+        return sys.executable
+    if not SINGLE:
+        pytest.skip("other host interpreters need execnet_single (not installed execnet)")
+    return need_interpreter(version)
+
+
+def real_execnet():
+    """The installed execnet 2.x, to compare the wire format against."""
+    module = pytest.importorskip("execnet")
+    if module is execnet and SINGLE:
+        pytest.skip("execnet resolves to execnet_single")
+    return module
+
+
+def huge_int_str(i):
+    """str(i) even on 3.11+ where int_max_str_digits would refuse it."""
+    setter = getattr(sys, "set_int_max_str_digits", None)
+    if setter is None:
+        return str(i)
+    old = sys.get_int_max_str_digits()
+    setter(0)
+    try:
+        return str(i)
+    finally:
+        setter(old)
+
+
+def run_script(python, source, timeout=60, **kwargs):
+    """Run source in a fresh interpreter; return CompletedProcess."""
+    return subprocess.run(
+        [python, "-c", source], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        timeout=timeout, **kwargs
+    )
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def leakcheck():
+    """Every test: no leaked child processes or non-daemon threads."""
+    me = psutil.Process()
+    children_before = {p.pid for p in me.children(recursive=True)}
+    threads_before = set(threading.enumerate())
+    yield
+    if len(execnet.default_group):
+        call_with_timeout(execnet.default_group.terminate, 60, timeout=10)
+
+    def leaked_children():
+        leaked = []
+        for p in me.children(recursive=True):
+            if p.pid in children_before:
+                continue
+            try:
+                leaked.append("%d %s %s" % (p.pid, p.status(), p.cmdline()[:3]))
+            except psutil.Error:
+                pass
+        return leaked
+
+    def leaked_threads():
+        return [
+            t.name for t in threading.enumerate()
+            if t not in threads_before and not t.daemon and t.is_alive()
+        ]
+
+    wait_for(lambda: not leaked_children() and not leaked_threads(), timeout=15)
+    assert not leaked_children(), "leaked child processes"
+    assert not leaked_threads(), "leaked non-daemon threads"
+
+
+@pytest.fixture
+def group():
+    """A fresh Group, terminated (with a bound) at teardown."""
+    g = execnet.Group()
+    yield g
+    call_with_timeout(g.terminate, 60, timeout=10)
+
+
+@pytest.fixture(params=["popen", "via"])
+def transport(request):
+    return request.param
+
+
+@pytest.fixture
+def gw(group, transport):
+    """A fresh gateway over every transport."""
+    return make_transport_gateway(group, transport)
+
+
+# ------------------------------------------------------ remote functions
+# Module-level so that remote_exec(function) can ship them: no globals,
+# no closures, `channel` first.
+
+
+def remote_add(channel, a, b=0):
+    channel.send(a + b)
+
+
+def remote_fail(channel):
+    raise KeyError("function-error-xyz")
+
+
+def remote_echo(channel):
+    for item in channel:
+        channel.send(item)
+
+
+SOME_GLOBAL = 42
+
+
+def remote_uses_global(channel):
+    channel.send(SOME_GLOBAL)
+
+
+def remote_bad_first_arg(chan):
+    chan.send(1)
+
+
+# =========================================================== serializer
+
+
+class TestSerializer:
+    @pytest.mark.parametrize("index", range(len(SAMPLES)))
+    def test_roundtrip(self, index):
+        value = SAMPLES[index]
+        data = execnet.dumps(value)
+        assert isinstance(data, bytes)
+        assert same(execnet.loads(data), value)  # noqa: F821
+
+    def test_roundtrip_everything_nested(self):
+        value = (SAMPLES, {"all": SAMPLES}, [tuple(SAMPLES[:20])])
+        assert same(execnet.loads(execnet.dumps(value)), value)
+
+    def test_dump_and_load_with_files(self):
+        buf = io.BytesIO()
+        execnet.dump(buf, SAMPLES)
+        execnet.dump(buf, "second")
+        buf.seek(0)
+        assert same(execnet.load(buf), SAMPLES)
+        assert execnet.load(buf) == "second"
+
+    @pytest.mark.parametrize(
+        "value, expected",
+        [
+            (None, b"L"),
+            (True, b"R"),
+            (False, b"C"),
+            (5, b"F\x00\x00\x00\x05"),
+            (-1, b"F\xff\xff\xff\xff"),
+            (2 ** 31 - 1, b"F\x7f\xff\xff\xff"),
+            (-2 ** 31, b"F\x80\x00\x00\x00"),
+            (2 ** 31, b"H\x00\x00\x00\x0a2147483648"),
+            (-2 ** 31 - 1, b"H\x00\x00\x00\x0b-2147483649"),
+            (1.5, b"D" + struct.pack("!d", 1.5)),
+            (complex(1, -2), b"T" + struct.pack("!dd", 1, -2)),
+            (u"\xe9", b"N\x00\x00\x00\x02\xc3\xa9"),
+            (b"ab", b"A\x00\x00\x00\x02ab"),
+            ((1, "a"), b"F\x00\x00\x00\x01N\x00\x00\x00\x01a@\x00\x00\x00\x02"),
+            ([7], b"K\x00\x00\x00\x01F\x00\x00\x00\x00F\x00\x00\x00\x07P"),
+            ({"a": None}, b"JN\x00\x00\x00\x01aLP"),
+            ({3}, b"F\x00\x00\x00\x03O\x00\x00\x00\x01"),
+            (frozenset([3]), b"F\x00\x00\x00\x03E\x00\x00\x00\x01"),
+            ((), b"@\x00\x00\x00\x00"),
+        ],
+        ids=repr,
+    )
+    def test_wire_format(self, value, expected):
+        """The byte table of SPEC section 3, built by hand."""
+        assert execnet.dumps(value) == b"\x02" + expected + b"Q"
+        assert same(execnet.loads(b"\x02" + expected + b"Q"), value)
+
+    @pytest.mark.parametrize("sign", [1, -1])
+    def test_huge_int_beyond_str_digit_limit(self, sign):
+        value = sign * (7 ** 12000)  # ~10142 decimal digits
+        getter = getattr(sys, "get_int_max_str_digits", None)
+        limit_before = getter() if getter else None
+        digits = huge_int_str(value).encode("ascii")
+        expected = b"\x02H" + struct.pack("!i", len(digits)) + digits + b"Q"
+        assert execnet.dumps(value) == expected
+        assert execnet.loads(expected) == value
+        if getter:
+            assert getter() == limit_before, "int_max_str_digits changed globally"
+
+    @pytest.mark.parametrize("index", range(len(SAMPLES)))
+    def test_compatible_with_real_execnet(self, index):
+        real = real_execnet()
+        value = SAMPLES[index]
+        ours = execnet.dumps(value)
+        try:
+            theirs = real.dumps(value)
+        except Exception:  # e.g. execnet cannot dump ints below -2**31
+            theirs = None
+        if theirs is not None:
+            assert ours == theirs
+            assert same(execnet.loads(theirs), value)
+        try:
+            loaded = real.loads(ours)
+        except ValueError:
+            # execnet's loads hits int_max_str_digits on 3.11+ and patched
+            # 3.7-3.10; only acceptable for the >4300-digit ints.
+            assert type(value) is int and abs(value) > 10 ** 4300
+        else:
+            assert same(loaded, value)
+
+    @pytest.mark.parametrize(
+        "data, expected",
+        [
+            (b"\x02G\x00\x00\x00\x05Q", 5),
+            (b"\x02I\x00\x00\x00\x0212Q", 12),
+            (b"\x02S\x00\x00\x00\x02\xc3\xa9Q", u"\xe9"),
+            (b"\x02M\x00\x00\x00\x01aQ", None),  # compared against execnet only
+        ],
+    )
+    def test_legacy_load_only_opcodes(self, data, expected):
+        loaded = execnet.loads(data)
+        if expected is not None:
+            assert same(loaded, expected)
+        else:
+            assert type(loaded) in (bytes, str)
+        try:
+            real = real_execnet()
+        except pytest.skip.Exception:
+            return
+        assert same(loaded, real.loads(data))
+
+    def _subclasses():
+        class MyStr(str):
+            pass
+
+        class MyInt(int):
+            pass
+
+        class MyDict(dict):
+            pass
+
+        class MyList(list):
+            pass
+
+        class MyTuple(tuple):
+            pass
+
+        class MyBytes(bytes):
+            pass
+
+        class MyFloat(float):
+            pass
+
+        fake_str = type("str", (object,), {})
+        return [
+            (MyStr("x"), "MyStr"),
+            (MyInt(3), "MyInt"),
+            (MyDict(), "MyDict"),
+            (MyList(), "MyList"),
+            (MyTuple(), "MyTuple"),
+            (MyBytes(b"x"), "MyBytes"),
+            (MyFloat(1.0), "MyFloat"),
+            (fake_str(), "str"),
+            (object(), "object"),
+            (bytearray(b"x"), "bytearray"),
+            (len, "builtin_function_or_method"),
+            (Ellipsis, "ellipsis"),
+        ]
+
+    @pytest.mark.parametrize("obj, typename", _subclasses(), ids=lambda x: str(x)[:20])
+    def test_exact_type_dispatch(self, obj, typename):
+        with pytest.raises(execnet.DumpError) as excinfo:
+            execnet.dumps(obj)
+        assert typename in str(excinfo.value)
+        with pytest.raises(execnet.DumpError):
+            execnet.dumps([1, {"k": (obj,)}])
+
+    def test_dump_error_names_type_and_position(self):
+        with pytest.raises(execnet.DumpError) as excinfo:
+            execnet.dumps([0, 1, 2, {"key": object()}])
+        message = str(excinfo.value)
+        assert "[3]['key']" in message
+        assert "object" in message
+
+    @pytest.mark.parametrize("kind", ["list", "dict", "tuple-in-list", "dict-in-list"])
+    def test_recursive_structure_is_dump_error(self, kind):
+        if kind == "list":
+            value = []
+            value.append(value)
+        elif kind == "dict":
+            value = {}
+            value["self"] = value
+        elif kind == "tuple-in-list":
+            inner = []
+            value = (1, inner)
+            inner.append(value)
+        else:
+            inner = {}
+            value = [inner]
+            inner["x"] = [value]
+        with time_limit(20):
+            with pytest.raises(execnet.DumpError):
+                execnet.dumps(value)
+
+    def test_shared_non_recursive_substructure_is_fine(self):
+        shared = [1, 2]
+        value = [shared, shared, {"a": shared}]
+        assert same(execnet.loads(execnet.dumps(value)), value)
+
+    def test_deep_nesting_roundtrips(self):
+        value = []
+        for i in range(200):
+            value = [value, (i,)] if i % 2 else {"k": value}
+        assert same(execnet.loads(execnet.dumps(value)), value)
+
+    def test_error_tree(self):
+        assert issubclass(execnet.DumpError, execnet.DataFormatError)
+        assert issubclass(execnet.LoadError, execnet.DataFormatError)
+
+    @single_only
+    def test_error_root(self):
+        for name in ("DataFormatError", "DumpError", "LoadError", "RemoteError",
+                     "TimeoutError", "HostNotFound", "InterpreterNotFound",
+                     "RemoteTooOld"):
+            assert issubclass(getattr(execnet, name), execnet.ExecnetError), name
+        assert issubclass(execnet.TimeoutError, TimeoutError)
+        assert issubclass(execnet.InterpreterNotFound, execnet.HostNotFound)
+        assert issubclass(execnet.RemoteTooOld, execnet.HostNotFound)
+
+    @pytest.mark.parametrize(
+        "data",
+        [
+            b"",
+            b"\x02",
+            b"\x03LQ",
+            b"\x01LQ",
+            b"LQ",
+            b"\x02L",
+            b"\x02Q",
+            b"\x02LLQ",
+            b"\x02ZQ",
+            b"\x02\x00Q",
+            b"\x02F\x00\x00Q",
+            b"\x02D\x00\x00\x00Q",
+            b"\x02T" + b"\x00" * 9 + b"Q",
+            b"\x02N\x00\x00\x00\x05abQ",
+            b"\x02N\x00\x00\x00\x02\xff\xfeQ",
+            b"\x02N\xff\xff\xff\xffQ",
+            b"\x02A\xff\xff\xff\xf0Q",
+            b"\x02K\xff\xff\xff\xffQ",
+            b"\x02H\x00\x00\x00\x03abcQ",
+            b"\x02H\x00\x00\x00\x00Q",
+            b"\x02@\x00\x00\x00\x05Q",
+            b"\x02L@\xff\xff\xff\xffQ",
+            b"\x02O\x00\x00\x00\x02Q",
+            b"\x02PQ",
+            b"\x02LLLPQ",
+            b"\x02JK\x00\x00\x00\x00LPQ",
+            b"\x02K\x00\x00\x00\x01F\x00\x00\x00\x05LPQ",
+            b"\x02K\x00\x00\x00\x01N\x00\x00\x00\x01aLPQ",
+            b"\x02K\x00\x00\x00\x00O\x00\x00\x00\x01Q",
+            b"\x02K\x00\x00\x00\x00E\x00\x00\x00\x01Q",
+            b"\x02B\x00\x00\x00\x01Q",
+            b"\x02S\x00\x00\x00\x01\xffQ",
+        ],
+        ids=repr,
+    )
+    def test_corrupt_input_is_load_error(self, data):
+        with time_limit(10), memory_limit():
+            with pytest.raises(execnet.LoadError):
+                execnet.loads(data)
+
+    @pytest.mark.parametrize("opcode", [b"N", b"A", b"K", b"H", b"S", b"M", b"@", b"O", b"E"])
+    def test_huge_length_claim_fails_fast_and_small(self, opcode):
+        data = b"\x02" + opcode + b"\x7f\xff\xff\xff" + b"abc"
+        assert len(data) <= 9
+        tracemalloc.start()
+        try:
+            with time_limit(10), memory_limit():
+                with pytest.raises(execnet.LoadError):
+                    execnet.loads(data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1024 * 1024, "loads allocated %d bytes for a 9-byte input" % peak
+
+    @FUZZ
+    @given(st.binary(max_size=64))
+    def test_fuzz_random_bytes(self, data):
+        for candidate in (data, b"\x02" + data):
+            with time_limit(10), memory_limit():
+                try:
+                    execnet.loads(candidate)
+                except execnet.LoadError:
+                    pass
+
+
+def _hashables():
+    return st.one_of(
+        st.none(), st.booleans(), st.integers(), st.text(max_size=10),
+        st.binary(max_size=10), st.floats(allow_nan=False),
+        st.frozensets(st.integers(), max_size=3),
+    )
+
+
+def _values():
+    base = st.one_of(
+        st.none(), st.booleans(), st.integers(), st.floats(),
+        st.complex_numbers(), st.text(max_size=20), st.binary(max_size=20),
+    )
+    return st.recursive(
+        base,
+        lambda children: st.one_of(
+            st.lists(children, max_size=5),
+            st.lists(children, max_size=5).map(tuple),
+            st.dictionaries(_hashables(), children, max_size=5),
+            st.sets(_hashables(), max_size=5),
+            st.frozensets(_hashables(), max_size=5),
+        ),
+        max_leaves=25,
+    )
+
+
+def _mutate(data, draw_ops):
+    """Apply (kind, position, payload) mutations to data."""
+    data = bytearray(data)
+    for kind, pos, payload in draw_ops:
+        pos = pos % (len(data) + 1)
+        if kind == "flip" and data:
+            pos = pos % len(data)
+            data[pos] ^= payload[0] if payload and payload[0] else 0xFF
+        elif kind == "truncate":
+            del data[pos:]
+        elif kind == "insert":
+            data[pos:pos] = payload
+        elif kind == "delete":
+            del data[pos:pos + 1 + len(payload)]
+        elif kind == "set":
+            data[pos:pos + len(payload)] = payload
+    return bytes(data)
+
+
+MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "truncate", "insert", "delete", "set"]),
+        st.integers(min_value=0, max_value=10 ** 6),
+        st.one_of(
+            st.binary(min_size=1, max_size=6),
+            st.sampled_from([b"\x7f\xff\xff\xff", b"\xff\xff\xff\xff", b"\x80\x00\x00\x00"]),
+        ),
+    ),
+    min_size=1, max_size=4,
+)
+
+
+class TestSerializerProperties:
+    """Hypothesis properties of dumps/loads (part of the serializer section)."""
+
+    @FUZZ
+    @given(_values())
+    def test_roundtrip(self, value):
+        assert same(execnet.loads(execnet.dumps(value)), value)
+
+    @FUZZ
+    @given(_values())
+    def test_bytes_equal_real_execnet(self, value):
+        real = real_execnet()
+        ours = execnet.dumps(value)
+        try:
+            theirs = real.dumps(value)
+        except Exception:
+            theirs = None
+        if theirs is not None:
+            assert ours == theirs
+        assert same(real.loads(ours), value)
+
+    @FUZZ
+    @given(_values(), MUTATIONS)
+    def test_fuzz_mutated_dumps(self, value, ops):
+        data = _mutate(execnet.dumps(value), ops)
+        with time_limit(10), memory_limit():
+            try:
+                execnet.loads(data)
+            except execnet.LoadError:
+                pass
+
+
+# ============================================================ framing
+# (frame-level tests need the library's framing internals; see below)
+
+
+def _msg_codes():
+    return sorted(
+        getattr(execnet, name) for name in dir(execnet)
+        if name.startswith("_MSG_") and isinstance(getattr(execnet, name), int)
+    )
+
+
+@single_only
+class TestFraming:
+    def test_message_codes_exist(self):
+        codes = _msg_codes()
+        assert execnet._MSG_DATA in codes
+        assert len(set(codes)) == len(codes) >= 4
+
+    @FUZZ
+    @given(st.data())
+    def test_split_stream_roundtrips(self, data):
+        codes = _msg_codes()
+        frames = data.draw(st.lists(
+            st.tuples(
+                st.sampled_from(codes),
+                st.integers(min_value=0, max_value=2 ** 20),
+                st.binary(max_size=300),
+            ),
+            max_size=8,
+        ))
+        stream = b"".join(execnet._encode_frame(*frame) for frame in frames)
+        cuts = sorted(data.draw(st.lists(
+            st.integers(min_value=0, max_value=len(stream)), max_size=10)))
+        reader = execnet._FrameReader()
+        got = []
+        start = 0
+        for cut in cuts + [len(stream)]:
+            got.extend(reader.feed(stream[start:cut]))
+            start = cut
+        assert [(c, i, bytes(p)) for c, i, p in got] == frames
+
+    def test_byte_by_byte(self):
+        frames = [(execnet._MSG_DATA, 3, b"hello"), (execnet._MSG_DATA, 5, b"")]
+        stream = b"".join(execnet._encode_frame(*f) for f in frames)
+        reader = execnet._FrameReader()
+        got = []
+        for i in range(len(stream)):
+            got.extend(reader.feed(stream[i:i + 1]))
+        assert [(c, i, bytes(p)) for c, i, p in got] == frames
+
+    @FUZZ
+    @given(st.binary(max_size=200))
+    def test_fuzz_random_stream(self, data):
+        reader = execnet._FrameReader()
+        with time_limit(10), memory_limit():
+            try:
+                frames = reader.feed(data)
+            except execnet.LoadError:
+                return
+        for code, channelid, payload in frames:
+            assert code in _msg_codes()
+
+    @FUZZ
+    @given(st.data(), MUTATIONS)
+    def test_fuzz_mutated_stream(self, data, ops):
+        codes = _msg_codes()
+        frames = data.draw(st.lists(
+            st.tuples(st.sampled_from(codes), st.integers(0, 1000), st.binary(max_size=50)),
+            min_size=1, max_size=5,
+        ))
+        stream = _mutate(b"".join(execnet._encode_frame(*f) for f in frames), ops)
+        reader = execnet._FrameReader()
+        tracemalloc.start()
+        try:
+            with time_limit(10), memory_limit():
+                try:
+                    got = reader.feed(stream)
+                except execnet.LoadError:
+                    got = []
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * 1024 * 1024
+        for code, channelid, payload in got:
+            assert code in codes
+
+    def test_unknown_message_code_is_load_error(self):
+        codes = _msg_codes()
+        unknown = next(c for c in range(256) if c not in codes)
+        stream = bytearray(execnet._encode_frame(execnet._MSG_DATA, 1, b"abc"))
+        # the message code is the only byte that differs between these two
+        other = execnet._encode_frame(codes[-1] if codes[-1] != execnet._MSG_DATA else codes[0], 1, b"abc")
+        diff = [i for i in range(len(stream)) if stream[i] != other[i]]
+        assert len(diff) == 1
+        stream[diff[0]] = unknown
+        with pytest.raises(execnet.LoadError):
+            execnet._FrameReader().feed(bytes(stream))
+
+    def test_oversized_length_is_load_error(self):
+        good = execnet._encode_frame(execnet._MSG_DATA, 1, b"abc")
+        longer = execnet._encode_frame(execnet._MSG_DATA, 1, b"abcd")
+        diff = [i for i in range(len(good)) if good[i] != longer[i]]
+        # every byte of the length field set to 0xff: far beyond any frame size
+        header = bytearray(good[: len(good) - 3])
+        lo, hi = min(diff), max(diff)
+        width = hi - lo + 1
+        while lo > 0 and width < 4 and header[lo - 1] == 0:
+            lo -= 1
+            width += 1
+        header[lo:hi + 1] = b"\xff" * (hi + 1 - lo)
+        tracemalloc.start()
+        try:
+            with time_limit(10), memory_limit():
+                with pytest.raises(execnet.LoadError):
+                    execnet._FrameReader().feed(bytes(header) + b"abc")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1024 * 1024
+
+    def test_garbage_data_frame_closes_only_that_channel(self, gw):
+        victim = gw.remote_exec("channel.send(channel.receive())")
+        bystander = gw.remote_exec("channel.send(channel.receive() + 1)")
+        gw._send_frame(execnet._MSG_DATA, victim.id, b"garbage")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            victim.receive(timeout=30)
+        text = str(excinfo.value).lower()
+        assert "load" in text or "corrupt" in text
+        bystander.send(41)
+        assert bystander.receive(timeout=30) == 42
+        fresh = gw.remote_exec("channel.send('still alive')")
+        assert fresh.receive(timeout=30) == "still alive"
+
+
+# ============================================================ channels
+
+
+class TestChannel:
+    def test_echo_every_type(self, gw):
+        ch = gw.remote_exec(remote_echo)
+        for value in SAMPLES:
+            ch.send(value)
+            assert same(ch.receive(timeout=30), value)
+        ch.send(SAMPLES)
+        assert same(ch.receive(timeout=30), SAMPLES)
+        ch.close()
+        ch.waitclose(timeout=30)
+
+    def test_remote_builds_values(self, gw):
+        ch = gw.remote_exec(HELPERS_SRC + "\nchannel.send(make_samples())")
+        assert same(ch.receive(timeout=30), SAMPLES)
+        ch.waitclose(timeout=30)
+
+    def test_receive_timeout(self, gw):
+        ch = gw.remote_exec("channel.receive()")
+        with pytest.raises(execnet.TimeoutError):
+            ch.receive(timeout=0.2)
+        with pytest.raises(ch.TimeoutError):
+            ch.waitclose(timeout=0.2)
+        ch.send(None)
+        ch.waitclose(timeout=30)
+
+    @single_only
+    def test_timeout_is_builtin_timeout_error(self, gw):
+        ch = gw.remote_exec("channel.receive()")
+        with pytest.raises(TimeoutError):
+            ch.receive(timeout=0.1)
+        ch.send(None)
+        ch.waitclose(timeout=30)
+
+    def test_receive_after_close_is_eof(self, gw):
+        ch = gw.remote_exec("channel.send(1)")
+        assert ch.receive(timeout=30) == 1
+        ch.waitclose(timeout=30)
+        with pytest.raises(EOFError):
+            ch.receive(timeout=30)
+        with pytest.raises(EOFError):
+            ch.receive(timeout=30)
+
+    def test_remote_exception_is_remote_error(self, gw):
+        ch = gw.remote_exec("raise ValueError('remote-boom-42')")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.receive(timeout=30)
+        text = str(excinfo.value)
+        assert "ValueError" in text and "remote-boom-42" in text
+        assert "Traceback" in text
+
+    def test_remote_exception_on_waitclose(self, gw):
+        ch = gw.remote_exec("channel.send(1); raise ValueError('wc-boom')")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.waitclose(timeout=30)
+        assert "wc-boom" in str(excinfo.value)
+        assert ch.receive(timeout=30) == 1  # already queued items stay readable
+
+    def test_getremoteerror(self, gw):
+        ch = gw.remote_exec("raise KeyError('gre-xyz')")
+        assert wait_for(ch.isclosed, timeout=30)
+        error = ch._getremoteerror()
+        assert isinstance(error, execnet.RemoteError)
+        assert "gre-xyz" in str(error)
+
+    def test_iteration_until_close(self, gw):
+        ch = gw.remote_exec("for i in range(50): channel.send(i)")
+        ch.waitclose(timeout=30)
+        assert call_with_timeout(list, 30, ch) == list(range(50))
+
+    def test_iteration_of_remote_input(self, gw):
+        ch = gw.remote_exec(
+            "total = 0\nfor item in channel:\n    total += item\n"
+            "    if item == 0: break\nchannel.send(total)"
+        )
+        for i in [5, 6, 7, 0]:
+            ch.send(i)
+        assert ch.receive(timeout=30) == 18
+
+    def test_isclosed(self, gw):
+        ch = gw.remote_exec("channel.receive()")
+        assert not ch.isclosed()
+        ch.send(1)
+        ch.waitclose(timeout=30)
+        assert ch.isclosed()
+
+    def test_send_on_closed_channel(self, gw):
+        ch = gw.newchannel()
+        ch.close()
+        with pytest.raises(OSError):
+            ch.send(1)
+        ch2 = gw.remote_exec("pass")
+        ch2.waitclose(timeout=30)
+        with pytest.raises(OSError):
+            ch2.send(1)
+
+    def test_unserializable_send_is_local_dump_error(self, gw):
+        ch = gw.remote_exec(remote_echo)
+        with pytest.raises(execnet.DumpError):
+            ch.send(object())
+        with pytest.raises(execnet.DumpError):
+            ch.send([1, 2, {"a": lambda: None}])
+        ch.send("still works")
+        assert ch.receive(timeout=30) == "still works"
+        ch.close()
+
+    def test_close_with_error_reaches_remote(self, gw):
+        report = gw.newchannel()
+        ch = gw.remote_exec(
+            "report = channel.receive()\n"
+            "try:\n    channel.receive()\n"
+            "except channel.RemoteError as e:\n    report.send('got: %s' % e)\n"
+            "except EOFError:\n    report.send('eof')\n"
+        )
+        ch.send(report)
+        ch.close("closing-reason-77")
+        answer = report.receive(timeout=30)
+        assert answer.startswith("got: ") and "closing-reason-77" in answer
+
+    def test_local_close_is_eof_remotely(self, gw):
+        report = gw.newchannel()
+        ch = gw.remote_exec(
+            "report = channel.receive()\n"
+            "try:\n    channel.receive()\nexcept EOFError:\n    report.send('eof')\n"
+        )
+        ch.send(report)
+        ch.close()
+        assert report.receive(timeout=30) == "eof"
+
+    def test_close_inside_remote_exec_is_error(self, gw):
+        ch = gw.remote_exec(
+            "try:\n    channel.close()\nexcept OSError as e:\n    channel.send('refused')\n"
+            "else:\n    pass\n"
+        )
+        assert ch.receive(timeout=30) == "refused"
+        ch.waitclose(timeout=30)
+
+    def test_setcallback_in_order_with_endmarker(self, gw):
+        import queue
+
+        q = queue.Queue()
+        ch = gw.remote_exec("for i in range(100): channel.send(i)")
+        ch.setcallback(q.put, endmarker="END")
+        got = [q.get(timeout=30) for _ in range(101)]
+        assert got == list(range(100)) + ["END"]
+
+    def test_setcallback_delivers_queued_items_first(self, gw):
+        import queue
+
+        q = queue.Queue()
+        ch = gw.remote_exec("for i in range(3): channel.send(i)")
+        ch.waitclose(timeout=30)
+        ch.setcallback(q.put, endmarker=None)
+        assert [q.get(timeout=30) for _ in range(4)] == [0, 1, 2, None]
+
+    def test_setcallback_without_endmarker(self, gw):
+        import queue
+
+        q = queue.Queue()
+        ch = gw.remote_exec("channel.send('a'); channel.send(channel.receive())")
+        ch.setcallback(q.put)
+        assert q.get(timeout=30) == "a"
+        ch.send("b")
+        assert q.get(timeout=30) == "b"
+        ch.waitclose(timeout=30)
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.2)
+
+    def test_makefile_write(self, gw):
+        ch = gw.remote_exec(
+            "import sys\nf = channel.makefile('w')\nold, sys.stdout = sys.stdout, f\n"
+            "print('hello', 'world')\nf.write('more')\nf.flush()\nsys.stdout = old\n"
+        )
+        ch.waitclose(timeout=30)
+        pieces = call_with_timeout(list, 30, ch)
+        assert "".join(pieces) == "hello world\nmore"
+
+    def test_makefile_read(self, gw):
+        ch = gw.remote_exec(
+            "f = channel.makefile('r')\n"
+            "channel.send(f.readline())\nchannel.send(f.read(3))\nchannel.send(f.readline())\n"
+        )
+        ch.send("first line\nab")
+        ch.send("cdef\n")
+        assert ch.receive(timeout=30) == "first line\n"
+        assert ch.receive(timeout=30) == "abc"
+        assert ch.receive(timeout=30) == "def\n"
+
+    def test_makefile_proxyclose(self, gw):
+        ch = gw.newchannel()
+        f = ch.makefile("w", proxyclose=True)
+        f.write("x")
+        f.close()
+        assert ch.isclosed()
+        ch2 = gw.newchannel()
+        f2 = ch2.makefile("w")
+        f2.close()
+        assert not ch2.isclosed()
+        ch2.close()
+
+    def test_local_channel_inside_data(self, gw):
+        ch = gw.remote_exec("other = channel.receive()\nother.send('via other')\n")
+        other = gw.newchannel()
+        ch.send(other)
+        assert other.receive(timeout=30) == "via other"
+        ch.waitclose(timeout=30)
+
+    def test_remote_channel_inside_data(self, gw):
+        ch = gw.remote_exec(
+            "c = channel.gateway.newchannel()\nchannel.send({'chan': [c]})\n"
+            "c.send(c.receive() * 2)\n"
+        )
+        got = ch.receive(timeout=30)
+        sub = got["chan"][0]
+        assert isinstance(sub, execnet.Channel)
+        sub.send(21)
+        assert sub.receive(timeout=30) == 42
+
+    def test_many_channels_concurrently(self, gw):
+        channels = [gw.remote_exec("channel.send(channel.receive() * 3)") for _ in range(20)]
+        for i, ch in enumerate(channels):
+            ch.send(i)
+        assert [ch.receive(timeout=30) for ch in channels] == [i * 3 for i in range(20)]
+        for ch in channels:
+            ch.waitclose(timeout=30)
+
+    def test_threads_sharing_a_gateway(self, gw):
+        errors = []
+
+        def worker(n):
+            try:
+                ch = gw.remote_exec(remote_echo)
+                for i in range(30):
+                    ch.send((n, i))
+                    assert ch.receive(timeout=30) == (n, i)
+                ch.close()
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+
+    def test_large_item(self, gw):
+        ch = gw.remote_exec("data = channel.receive(); channel.send(data[::-1])")
+        data = os.urandom(8 * 1024 * 1024)
+        ch.send(data)
+        assert ch.receive(timeout=60) == data[::-1]
+
+    def test_remote_receive_timeout(self, gw):
+        ch = gw.remote_exec(
+            "try:\n    channel.receive(timeout=0.1)\n"
+            "except channel.TimeoutError:\n    channel.send('timed out')\n"
+        )
+        assert ch.receive(timeout=30) == "timed out"
+
+    def test_channel_attributes(self, gw):
+        ch = gw.remote_exec("pass")
+        assert ch.gateway is gw
+        assert isinstance(ch.id, int)
+        assert ch.RemoteError is execnet.RemoteError
+        assert ch.TimeoutError is execnet.TimeoutError
+        ch.waitclose(timeout=30)
+        other = gw.newchannel()
+        assert other.id != ch.id
+        other.close()
+
+
+# ============================================================ gateways
+
+
+def _import_from_path(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REMOTE_MODULE = '''\
+"""A module shipped by remote_exec(module)."""
+import sys
+
+if __name__ == "__channelexec__":
+    channel.send(("name", __name__))
+    if channel.receive() == "raise":
+        raise ValueError("module-error-xyz")  # RAISE LINE
+'''
+
+
+class TestGateway:
+    def test_remote_exec_string_dedented(self, gw):
+        ch = gw.remote_exec("\n    x = 20\n    channel.send(x + 1)\n")
+        assert ch.receive(timeout=30) == 21
+
+    def test_remote_namespace(self, gw):
+        ch = gw.remote_exec("channel.send((__name__, 'channel' in globals()))")
+        assert ch.receive(timeout=30) == ("__channelexec__", True)
+
+    def test_remote_exec_function_with_kwargs(self, gw):
+        ch = gw.remote_exec(remote_add, a=[1, 2], b=[3])
+        assert ch.receive(timeout=30) == [1, 2, 3]
+        ch = gw.remote_exec(remote_add, a=5)
+        assert ch.receive(timeout=30) == 5
+
+    def test_function_traceback_names_file_and_line(self, gw):
+        ch = gw.remote_exec(remote_fail)
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.receive(timeout=30)
+        text = str(excinfo.value)
+        assert "function-error-xyz" in text
+        assert TEST_FILE in text
+        assert "line %d" % (remote_fail.__code__.co_firstlineno + 1) in text
+
+    def test_remote_exec_module(self, gw, tmp_path):
+        path = str(tmp_path / "remote_mod_for_execnet.py")
+        with open(path, "w") as f:
+            f.write(REMOTE_MODULE)
+        module = _import_from_path("remote_mod_for_execnet", path)
+        ch = gw.remote_exec(module)
+        assert ch.receive(timeout=30) == ("name", "__channelexec__")
+        ch.send("raise")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.receive(timeout=30)
+        text = str(excinfo.value)
+        lineno = REMOTE_MODULE.splitlines().index(
+            '        raise ValueError("module-error-xyz")  # RAISE LINE') + 1
+        assert "module-error-xyz" in text
+        assert path in text
+        assert "line %d" % lineno in text
+
+    def test_string_traceback_has_line(self, gw):
+        ch = gw.remote_exec("x = 1\ny = 2\nraise RuntimeError('third line')\n")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.waitclose(timeout=30)
+        assert "line 3" in str(excinfo.value)
+
+    def test_kwargs_with_string_source_is_type_error(self, gw):
+        with pytest.raises(TypeError):
+            gw.remote_exec("pass", a=1)
+
+    def test_bad_functions_are_value_errors(self, gw):
+        outer = 5
+
+        def with_closure(channel):
+            channel.send(outer)
+
+        for func in (with_closure, remote_uses_global, remote_bad_first_arg):
+            with pytest.raises(ValueError):
+                gw.remote_exec(func)
+        ch = gw.remote_exec("channel.send('gateway still fine')")
+        assert ch.receive(timeout=30) == "gateway still fine"
+
+    def test_remote_status(self, gw):
+        st0 = status(gw)
+        assert st0.execmodel == "thread"
+        assert isinstance(st0.numchannels, int)
+        ch = gw.remote_exec("channel.receive()")
+        assert wait_for(lambda: status(gw).numexecuting == st0.numexecuting + 1)
+        assert status(gw).numchannels >= 1
+        ch.send(None)
+        ch.waitclose(timeout=30)
+        assert wait_for(lambda: status(gw).numexecuting == st0.numexecuting)
+
+    def test_rinfo(self, gw, group, transport):
+        info = rinfo(gw)
+        assert info.pid != os.getpid()
+        assert pid_alive(info.pid)
+        assert tuple(info.version_info[:3]) == tuple(sys.version_info[:3])
+        assert os.path.samefile(info.executable, sys.executable) or (
+            os.path.realpath(info.executable) == os.path.realpath(sys.executable))
+        assert info.platform == sys.platform
+        assert info.cwd == os.getcwd()
+        parent = psutil.Process(info.pid).ppid()
+        if transport == "popen":
+            assert parent == os.getpid()
+        else:
+            proxy = group[gw.spec.via]
+            assert parent == rinfo(proxy).pid
+        assert rinfo(gw) is info  # cached
+
+    def test_attributes(self, gw):
+        assert isinstance(gw.id, str) and gw.id
+        assert isinstance(gw.spec, execnet.XSpec)
+        assert gw.spec.popen
+        assert gw.execmodel.backend == "thread"
+        getattr(gw, "remoteaddress")
+        gw.my_custom_attribute = 123
+        assert gw.my_custom_attribute == 123
+        assert gw.id in repr(gw)
+
+    def test_hasreceiver_and_exit(self, gw):
+        assert gw.hasreceiver()
+        exit_and_join(gw)
+        assert wait_for(lambda: not gw.hasreceiver())
+        call_with_timeout(gw.exit, 30)  # a second exit is harmless
+
+    def test_remote_exec_after_exit_fails(self, gw):
+        exit_and_join(gw)
+        with pytest.raises((OSError, EOFError)):
+            call_with_timeout(gw.remote_exec, 30, "pass")
+
+    def test_newchannel_roundtrip(self, gw):
+        ch = gw.remote_exec("c = channel.receive(); c.send(c.receive() + 1)")
+        c = gw.newchannel()
+        ch.send(c)
+        c.send(1)
+        assert c.receive(timeout=30) == 2
+
+    @single_only
+    def test_remote_can_import_itself(self, gw):
+        ch = gw.remote_exec(
+            "import sys, execnet_single\n"
+            "channel.send((sys.modules['execnet_single'] is execnet_single,"
+            " hasattr(execnet_single, 'Channel'), isinstance(channel, execnet_single.Channel)))"
+        )
+        assert ch.receive(timeout=30) == (True, True, True)
+
+    def test_thread_execmodel_runs_concurrently(self, gw):
+        blocked = gw.remote_exec("channel.send(channel.receive())")
+        other = gw.remote_exec("channel.send('ran while the first is blocked')")
+        assert other.receive(timeout=30) == "ran while the first is blocked"
+        blocked.send("done")
+        assert blocked.receive(timeout=30) == "done"
+
+    def test_main_thread_only(self, group, transport):
+        gw = make_transport_gateway(group, transport, "//execmodel=main_thread_only")
+        assert status(gw).execmodel == "main_thread_only"
+        ch = gw.remote_exec(
+            "import threading\n"
+            "channel.send(threading.current_thread() is threading.main_thread())\n"
+            "channel.receive()\n"
+        )
+        assert ch.receive(timeout=30) is True
+        second = gw.remote_exec("channel.send('should not run')")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            second.receive(timeout=30)
+        assert "main_thread_only" in str(excinfo.value)
+        ch.send(None)
+        ch.waitclose(timeout=30)
+        assert wait_for(lambda: status(gw).numexecuting == 0)
+        third = gw.remote_exec(
+            "import threading\nchannel.send(threading.current_thread() is threading.main_thread())")
+        assert third.receive(timeout=30) is True
+
+    def test_group_set_execmodel(self):
+        g = execnet.Group()
+        try:
+            g.set_execmodel("thread", "main_thread_only")
+            gw = mkgw(g, "popen")
+            assert status(gw).execmodel == "main_thread_only"
+        finally:
+            call_with_timeout(g.terminate, 60, timeout=10)
+
+    def test_get_execmodel(self):
+        for name in ("thread", "main_thread_only"):
+            model = execnet.get_execmodel(name)
+            assert model.backend == name
+            lock = model.RLock()
+            with lock:
+                with lock:
+                    pass
+            plain = model.Lock()
+            assert plain.acquire(timeout=1)
+            plain.release()
+            event = model.Event()
+            assert not event.is_set()
+            event.set()
+            assert event.wait(1)
+        with pytest.raises(ValueError):
+            execnet.get_execmodel("no-such-model")
+
+    @single_only
+    def test_popen_gateway_seed_name(self):
+        gw = call_with_timeout(execnet.PopenGateway, 60)
+        try:
+            ch = gw.remote_exec("import os; channel.send(os.getpid())")
+            assert ch.receive(timeout=30) == rinfo(gw).pid
+        finally:
+            exit_and_join(gw)
+
+    def test_module_level_makegateway_uses_default_group(self):
+        gw = call_with_timeout(execnet.makegateway, 60)
+        assert gw in execnet.default_group
+        assert isinstance(execnet.default_group, execnet.Group)
+        ch = gw.remote_exec("channel.send(1)")
+        assert ch.receive(timeout=30) == 1
+        exit_and_join(gw)
+        assert gw not in execnet.default_group
+
+
+# =========================================================== bootstrap
+
+
+CONCURRENT_WRAPPER = """#!/bin/sh
+# Records how many sibling starts it saw before exec'ing the real python.
+touch "{dir}/started.$$"
+i=0
+while [ "$(ls "{dir}" | grep -c '^started')" -lt {n} ] && [ $i -lt 100 ]; do
+    sleep 0.05
+    i=$((i + 1))
+done
+ls "{dir}" | grep -c '^started' > "{dir}/seen.$$"
+exec "{python}" "$@"
+"""
+
+
+class TestBootstrap:
+    def test_python_is_shell_split(self, group, transport):
+        spec = "//python=env EXECNET_TEST_FOO=bar-1 %s" % sys.executable
+        gw = make_transport_gateway(group, transport, spec)
+        ch = gw.remote_exec("import os; channel.send(os.environ.get('EXECNET_TEST_FOO'))")
+        assert ch.receive(timeout=30) == "bar-1"
+
+    def test_env_chdir_dont_write_bytecode_nice(self, group, transport, tmp_path):
+        extra = "//env:EXECNET_TEST_ENV=v 2//chdir=%s//dont_write_bytecode//nice=3" % tmp_path
+        gw = make_transport_gateway(group, transport, extra)
+        ch = gw.remote_exec(
+            "import os, sys\n"
+            "channel.send((os.environ.get('EXECNET_TEST_ENV'), os.getcwd(),"
+            " sys.dont_write_bytecode, os.nice(0)))"
+        )
+        env, cwd, dont_write, niceness = ch.receive(timeout=30)
+        assert env == "v 2"
+        assert os.path.samefile(cwd, str(tmp_path))
+        assert dont_write is True
+        assert niceness == os.nice(0) + 3 or niceness == 19
+
+    @single_only
+    @pytest.mark.parametrize("python", [
+        "/nonexistent/python3", "definitely-not-a-python-command-xyz",
+    ])
+    def test_missing_interpreter(self, group, transport, python):
+        with pytest.raises(execnet.InterpreterNotFound) as excinfo:
+            make_transport_gateway(group, transport, "//python=" + python)
+        error = excinfo.value
+        assert isinstance(error, execnet.HostNotFound)
+        assert isinstance(error, execnet.ExecnetError)
+        assert isinstance(error.output, str)
+        assert python in str(error)
+
+    @single_only
+    def test_not_executable_interpreter(self, group, tmp_path):
+        path = tmp_path / "python-not-executable"
+        path.write_text(u"#!/bin/sh\nexec python3 \"$@\"\n")
+        os.chmod(str(path), 0o644)
+        with pytest.raises(execnet.InterpreterNotFound):
+            mkgw(group, "popen//python=%s" % path)
+
+    @single_only
+    def test_interpreter_that_dies_is_host_not_found_with_output(self, group, tmp_path):
+        script = tmp_path / "fake-python"
+        script.write_text(u"#!/bin/sh\necho fake-out-xyz\necho fake-err-xyz >&2\nexit 3\n")
+        os.chmod(str(script), 0o755)
+        with pytest.raises(execnet.HostNotFound) as excinfo:
+            mkgw(group, "popen//python=%s" % script)
+        error = excinfo.value
+        assert "fake-out-xyz" in error.output + str(error)
+        assert len(group) == 0  # no dead gateway registered
+
+    @single_only
+    def test_module_registered_under_alias_name(self, tmp_path):
+        # The local module is loaded under another name: the remote must
+        # answer to that name too (unless it is importable there anyway).
+        script = textwrap.dedent("""
+            import importlib.util, sys
+            spec = importlib.util.spec_from_file_location("my_execnet_alias", %r)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules["my_execnet_alias"] = mod
+            spec.loader.exec_module(mod)
+            gw = mod.makegateway()
+            ch = gw.remote_exec(
+                "import my_execnet_alias, execnet_single\\n"
+                "channel.send(my_execnet_alias is execnet_single)")
+            print(ch.receive(timeout=30))
+            gw.exit()
+            gw.join(timeout=30)
+        """) % LIBRARY_PATH
+        proc = run_script(sys.executable, script, cwd=str(tmp_path))
+        assert proc.stdout.decode().strip() == "True", proc.stderr.decode()
+
+    def test_group_starts_gateways_concurrently(self, tmp_path):
+        n = 3
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        wrapper = tmp_path / "python-wrapper"
+        wrapper.write_text(
+            CONCURRENT_WRAPPER.format(dir=marks, n=n, python=sys.executable))
+        os.chmod(str(wrapper), 0o755)
+        specs = ["popen//python=%s" % wrapper] * n
+        g = call_with_timeout(execnet.Group, 120, specs)
+        try:
+            assert len(g) == n
+            pids = {rinfo(gw).pid for gw in g}
+            assert len(pids) == n
+        finally:
+            call_with_timeout(g.terminate, 60, timeout=10)
+        seen = [int(p.read_text()) for p in marks.glob("seen.*")]
+        assert seen == [n] * n, "gateways were started one after another"
+
+    def test_via_chain(self, group):
+        mkgw(group, "popen//id=hop1")
+        mkgw(group, "popen//id=hop2//via=hop1")
+        gw = mkgw(group, "popen//id=hop3//via=hop2")
+        pids = [rinfo(group[name]).pid for name in ("hop1", "hop2", "hop3")]
+        assert psutil.Process(pids[2]).ppid() == pids[1]
+        assert psutil.Process(pids[1]).ppid() == pids[0]
+        ch = gw.remote_exec(remote_echo)
+        ch.send(SAMPLES)
+        assert same(ch.receive(timeout=30), SAMPLES)
+        ch.close()
+
+
+# ======================================================= remote output
+
+
+OUTPUT_SOURCE = """
+import os, sys
+print("out-print-1")
+sys.stderr.write("err-write-2\\n")
+os.write(1, b"fd1-write-3\\n")
+os.write(2, b"fd2-write-4\\n")
+channel.send("after-output")
+print("last-words-5")
+sys.stderr.write("last-err-6\\n")
+"""
+
+
+def _output_gateway(transport, output):
+    """A gateway in the default group created by makegateway(..., output=)."""
+    if transport == "popen":
+        return call_with_timeout(execnet.makegateway, 60, "popen", output=output)
+    proxy = "oproxy-%d" % next(_ids)
+    call_with_timeout(execnet.makegateway, 60, "popen//id=" + proxy)
+    return call_with_timeout(
+        execnet.makegateway, 60, "popen//via=" + proxy, output=output)
+
+
+@single_only
+class TestOutput:
+    def test_default_output_goes_to_local_stderr(self, gw, capsys):
+        ch = gw.remote_exec(OUTPUT_SOURCE)
+        assert ch.receive(timeout=30) == "after-output"
+        ch.waitclose(timeout=30)
+        check = gw.remote_exec("channel.send(channel.receive() * 2)")
+        check.send(21)
+        assert check.receive(timeout=30) == 42
+        exit_and_join(gw)
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        for text in ("out-print-1", "err-write-2", "fd1-write-3", "fd2-write-4",
+                     "last-words-5", "last-err-6"):
+            assert "[%s] %s" % (gw.id, text) in lines
+        assert "out-print-1" not in captured.out
+
+    def test_output_callback(self, transport, capsys):
+        got = []
+        gw = _output_gateway(transport, lambda fd, data: got.append((fd, data)))
+        ch = gw.remote_exec(OUTPUT_SOURCE)
+        assert ch.receive(timeout=30) == "after-output"
+        ch.waitclose(timeout=30)
+        exit_and_join(gw)
+        assert all(fd in (1, 2) and isinstance(data, bytes) for fd, data in got)
+        out = b"".join(data for fd, data in got if fd == 1)
+        err = b"".join(data for fd, data in got if fd == 2)
+        for text in (b"out-print-1\n", b"fd1-write-3\n", b"last-words-5\n"):
+            assert text in out
+        for text in (b"err-write-2\n", b"fd2-write-4\n", b"last-err-6\n"):
+            assert text in err
+        captured = capsys.readouterr()
+        assert "write" not in captured.err and "print" not in captured.err
+
+    def test_interleaved_output_and_data(self, transport):
+        got = []
+        gw = _output_gateway(transport, lambda fd, data: got.append((fd, data)))
+        ch = gw.remote_exec(
+            "import os, sys\n"
+            "for i in range(300):\n"
+            "    print('line %d ' % i + 'x' * 2000)\n"
+            "    os.write(2, b'E' * 3000 + b'\\n')\n"
+            "    channel.send(i)\n"
+        )
+        assert [ch.receive(timeout=30) for _ in range(300)] == list(range(300))
+        ch.waitclose(timeout=30)
+        exit_and_join(gw)
+        out = b"".join(data for fd, data in got if fd == 1)
+        err = b"".join(data for fd, data in got if fd == 2)
+        assert out.count(b"\n") == 300 and len(out) == sum(
+            len("line %d " % i) + 2001 for i in range(300))
+        assert err == (b"E" * 3000 + b"\n") * 300
+
+    def test_output_of_remote_subprocess(self, transport):
+        got = []
+        gw = _output_gateway(transport, lambda fd, data: got.append((fd, data)))
+        ch = gw.remote_exec(
+            "import subprocess, sys\n"
+            "rc = subprocess.call([sys.executable, '-c',"
+            " 'import sys; print(\"child-out\"); sys.stderr.write(\"child-err\\\\n\")'],"
+            " timeout=60)\n"
+            "channel.send(rc)\n"
+        )
+        assert ch.receive(timeout=60) == 0
+        exit_and_join(gw)
+        assert b"child-out\n" in b"".join(d for fd, d in got if fd == 1)
+        assert b"child-err\n" in b"".join(d for fd, d in got if fd == 2)
+
+
+# ========================================================= termination
+
+
+HOST_KILLED_SCRIPT = """
+%s
+import sys, time
+g1 = execnet.makegateway("popen//id=a")
+g2 = execnet.makegateway("popen//id=b")
+g3 = execnet.makegateway("popen//id=c//via=a")
+ch = g2.remote_exec("channel.receive()")
+ch3 = g3.remote_exec("while 1: pass")
+pids = [g._rinfo().pid for g in (g1, g2, g3)]
+print(" ".join(map(str, pids)))
+sys.stdout.flush()
+time.sleep(300)
+"""
+
+ENDS_WITH_OPEN_GATEWAYS_SCRIPT = """
+%s
+import sys
+gw = execnet.makegateway()
+execnet.makegateway("popen//id=proxy")
+gw2 = execnet.makegateway("popen//via=proxy")
+ch = gw.remote_exec("channel.receive()")
+ch2 = gw2.remote_exec("channel.receive()")
+group = execnet.Group(["popen", "popen//execmodel=main_thread_only"])
+mch = group.remote_exec("channel.receive()")
+pids = [g._rinfo().pid for g in list(execnet.default_group) + list(group)]
+print(" ".join(map(str, pids)))
+"""
+
+
+class TestTermination:
+    def test_exit_with_busy_remote(self, group, transport):
+        gw = make_transport_gateway(group, transport)
+        pid = rinfo(gw).pid
+        ch = gw.remote_exec("channel.send('spinning')\nwhile 1: pass")
+        assert ch.receive(timeout=30) == "spinning"
+        exit_and_join(gw, timeout=60)
+        assert wait_for(lambda: pid_gone(pid), timeout=30), "busy remote survived exit()"
+
+    def test_exit_with_remote_ignoring_sigterm(self, group, transport):
+        gw = make_transport_gateway(group, transport, "//execmodel=main_thread_only")
+        pid = rinfo(gw).pid
+        ch = gw.remote_exec(
+            "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "channel.send('stubborn')\nwhile 1: pass")
+        assert ch.receive(timeout=30) == "stubborn"
+        exit_and_join(gw, timeout=60)
+        assert wait_for(lambda: pid_gone(pid), timeout=30), "stubborn remote survived exit()"
+
+    def test_group_terminate_with_busy_remotes(self, group):
+        gws = [mkgw(group, "popen"), mkgw(group, "popen//id=tp")]
+        gws.append(mkgw(group, "popen//via=tp"))
+        pids = [rinfo(g).pid for g in gws]
+        channels = [g.remote_exec("channel.send(1)\nwhile 1: pass") for g in gws]
+        for ch in channels:
+            assert ch.receive(timeout=30) == 1
+        call_with_timeout(group.terminate, 60, timeout=2)
+        assert len(group) == 0
+        assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30)
+
+    def test_sigkill_wakes_blocked_receivers(self, group, transport):
+        gw = make_transport_gateway(group, transport)
+        pid = rinfo(gw).pid
+        results = {}
+
+        def blocked(name, func):
+            try:
+                results[name] = ("returned", func())
+            except BaseException as exc:
+                results[name] = ("raised", exc)
+
+        ch1 = gw.remote_exec("channel.receive()")
+        ch2 = gw.remote_exec("channel.receive()")
+        threads = [
+            threading.Thread(target=blocked, args=("receive", lambda: ch1.receive(timeout=120))),
+            threading.Thread(target=blocked, args=("waitclose", lambda: ch2.waitclose(timeout=120))),
+        ]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: status(gw).numexecuting >= 2)
+        os.kill(pid, signal.SIGKILL)
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "blocked call not woken"
+        kind, value = results["receive"]
+        assert kind == "raised" and isinstance(value, EOFError), results
+        kind, value = results["waitclose"]
+        assert kind == "returned" or isinstance(value, (EOFError, execnet.RemoteError)), results
+        # the gateway is dead now: new work fails instead of hanging
+        with pytest.raises((OSError, EOFError)):
+            ch = call_with_timeout(gw.remote_exec, 30, "channel.send(1)")
+            ch.receive(timeout=30)
+
+    def test_killed_proxy_wakes_via_gateway(self, group):
+        mkgw(group, "popen//id=kp")
+        gw = mkgw(group, "popen//via=kp")
+        proxy_pid = rinfo(group["kp"]).pid
+        target_pid = rinfo(gw).pid
+        ch = gw.remote_exec("channel.receive()")
+        os.kill(proxy_pid, signal.SIGKILL)
+        with pytest.raises(EOFError):
+            ch.receive(timeout=60)
+        assert wait_for(lambda: pid_gone(target_pid), timeout=30), "via target orphaned"
+
+    def test_killed_host_leaves_no_orphans(self):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOST_KILLED_SCRIPT % IMPORT_LINE],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        pids = []
+        try:
+            line = call_with_timeout(proc.stdout.readline, 60)
+            pids = [int(p) for p in line.split()]
+            assert len(pids) == 3, (line, proc.stderr.read() if proc.poll() is not None else "")
+            assert all(pid_alive(p) for p in pids)
+            proc.kill()
+            proc.wait(timeout=30)
+            assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30), (
+                "children outlived their SIGKILLed host: %s" % [p for p in pids if pid_alive(p)])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+            for p in pids:
+                if pid_alive(p):
+                    os.kill(p, signal.SIGKILL)
+            proc.stdout.close()
+            proc.stderr.close()
+
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_interpreter_exit_with_open_gateways(self, version):
+        python = host_python(version)
+        proc = run_script(python, ENDS_WITH_OPEN_GATEWAYS_SCRIPT % IMPORT_LINE, timeout=120)
+        stderr = proc.stderr.decode("utf-8", "replace")
+        assert proc.returncode == 0, stderr
+        assert stderr == ""
+        pids = [int(p) for p in proc.stdout.split()]
+        assert len(pids) == 5
+        assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30), "remotes outlived host"
+
+
+# ======================================================== flow control
+
+
+def _wait_until_stalled(read_progress, quiet=1.0, deadline=60.0):
+    """Read progress reports until none come for `quiet` seconds."""
+    last = 0
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            last = read_progress(quiet)
+        except execnet.TimeoutError:
+            return last
+    pytest.fail("producer never stalled (progress %r)" % (last,))
+
+
+@single_only
+class TestFlowControl:
+    ITEM = 32 * 1024
+
+    def test_remote_sender_blocks_on_unread_window(self, group, transport):
+        gw = make_transport_gateway(group, transport, "//window=65536")
+        progress = gw.newchannel()
+        ch = gw.remote_exec(
+            "progress = channel.receive()\n"
+            "for i in range(200):\n"
+            "    channel.send(bytes([i % 256]) * %d)\n"
+            "    progress.send(i + 1)\n" % self.ITEM
+        )
+        ch.send(progress)
+        sent = _wait_until_stalled(lambda t: progress.receive(timeout=t))
+        assert sent < 100, "sender was not held back by the 64 KiB window"
+        for i in range(200):
+            assert ch.receive(timeout=30) == bytes([i % 256]) * self.ITEM
+        ch.waitclose(timeout=30)
+
+    def test_local_sender_blocks_on_unread_window(self, group, transport):
+        gw = make_transport_gateway(group, transport, "//window=65536")
+        go = gw.newchannel()
+        ch = gw.remote_exec(
+            "go = channel.receive()\n"
+            "go.receive()\n"
+            "ok = all(channel.receive() == bytes([i % 256]) * %d for i in range(200))\n"
+            "channel.send(ok)\n" % self.ITEM
+        )
+        ch.send(go)
+        count = [0]
+
+        def produce():
+            for i in range(200):
+                ch.send(bytes([i % 256]) * self.ITEM)
+                count[0] = i + 1
+
+        producer = threading.Thread(target=produce)
+        producer.daemon = True
+        producer.start()
+        last = -1
+        for _ in range(60):
+            time.sleep(1.0)
+            if count[0] == last:
+                break
+            last = count[0]
+        assert producer.is_alive() and count[0] < 100, "local send() never blocked"
+        go.send("go")
+        producer.join(60)
+        assert not producer.is_alive() and count[0] == 200
+        assert ch.receive(timeout=60) is True
+
+    def test_burst_under_default_window_read_after_waitclose(self, gw):
+        ch = gw.remote_exec("for i in range(2000): channel.send(b'%05d' % i * 200)")
+        ch.waitclose(timeout=60)
+        for i in range(2000):
+            assert ch.receive(timeout=30) == b"%05d" % i * 200
+        with pytest.raises(EOFError):
+            ch.receive(timeout=30)
+
+    def test_big_item_does_not_stall_other_channels(self, group, transport):
+        size = 100 * 1024 * 1024
+        gw = make_transport_gateway(group, transport, "//window=1048576")
+        big = gw.remote_exec("channel.send(b'\\xab' * %d)" % size)
+        time.sleep(0.5)  # let the big send get going (not asserted)
+        small = gw.remote_exec("channel.send('small')")
+        assert small.receive(timeout=30) == "small"
+        data = big.receive(timeout=120)
+        assert len(data) == size and data == b"\xab" * size
+        big.waitclose(timeout=30)
+
+
+# ======================================================= cross-version
+
+
+ECHO_AND_COMPARE_SOURCE = HELPERS_SRC + """
+import sys
+import execnet_single
+samples = make_samples()
+for item in channel:
+    if item == "__done__":
+        break
+    channel.send(item)
+channel.send(samples)
+channel.send(execnet_single.dumps(samples))
+theirs = channel.receive()
+channel.send(same(execnet_single.loads(theirs), samples))
+channel.send("%d.%d" % sys.version_info[:2])
+"""
+
+NESTED_SOURCE = HELPERS_SRC + """
+import sys
+import execnet_single
+paths = channel.receive()
+versions = sorted(paths)
+samples = make_samples()
+mine = execnet_single.dumps(samples)
+results = {}
+group = execnet_single.Group(["popen//python=" + paths[v] for v in versions])
+try:
+    for version, gw in zip(versions, list(group)):
+        ch = gw.remote_exec(ECHO_SOURCE)
+        ch.send(samples)
+        echoed = ch.receive(timeout=60)
+        ch.send("__done__")
+        theirs_samples = ch.receive(timeout=60)
+        theirs_dumps = ch.receive(timeout=60)
+        ch.send(mine)
+        loaded_ok = ch.receive(timeout=60)
+        remote_version = ch.receive(timeout=60)
+        ch.waitclose(timeout=60)
+        problems = []
+        if not same(echoed, samples):
+            problems.append("echo differs")
+        if not same(theirs_samples, samples):
+            problems.append("remote-built samples differ")
+        if theirs_dumps != mine:
+            problems.append("dumps bytes differ")
+        if not loaded_ok:
+            problems.append("remote loads of host dumps differs")
+        if remote_version != version:
+            problems.append("remote is %s" % remote_version)
+        results[version] = problems
+finally:
+    group.terminate(timeout=10)
+channel.send(("%d.%d" % sys.version_info[:2], results))
+"""
+
+
+@single_only
+class TestCrossVersion:
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_echo_every_type(self, group, version):
+        gw = mkgw(group, "popen//python=" + need_interpreter(version))
+        ch = gw.remote_exec(ECHO_AND_COMPARE_SOURCE)
+        for value in SAMPLES:
+            ch.send(value)
+            assert same(ch.receive(timeout=30), value)
+        ch.send(SAMPLES)
+        assert same(ch.receive(timeout=30), SAMPLES)
+        ch.send("__done__")
+        assert same(ch.receive(timeout=30), SAMPLES), "values built remotely differ"
+        assert ch.receive(timeout=30) == execnet.dumps(SAMPLES), "dumps bytes differ"
+        ch.send(execnet.dumps(SAMPLES))
+        assert ch.receive(timeout=30) is True, "remote loads() of our dumps() differs"
+        assert ch.receive(timeout=30) == version
+        ch.waitclose(timeout=30)
+
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_host_on_each_version_drives_every_version(self, group, version):
+        paths = {v: need_interpreter(v) for v in VERSIONS}
+        gw = mkgw(group, "popen//python=" + paths[version])
+        ch = gw.remote_exec(
+            "ECHO_SOURCE = %r\n" % ECHO_AND_COMPARE_SOURCE + NESTED_SOURCE)
+        ch.send(paths)
+        host_version, results = ch.receive(timeout=240)
+        assert host_version == version
+        assert sorted(results) == sorted(VERSIONS)
+        assert results == {v: [] for v in VERSIONS}
+
+    def test_python27_is_remote_too_old(self, group):
+        python = need_interpreter("2.7")
+        full = subprocess.check_output(
+            [python, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+            timeout=30).decode().strip()
+        with pytest.raises(execnet.RemoteTooOld) as excinfo:
+            mkgw(group, "popen//python=" + python)
+        error = excinfo.value
+        assert "remote Python %s is too old; execnet_single needs 3.6+" % full in str(error)
+        assert isinstance(error, execnet.HostNotFound)
+        assert isinstance(error.output, str)
+        assert len(group) == 0
+
+    def test_python27_via_proxy_is_remote_too_old(self, group):
+        python = need_interpreter("2.7")
+        mkgw(group, "popen//id=old-proxy")
+        with pytest.raises(execnet.RemoteTooOld):
+            mkgw(group, "popen//via=old-proxy//python=" + python)
+
+    def test_missing_interpreter(self, group):
+        with pytest.raises(execnet.InterpreterNotFound) as excinfo:
+            mkgw(group, "popen//python=/nonexistent/python3")
+        assert "/nonexistent/python3" in str(excinfo.value)
+        assert len(group) == 0
+
+
+# ===================================================== shipped source
+
+
+SHIPPED_CHECK_SCRIPT = r'''
+import atexit, json, os, signal, sys, sysconfig, threading, types
+
+path = sys.argv[1]
+
+def snapshot():
+    handlers = {}
+    for name in dir(signal):
+        if name.startswith("SIG") and not name.startswith("SIG_"):
+            num = getattr(signal, name)
+            if isinstance(num, int):
+                try:
+                    handlers[name] = repr(signal.getsignal(num))
+                except (ValueError, OSError):
+                    pass
+    return {
+        "active_count": threading.active_count(),
+        "threads": sorted(repr(t) for t in threading.enumerate()),
+        "meta_path": [repr(x) for x in sys.meta_path],
+        "path_hooks": [repr(x) for x in sys.path_hooks],
+        "path": list(sys.path),
+        "signals": handlers,
+        "atexit": atexit._ncallbacks() if hasattr(atexit, "_ncallbacks") else None,
+        "excepthook": repr(sys.excepthook),
+        "threading_excepthook": repr(getattr(threading, "excepthook", None)),
+        "stdout": repr(sys.stdout), "stderr": repr(sys.stderr), "stdin": repr(sys.stdin),
+        "cwd": os.getcwd(),
+        "env": sorted(os.environ.items()),
+    }
+
+stdlib_dirs = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}
+
+def is_stdlib(name):
+    top = name.split(".")[0]
+    names = getattr(sys, "stdlib_module_names", None)
+    if names is not None:
+        return top in names or top in sys.builtin_module_names
+    module = sys.modules.get(name)
+    filename = getattr(module, "__file__", None)
+    if not filename:
+        return True
+    filename = os.path.realpath(filename)
+    return any(filename.startswith(d + os.sep) for d in stdlib_dirs) and "site-packages" not in filename
+
+with open(path, "rb") as f:
+    source = f.read().decode("utf-8")
+modules_before = set(sys.modules)
+before = snapshot()
+module = types.ModuleType("execnet_single_shipped")
+exec(compile(source, "<shipped execnet_single>", "exec"), module.__dict__)
+after_import = snapshot()
+new_modules = sorted(set(sys.modules) - modules_before)
+roundtrip = module.loads(module.dumps([1, "two", (3.0,), {4: b"5"}])) == [1, "two", (3.0,), {4: b"5"}]
+after_use = snapshot()
+print(json.dumps({
+    "changed_at_import": sorted(k for k in before if before[k] != after_import[k]),
+    "changed_by_dumps": sorted(k for k in before if before[k] != after_use[k]),
+    "non_stdlib_modules": [m for m in new_modules if not is_stdlib(m)],
+    "typing_imported": "typing" in new_modules,
+    "registered": [m for m in ("execnet_single", "execnet_single_shipped") if m in sys.modules],
+    "has_file": "__file__" in module.__dict__,
+    "roundtrip": roundtrip,
+    "api": [n for n in ("makegateway", "Group", "Channel", "dumps", "loads") if hasattr(module, n)],
+}))
+'''
+
+REQUIRED_API = [
+    "Channel", "DataFormatError", "DumpError", "ExecnetError", "Gateway", "Group",
+    "HostNotFound", "InterpreterNotFound", "LoadError", "MultiChannel", "PopenGateway",
+    "RemoteError", "RemoteTooOld", "TimeoutError", "XSpec", "default_group", "dump",
+    "dumps", "get_execmodel", "load", "loads", "makegateway", "set_execmodel",
+]
+
+
+@single_only
+class TestShippedSource:
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_exec_without_file_changes_nothing(self, version):
+        python = need_interpreter(version)
+        proc = run_script(python, SHIPPED_CHECK_SCRIPT.replace("sys.argv[1]", repr(LIBRARY_PATH)))
+        assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+        import json
+
+        report = json.loads(proc.stdout.decode())
+        assert report["api"] == ["makegateway", "Group", "Channel", "dumps", "loads"]
+        assert report["roundtrip"] is True
+        assert report["has_file"] is False
+        assert report["changed_at_import"] == []
+        assert report["changed_by_dumps"] == []
+        assert report["non_stdlib_modules"] == []
+        assert report["registered"] == []
+        assert report["typing_imported"] is False
+
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_compiles_without_warnings(self, version):
+        python = need_interpreter(version)
+        proc = run_script(
+            python,
+            "import sys\nsource = open(%r, 'rb').read()\n"
+            "compile(source, %r, 'exec', dont_inherit=True)\nprint('compiled')\n"
+            % (LIBRARY_PATH, LIBRARY_PATH),
+            env=dict(os.environ, PYTHONWARNINGS="error"),
+        )
+        assert proc.stdout.decode().strip() == "compiled", proc.stderr.decode("utf-8", "replace")
+
+    def test_public_api(self):
+        names = execnet.__all__
+        assert list(names) == sorted(names), "__all__ is not sorted"
+        for name in names:
+            assert hasattr(execnet, name), name
+        missing = [n for n in REQUIRED_API if n not in names]
+        assert missing == []
+        assert isinstance(execnet.__version__, str) and execnet.__version__
+
+    def test_public_names_have_docstrings(self):
+        undocumented = [
+            name for name in execnet.__all__
+            if (isinstance(getattr(execnet, name), type) or callable(getattr(execnet, name)))
+            and not (getattr(execnet, name).__doc__ or "").strip()
+        ]
+        assert undocumented == []
+
+    def test_sections_listed_in_module_docstring(self):
+        import re
+
+        with open(LIBRARY_PATH) as f:
+            source = f.read()
+        titles = re.findall(r"^# === (\d+)\. (.+?) ===$", source, re.M)
+        assert len(titles) >= 5, "no '# === N. Title ===' section markers"
+        assert [int(n) for n, _ in titles] == list(range(1, len(titles) + 1))
+        doc = execnet.__doc__ or ""
+        assert [t for n, t in titles if t not in doc] == []
+
+    def test_main_guard_is_last(self):
+        with open(LIBRARY_PATH) as f:
+            lines = [l for l in f.read().splitlines() if l.strip()]
+        guards = [i for i, l in enumerate(lines) if l.startswith("if __name__ == ")]
+        assert len(guards) == 1
+        assert all(l.startswith((" ", "\t")) for l in lines[guards[0] + 1:])
+
+
+# ======================================================= group / xspec
+
+
+class TestXSpec:
+    def test_parse_and_roundtrip(self):
+        text = ("popen//python=env FOO=1 /usr/bin/python3//id=x//chdir=/tmp/d"
+                "//env:NAME=value//execmodel=main_thread_only//via=p//window=65536"
+                "//dont_write_bytecode//nice=5//custom=thing")
+        spec = execnet.XSpec(text)
+        assert spec.popen is True
+        assert spec.python == "env FOO=1 /usr/bin/python3"
+        assert spec.id == "x"
+        assert spec.chdir == "/tmp/d"
+        assert spec.env == {"NAME": "value"}
+        assert spec.execmodel == "main_thread_only"
+        assert spec.via == "p"
+        assert spec.window == "65536"
+        assert spec.dont_write_bytecode is True
+        assert spec.nice == "5"
+        assert spec.custom == "thing"
+        assert spec.ssh is None and spec.socket is None and spec.installvia is None
+        assert spec.no_such_key is None
+        assert str(spec) == text
+
+    def test_equality_and_hash(self):
+        a = execnet.XSpec("popen//id=a")
+        b = execnet.XSpec("popen//id=a")
+        c = execnet.XSpec("popen//id=c")
+        assert a == b and hash(a) == hash(b)
+        assert a != c
+        assert {a, b, c} == {a, c}
+
+    def test_ssh_and_socket(self):
+        assert execnet.XSpec("ssh=user@host//python=python3").ssh == "user@host"
+        spec = execnet.XSpec("socket=127.0.0.1:8888")
+        assert spec.socket == "127.0.0.1:8888" and spec.popen is None
+
+    def test_bad_keys(self):
+        with pytest.raises((ValueError, AttributeError)):
+            execnet.XSpec("popen//_private=1")
+        with pytest.raises(ValueError):
+            execnet.XSpec("popen//id=a//id=b")
+
+
+class TestGroup:
+    def test_indexing_and_membership(self, group):
+        a = mkgw(group, "popen//id=a")
+        b = mkgw(group, "popen//id=b")
+        assert len(group) == 2
+        assert list(group) == [a, b]
+        assert group[0] is a and group[1] is b
+        assert group["b"] is b and group[a] is a
+        assert "a" in group and a in group and "zzz" not in group
+        with pytest.raises(KeyError):
+            group["zzz"]
+        assert "a" in repr(group)
+
+    def test_allocate_id_and_defaultspec(self, group):
+        spec = execnet.XSpec("popen")
+        group.allocate_id(spec)
+        assert isinstance(spec.id, str) and spec.id
+        assert isinstance(group.defaultspec, str)
+        gw1 = mkgw(group, None)
+        gw2 = mkgw(group, None)
+        assert gw1.id != gw2.id and spec.id not in (None, "")
+        assert gw1.spec.popen
+
+    def test_group_of_specs(self):
+        g = call_with_timeout(execnet.Group, 120, ["popen", "popen//id=named"])
+        try:
+            assert len(g) == 2 and "named" in g
+            pids = {rinfo(gw).pid for gw in g}
+            assert len(pids) == 2
+        finally:
+            call_with_timeout(g.terminate, 60, timeout=10)
+        assert len(g) == 0
+
+    def test_multichannel(self, group):
+        for i in range(3):
+            mkgw(group, "popen//id=m%d" % i)
+        mch = group.remote_exec("channel.send(channel.receive() + channel.gateway.id)")
+        assert len(mch) == 3
+        mch.send_each("hi-")
+        got = call_with_timeout(mch.receive_each, 30, withchannel=True)
+        assert sorted(item for _, item in got) == ["hi-m0", "hi-m1", "hi-m2"]
+        assert all(ch in mch for ch, _ in got)
+        for ch in mch:
+            ch.waitclose(timeout=30)
+        call_with_timeout(mch.waitclose, 30)
+
+    def test_multichannel_receive_each_plain(self, group):
+        for i in range(2):
+            mkgw(group, "popen//id=r%d" % i)
+        mch = group.remote_exec(remote_add, a=1, b=2)
+        assert call_with_timeout(mch.receive_each, 30) == [3, 3]
+
+    def test_make_receive_queue(self, group):
+        for i in range(3):
+            mkgw(group, "popen//id=q%d" % i)
+        mch = group.remote_exec("channel.send(channel.gateway.id)")
+        q = mch.make_receive_queue(endmarker="END")
+        got = [q.get(timeout=30) for _ in range(6)]
+        items = sorted(item for ch, item in got if item != "END")
+        assert items == ["q0", "q1", "q2"]
+        assert sum(1 for ch, item in got if item == "END") == 3
+        assert {ch for ch, item in got} == set(mch)
+
+    def test_multichannel_waitclose_raises_first_error(self, group):
+        mkgw(group, "popen//id=ok")
+        mkgw(group, "popen//id=bad")
+        mch = group.remote_exec(
+            "if channel.gateway.id == 'bad': raise ValueError('multi-bad-2')")
+        assert wait_for(lambda: all(ch.isclosed() for ch in mch), timeout=30)
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            call_with_timeout(mch.waitclose, 30)
+        assert "multi-bad-2" in str(excinfo.value)
+
+    def test_terminate_proxies_last(self, group):
+        mkgw(group, "popen//id=tproxy")
+        gws = [mkgw(group, "popen//via=tproxy") for _ in range(2)]
+        pids = [rinfo(g).pid for g in gws] + [rinfo(group["tproxy"]).pid]
+        call_with_timeout(group.terminate, 60, timeout=10)
+        assert len(group) == 0
+        assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30)
+
+    def test_exit_removes_from_group(self, group):
+        gw = mkgw(group, "popen")
+        assert gw in group
+        exit_and_join(gw)
+        assert gw not in group and len(group) == 0
