@@ -680,7 +680,7 @@ _MSG_DATA_PART = 8       # a non-final piece of a large item
 _MSG_ACK = 9             # payload: count of data bytes consumed
 _MSG_OUTPUT = 10         # remote stdout/stderr bytes; channel id is the fd
 _MSG_READY = 11          # bootstrap done; payload: serialized rinfo dict
-_MSG_MAX = 11
+_LAST_MSGCODE = 11
 
 _CHUNK = 256 * 1024
 _MAX_PAYLOAD = 1024 * 1024
@@ -724,7 +724,7 @@ class _FrameReader:
         unpack = _HEADER.unpack_from
         while size - pos >= _HEADER_SIZE:
             code, cid, length = unpack(buf, pos)
-            if code > _MSG_MAX or length > _MAX_PAYLOAD:
+            if code > _LAST_MSGCODE or length > _MAX_PAYLOAD:
                 raise LoadError(
                     "corrupt frame header %r at stream offset +%d (garbage on the stream?)"
                     % (bytes(buf[pos:pos + _HEADER_SIZE]), pos))

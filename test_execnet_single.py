@@ -133,8 +133,9 @@ def wait_for(predicate, timeout=15.0, interval=0.05):
         time.sleep(interval)
 
 
-def call_with_timeout(func, timeout, *args, **kwargs):
-    """Run func in a daemon thread; fail the test if it does not return."""
+def call_with_timeout(func, limit, *args, **kwargs):
+    """Run func(*args, **kwargs) in a daemon thread; fail the test if it
+    does not return within `limit` seconds."""
     result = {}
 
     def run():
@@ -147,9 +148,9 @@ def call_with_timeout(func, timeout, *args, **kwargs):
     thread = threading.Thread(target=run, name="call_with_timeout:" + name)
     thread.daemon = True
     thread.start()
-    thread.join(timeout)
+    thread.join(limit)
     if thread.is_alive():
-        pytest.fail("%s did not return within %s s" % (name, timeout))
+        pytest.fail("%s did not return within %s s" % (name, limit))
     if "error" in result:
         raise result["error"]
     return result["value"]
@@ -1638,8 +1639,8 @@ gw2 = execnet.makegateway("popen//via=proxy")
 ch = gw.remote_exec("channel.receive()")
 ch2 = gw2.remote_exec("channel.receive()")
 group = execnet.Group(["popen", "popen//execmodel=main_thread_only"])
-mch = group.remote_exec("channel.receive()")
 pids = [g._rinfo().pid for g in list(execnet.default_group) + list(group)]
+mch = group.remote_exec("channel.receive()")
 print(" ".join(map(str, pids)))
 """
 
@@ -2181,12 +2182,12 @@ class TestGroup:
     def test_multichannel(self, group):
         for i in range(3):
             mkgw(group, "popen//id=m%d" % i)
-        mch = group.remote_exec("channel.send(channel.receive() + channel.gateway.id)")
+        mch = group.remote_exec("import os; channel.send((channel.receive(), os.getpid()))")
         assert len(mch) == 3
-        mch.send_each("hi-")
+        mch.send_each("hi")
         got = call_with_timeout(mch.receive_each, 30, withchannel=True)
-        assert sorted(item for _, item in got) == ["hi-m0", "hi-m1", "hi-m2"]
-        assert all(ch in mch for ch, _ in got)
+        assert [(ch, item) for ch, item in got] == [
+            (ch, ("hi", rinfo(ch.gateway).pid)) for ch in mch]
         for ch in mch:
             ch.waitclose(timeout=30)
         call_with_timeout(mch.waitclose, 30)
@@ -2200,11 +2201,12 @@ class TestGroup:
     def test_make_receive_queue(self, group):
         for i in range(3):
             mkgw(group, "popen//id=q%d" % i)
-        mch = group.remote_exec("channel.send(channel.gateway.id)")
+        pids = sorted(rinfo(g).pid for g in group)
+        mch = group.remote_exec("import os; channel.send(os.getpid())")
         q = mch.make_receive_queue(endmarker="END")
         got = [q.get(timeout=30) for _ in range(6)]
         items = sorted(item for ch, item in got if item != "END")
-        assert items == ["q0", "q1", "q2"]
+        assert items == pids
         assert sum(1 for ch, item in got if item == "END") == 3
         assert {ch for ch, item in got} == set(mch)
 
@@ -2212,7 +2214,9 @@ class TestGroup:
         mkgw(group, "popen//id=ok")
         mkgw(group, "popen//id=bad")
         mch = group.remote_exec(
-            "if channel.gateway.id == 'bad': raise ValueError('multi-bad-2')")
+            "if channel.receive() == 'bad': raise ValueError('multi-bad-2')")
+        mch[0].send("ok")
+        mch[1].send("bad")
         assert wait_for(lambda: all(ch.isclosed() for ch in mch), timeout=30)
         with pytest.raises(execnet.RemoteError) as excinfo:
             call_with_timeout(mch.waitclose, 30)
