@@ -751,6 +751,23 @@ class _FrameReader:
         return head + b"".join(self._pending)
 
 
+class _ClosedIO:
+    """The stream of a gateway in a forked child: not ours to use."""
+
+    remoteaddress = ""
+
+    def read(self):
+        return b""
+
+    def write(self, data):
+        raise OSError("this process is a fork of the remote; it has no gateway")
+
+    def close_write(self):
+        pass
+
+    close_read = close_write
+
+
 class _FdIO:
     """A byte stream over two file descriptors (pipes)."""
 
@@ -834,7 +851,7 @@ class Channel:
             elif not self._receiveclosed.is_set():
                 # nobody can receive from this channel any more
                 code = _MSG_LAST_MESSAGE if self._items is None else _MSG_CLOSE
-                gateway._send(code, self.id)
+                gateway._send_from_finalizer(code, self.id)
         except Exception:
             pass  # interpreter shutdown or dead gateway: nothing to tell
 
@@ -1112,6 +1129,7 @@ class _GatewayBase:
         self._ack_threshold = max(1, window // 4)
         self._wlock = threading.Lock()
         self._write_waiters = 0
+        self._deferred_frames = []   # frames from finalizers, sent after the next write
         self._waitlock = threading.Lock()
         self._receivelock = threading.RLock()
         self._channels = weakref.WeakValueDictionary()
@@ -1162,6 +1180,30 @@ class _GatewayBase:
             raise OSError("gateway %s: cannot send (%s)" % (self.id, exc)) from None
         finally:
             lock.release()
+            if self._deferred_frames:
+                self._flush_deferred()
+
+    def _send_from_finalizer(self, msgcode, channelid):
+        """Send from __del__, which may run inside _send in this very thread
+        (garbage collection): never wait for or re-enter the write lock."""
+        if self._wlock.acquire(False):
+            try:
+                self._io.write(_HEADER.pack(msgcode, channelid, 0))
+            finally:
+                self._wlock.release()
+        else:
+            self._deferred_frames.append((msgcode, channelid))  # the holder sends it
+
+    def _flush_deferred(self):
+        while self._deferred_frames:
+            try:
+                msgcode, channelid = self._deferred_frames.pop(0)
+            except IndexError:
+                return
+            try:
+                self._send(msgcode, channelid)
+            except OSError:
+                return
 
     def _yield_writer(self):
         """Between pieces of a large item: let a waiting sender go first."""
@@ -1501,6 +1543,14 @@ class _RemoteGateway(_GatewayBase):
             self._idle.wait_for(lambda: not self._active, _EXIT_GRACE)
         self._exit_process()
 
+    def _after_fork_in_child(self):
+        """A fork of the remote (multiprocessing, say) must not write frames
+        into our stream: its prints go to fds 1 and 2, which we forward."""
+        self._io = _ClosedIO()
+        self._finished = True
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+
     def _exit_process(self):
         _flush_std_streams()
         if self._forwarder is not None:
@@ -1633,6 +1683,8 @@ def _remote_main(source, params_bytes):
     gateway._forwarder = _OutputForwarder(gateway)
     sys.stdout = _make_output_stream(gateway, 1)
     sys.stderr = _make_output_stream(gateway, 2)
+    if hasattr(os, "register_at_fork"):  # 3.6: no fork hooks
+        os.register_at_fork(after_in_child=gateway._after_fork_in_child)
     gateway._start_receiver()
     gateway._serve()
     # main thread done: the receiver thread ends the process
