@@ -483,6 +483,86 @@ def _read_one_dump(read):
         parts.append(exact(size))
 
 
+# The loader's fast paths: runs of list elements ("F index, value, P") and
+# dict items ("key, value, P") whose parts are ints, strings, floats, None or
+# bools (and bytes in lists) are stored directly, without the stack.  They
+# stop at the first thing they do not handle and return the position there;
+# the general loop in _loads carries on from it, so the result is the same.
+
+_CONSTANTS = {76: None, 82: True, 67: False}
+
+
+def _fill_list(container, data, pos, end, fast_str):
+    while data[pos] == 70:
+        key = _unpack_i4(data, pos + 1)[0]
+        vop = data[pos + 5]
+        if vop == 70:
+            if data[pos + 10] != 80:
+                break
+            container[key] = _unpack_i4(data, pos + 6)[0]
+            pos += 11
+        elif (vop == 78 and fast_str) or vop == 65:
+            size = _unpack_i4(data, pos + 6)[0]
+            stop = pos + 10 + size
+            if size < 0 or stop >= end or data[stop] != 80:
+                break
+            value = data[pos + 10:stop]
+            container[key] = value.decode("utf-8") if vop == 78 else value
+            pos = stop + 1
+        elif vop == 68:
+            if data[pos + 14] != 80:
+                break
+            container[key] = _DOUBLE.unpack_from(data, pos + 6)[0]
+            pos += 15
+        elif vop in _CONSTANTS:
+            if data[pos + 6] != 80:
+                break
+            container[key] = _CONSTANTS[vop]
+            pos += 7
+        else:
+            break
+    return pos
+
+
+def _fill_dict(container, data, pos, end):
+    while True:
+        kop = data[pos]
+        if kop == 78:
+            size = _unpack_i4(data, pos + 1)[0]
+            stop = pos + 5 + size
+            if size < 0 or stop >= end:
+                break
+            key = data[pos + 5:stop].decode("utf-8")
+        elif kop == 70:
+            key = _unpack_i4(data, pos + 1)[0]
+            stop = pos + 5
+        else:
+            break
+        vop = data[stop]
+        if vop == 70:
+            value = _unpack_i4(data, stop + 1)[0]
+            stop += 5
+        elif vop == 78:
+            size = _unpack_i4(data, stop + 1)[0]
+            if size < 0 or stop + 5 + size >= end:
+                break
+            value = data[stop + 5:stop + 5 + size].decode("utf-8")
+            stop += 5 + size
+        elif vop == 68:
+            value = _DOUBLE.unpack_from(data, stop + 1)[0]
+            stop += 9
+        elif vop in _CONSTANTS:
+            value = _CONSTANTS[vop]
+            stop += 1
+        else:
+            break
+        if data[stop] != 80:
+            break
+        container[key] = value
+        pos = stop + 1
+    return pos
+
+
 def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=False):
     """Load one value from data; channels are made with channel_factory(id)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -529,64 +609,12 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                     raise LoadError("list length %d at byte %d exceeds the data" % (size, pos - 4))
                 container = [None] * size
                 push(container)
-                # Fast path: fill "F index, int-or-str, P" elements directly;
-                # whatever else comes is left to the general loop.
-                while data[pos] == 70:
-                    key = _unpack_i4(data, pos + 1)[0]
-                    vop = data[pos + 5]
-                    if vop == 70:
-                        if data[pos + 10] != 80:
-                            break
-                        container[key] = _unpack_i4(data, pos + 6)[0]
-                        pos += 11
-                    elif (vop == 78 and fast_str) or vop == 65:
-                        size = _unpack_i4(data, pos + 6)[0]
-                        stop = pos + 10 + size
-                        if size < 0 or stop >= end or data[stop] != 80:
-                            break
-                        value = data[pos + 10:stop]
-                        container[key] = value.decode("utf-8") if vop == 78 else value
-                        pos = stop + 1
-                    elif vop == 68:
-                        if data[pos + 14] != 80:
-                            break
-                        container[key] = _DOUBLE.unpack_from(data, pos + 6)[0]
-                        pos += 15
-                    else:
-                        break
+                pos = _fill_list(container, data, pos, end, fast_str)
             elif op == 74:  # 'J'
                 container = {}
                 push(container)
-                # Fast path: "str-or-int key, int-or-str value, P" items.
-                while fast_str:
-                    kop = data[pos]
-                    if kop == 78:
-                        size = _unpack_i4(data, pos + 1)[0]
-                        stop = pos + 5 + size
-                        if size < 0 or stop >= end:
-                            break
-                        key = data[pos + 5:stop].decode("utf-8")
-                    elif kop == 70:
-                        key = _unpack_i4(data, pos + 1)[0]
-                        stop = pos + 5
-                    else:
-                        break
-                    vop = data[stop]
-                    if vop == 70:
-                        value = _unpack_i4(data, stop + 1)[0]
-                        stop += 5
-                    elif vop == 78:
-                        size = _unpack_i4(data, stop + 1)[0]
-                        if size < 0 or stop + 5 + size >= end:
-                            break
-                        value = data[stop + 5:stop + 5 + size].decode("utf-8")
-                        stop += 5 + size
-                    else:
-                        break
-                    if data[stop] != 80:
-                        break
-                    container[key] = value
-                    pos = stop + 1
+                if fast_str:
+                    pos = _fill_dict(container, data, pos, end)
             elif op == 64 or op == 79 or op == 69:  # tuple, set, frozenset
                 size = _unpack_i4(data, pos)[0]
                 pos += 4
