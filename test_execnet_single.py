@@ -326,10 +326,11 @@ def run_script(python, source, timeout=60, **kwargs):
 
 @pytest.fixture(autouse=True)
 def leakcheck():
-    """Every test: no leaked child processes or non-daemon threads."""
+    """Every test: no leaked child processes, non-daemon threads or fds."""
     me = psutil.Process()
     children_before = {p.pid for p in me.children(recursive=True)}
     threads_before = set(threading.enumerate())
+    fds_before = me.num_fds()
     yield
     if len(execnet.default_group):
         call_with_timeout(execnet.default_group.terminate, 60, timeout=10)
@@ -351,9 +352,13 @@ def leakcheck():
             if t not in threads_before and not t.daemon and t.is_alive()
         ]
 
-    wait_for(lambda: not leaked_children() and not leaked_threads(), timeout=15)
+    def leaked_fds():
+        return max(0, me.num_fds() - fds_before)
+
+    wait_for(lambda: not (leaked_children() or leaked_threads() or leaked_fds()), timeout=15)
     assert not leaked_children(), "leaked child processes"
     assert not leaked_threads(), "leaked non-daemon threads"
+    assert not leaked_fds(), "leaked file descriptors: %s" % sorted(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
@@ -1404,7 +1409,7 @@ CONCURRENT_WRAPPER = """#!/bin/sh
 # Records how many sibling starts it saw before exec'ing the real python.
 touch "{dir}/started.$$"
 i=0
-while [ "$(ls "{dir}" | grep -c '^started')" -lt {n} ] && [ $i -lt 100 ]; do
+while [ "$(ls "{dir}" | grep -c '^started')" -lt {n} ] && [ $i -lt 200 ]; do
     sleep 0.05
     i=$((i + 1))
 done
@@ -1782,8 +1787,8 @@ class TestFlowControl:
         ch = gw.remote_exec(
             "progress = channel.receive()\n"
             "for i in range(200):\n"
-            "    channel.send(bytes([i % 256]) * %d)\n"
-            "    progress.send(i + 1)\n" % self.ITEM
+            "    channel.send(bytes([i % 256]) * ITEM)\n"
+            "    progress.send(i + 1)\n".replace("ITEM", str(self.ITEM))
         )
         ch.send(progress)
         sent = _wait_until_stalled(lambda t: progress.receive(timeout=t))
@@ -1798,8 +1803,8 @@ class TestFlowControl:
         ch = gw.remote_exec(
             "go = channel.receive()\n"
             "go.receive()\n"
-            "ok = all(channel.receive() == bytes([i % 256]) * %d for i in range(200))\n"
-            "channel.send(ok)\n" % self.ITEM
+            "ok = all(channel.receive() == bytes([i % 256]) * ITEM for i in range(200))\n"
+            "channel.send(ok)\n".replace("ITEM", str(self.ITEM))
         )
         ch.send(go)
         count = [0]
