@@ -1969,11 +1969,15 @@ class _PopenIO(_FdIO):
             pass
 
     def close_read(self):
+        """Close stdout (and stderr, once the process is gone)."""
         self.rfd = -1
         try:
             self.popen.stdout.close()
         except OSError:
             pass
+        self._stderr_thread.join(1.0)
+        if not self._stderr_thread.is_alive():
+            self.popen.stderr.close()
 
     def kill(self):
         """Kill the process and its process group."""
@@ -2196,6 +2200,8 @@ class Gateway(_GatewayBase):
         reap = getattr(self._io, "reap", None)
         if reap is not None:
             reap(1.0)
+        if not self.hasreceiver():
+            self._io.close_read()
 
 
 def _function_source(function):
@@ -2267,6 +2273,9 @@ class _ChannelIO:
     def kill(self):
         """The relay kills the process once our side of the channel is gone."""
         self.close_write()
+
+    def close_read(self):
+        """Nothing to close: the channel ends with the relay."""
 
 
 def _start_via(proxy, spec, params):
