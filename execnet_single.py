@@ -189,6 +189,7 @@ class _Text:
 
     TOO_OLD = "remote Python %s is too old; execnet_single needs 3.6+ (%s)"
     NOT_FOUND = "could not start Python %r for gateway %s: %s"
+    NO_ANSWER = "Python %r for gateway %s did not complete the bootstrap within %s seconds"
     DIED_IN_BOOTSTRAP = (
         "Python %r for gateway %s exited during bootstrap (exit status %s)"
     )
@@ -1741,6 +1742,7 @@ def _importable(name):
 # 4. The remote sends _MSG_READY with its rinfo; from then on, frames.
 
 _STAGE1 = "import sys;exec(eval(sys.stdin.readline()))"
+_BOOTSTRAP_TIMEOUT = 60.0   # seconds; the xspec key bootstrap_timeout= overrides
 _STAGE2 = r'''
 import sys, os
 v = sys.version_info
@@ -1979,6 +1981,13 @@ class _PopenIO(_FdIO):
         if not self._stderr_thread.is_alive():
             self.popen.stderr.close()
 
+    gave_up = False
+
+    def give_up(self):
+        """The bootstrap took too long: kill, so that its reads end."""
+        self.gave_up = True
+        self.kill()
+
     def kill(self):
         """Kill the process and its process group."""
         import signal
@@ -2018,14 +2027,22 @@ def _start_popen(spec, params):
         io = _PopenIO(args, env)
     except OSError as exc:
         raise InterpreterNotFound(_Text.NOT_FOUND % (describe, spec.id, exc))
+    timeout = float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT)
+    watchdog = threading.Timer(timeout, io.give_up)  # a silent "python" must not hang us
+    watchdog.daemon = True
+    watchdog.start()
     try:
         rinfo, leftover = _bootstrap(io, params, describe, io.stderr_text)
-    except BaseException:
+    except BaseException as exc:
         io.kill()
         io.close_write()
         io.reap(1.0)
         io.close_read()
+        if io.gave_up and isinstance(exc, HostNotFound):
+            raise HostNotFound(_Text.NO_ANSWER % (describe, spec.id, timeout), exc.output) from None
         raise
+    finally:
+        watchdog.cancel()
     return io, rinfo, leftover
 
 
@@ -2295,6 +2312,7 @@ def _serve_via(channel):
     """In the proxy's process: start a gateway's process and relay its bytes."""
     iochannel, specstr, params = channel.receive()
     spec = XSpec(specstr)
+    spec.id = params["id"]
     try:
         if not spec.popen:
             raise HostNotFound("via= supports only popen gateways so far: %s" % specstr)
@@ -2362,6 +2380,7 @@ class XSpec:
 
     popen = ssh = socket = python = chdir = nice = dont_write_bytecode = None
     execmodel = via = installvia = id = window = ssh_config = vagrant_ssh = None
+    bootstrap_timeout = None
 
     def __init__(self, string):
         self._spec = string
