@@ -493,6 +493,15 @@ def _read_one_dump(read):
 _CONSTANTS = {76: None, 82: True, 67: False}
 
 
+def _chunk_at(data, pos, end):
+    """The length-prefixed bytes at pos, and the position after them."""
+    size = _unpack_i4(data, pos)[0]
+    stop = pos + 4 + size
+    if size < 0 or stop > end:
+        raise LoadError("length %d at byte %d exceeds the data" % (size, pos))
+    return data[pos + 4:stop], stop
+
+
 def _fill_list(container, data, pos, end, fast_str):
     while data[pos] == 70:
         key = _unpack_i4(data, pos + 1)[0]
@@ -633,24 +642,14 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                 push(True)
             elif op == 67:
                 push(False)
-            elif op == 77 or op == 83:  # legacy py2 str and unicode
-                size = _unpack_i4(data, pos)[0]
-                pos += 4
-                if size < 0 or pos + size > end:
-                    raise LoadError("length %d at byte %d exceeds the data" % (size, pos - 4))
-                chunk = data[pos:pos + size]
-                pos += size
-                if op == 83 or py2str_as_py3str:
+            elif op == 72 or op == 73 or op == 77 or op == 83:  # big int, legacy strings
+                chunk, pos = _chunk_at(data, pos, end)
+                if op == 72 or op == 73:
+                    push(_ascii_to_int(chunk))
+                elif op == 83 or py2str_as_py3str:
                     push(chunk.decode("utf-8" if op == 83 else "latin-1"))
                 else:
                     push(chunk)
-            elif op == 72 or op == 73:  # 'H' big int
-                size = _unpack_i4(data, pos)[0]
-                pos += 4
-                if size < 0 or pos + size > end:
-                    raise LoadError("length %d at byte %d exceeds the data" % (size, pos - 4))
-                push(_ascii_to_int(data[pos:pos + size]))
-                pos += size
             elif op == 84:
                 real, imag = _COMPLEX.unpack_from(data, pos)
                 push(complex(real, imag))
