@@ -2204,7 +2204,13 @@ class Gateway(_GatewayBase):
             self._send(_MSG_TERMINATE)
         except OSError:
             pass
-        self._io.close_write()
+        # Close under the write lock, so no sender writes to a closed (and
+        # maybe reused) fd; a sender stuck on a full pipe is killed later.
+        if self._wlock.acquire(timeout=1.0):
+            try:
+                self._io.close_write()
+            finally:
+                self._wlock.release()
 
     def _await_exit(self, timeout):
         """Wait for the remote to go; kill it after timeout.  Bounded."""
