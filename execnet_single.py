@@ -606,11 +606,24 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                 chunk = data[pos:pos + size]
                 pos += size
                 push(chunk.decode("utf-8") if op == 78 and fast_str else chunk)
-            elif op == 76:  # 'L'
-                push(None)
+            elif op in _CONSTANTS:  # 'L', 'R', 'C'
+                push(_CONSTANTS[op])
             elif op == 68:  # 'D'
                 push(_DOUBLE.unpack_from(data, pos)[0])
                 pos += 8
+            elif op == 64 or op == 79 or op == 69:  # tuple, set, frozenset
+                size = _unpack_i4(data, pos)[0]
+                pos += 4
+                if size < 0 or size > len(stack):
+                    raise LoadError("collection of %d items at byte %d, stack has %d" % (
+                        size, pos - 4, len(stack)))
+                kind = tuple if op == 64 else set if op == 79 else frozenset
+                if size:
+                    items = kind(stack[-size:])
+                    del stack[-size:]
+                else:
+                    items = kind()
+                push(items)
             elif op == 75:  # 'K' new list
                 size = _unpack_i4(data, pos)[0]
                 pos += 4
@@ -625,23 +638,6 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                 push(container)
                 if fast_str:
                     pos = _fill_dict(container, data, pos, end)
-            elif op == 64 or op == 79 or op == 69:  # tuple, set, frozenset
-                size = _unpack_i4(data, pos)[0]
-                pos += 4
-                if size < 0 or size > len(stack):
-                    raise LoadError("collection of %d items at byte %d, stack has %d" % (
-                        size, pos - 4, len(stack)))
-                kind = tuple if op == 64 else set if op == 79 else frozenset
-                if size:
-                    items = kind(stack[-size:])
-                    del stack[-size:]
-                else:
-                    items = kind()
-                push(items)
-            elif op == 82:
-                push(True)
-            elif op == 67:
-                push(False)
             elif op == 72 or op == 73 or op == 77 or op == 83:  # big int, legacy strings
                 chunk, pos = _chunk_at(data, pos, end)
                 if op == 72 or op == 73:
