@@ -856,6 +856,7 @@ class Channel:
         self._receiveclosed = threading.Event()  # the peer will send no more
         self._remoteerrors = []
         self._flow = threading.Condition(threading.Lock())
+        self._sendlock = threading.Lock()
         self._unacked = 0              # bytes sent, not yet acknowledged
         self._consumed = 0             # bytes received and consumed, not yet acknowledged
         self._deferred = 0             # bytes of pieces held back while items wait unread
@@ -891,18 +892,20 @@ class Channel:
             raise OSError(_Text.SEND_CLOSED % (self,))
         data = _dumps_wire(item)
         gateway = self.gateway
-        if len(data) <= gateway._chunk:
-            self._take_credit(len(data))
-            gateway._send(_MSG_DATA, self.id, data)
-            return
-        view = memoryview(data)
-        chunk = gateway._chunk
-        last = len(data) - chunk
-        for start in range(0, len(data), chunk):
-            piece = view[start:start + chunk]
-            self._take_credit(len(piece))
-            gateway._send(_MSG_DATA if start >= last else _MSG_DATA_PART, self.id, piece)
-            gateway._yield_writer()
+        # one item at a time per channel: its pieces must not interleave
+        with self._sendlock:
+            if len(data) <= gateway._chunk:
+                self._take_credit(len(data))
+                gateway._send(_MSG_DATA, self.id, data)
+                return
+            view = memoryview(data)
+            chunk = gateway._chunk
+            last = len(data) - chunk
+            for start in range(0, len(data), chunk):
+                piece = view[start:start + chunk]
+                self._take_credit(len(piece))
+                gateway._send(_MSG_DATA if start >= last else _MSG_DATA_PART, self.id, piece)
+                gateway._yield_writer()
 
     def receive(self, timeout=None):
         """Return the next item; raise TimeoutError, EOFError or RemoteError."""
