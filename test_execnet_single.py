@@ -813,6 +813,25 @@ class TestFraming:
             start = cut
         assert [(c, i, bytes(p)) for c, i, p in got] == frames
 
+    @settings(max_examples=40, deadline=None, suppress_health_check=ALL_HEALTH_CHECKS)
+    @given(st.data())
+    def test_large_frames_split_anywhere(self, data):
+        biggest = getattr(execnet, "_MAX_PAYLOAD", 1024 * 1024)
+        sizes = data.draw(st.lists(
+            st.sampled_from([0, 1, 65535, 65536, 65537, 300000, biggest]),
+            min_size=1, max_size=4))
+        frames = [(execnet._MSG_DATA, n, os.urandom(size)) for n, size in enumerate(sizes)]
+        stream = b"".join(execnet._encode_frame(*frame) for frame in frames)
+        cuts = sorted(data.draw(st.lists(
+            st.integers(min_value=0, max_value=len(stream)), max_size=12)))
+        reader = execnet._FrameReader()
+        got = []
+        start = 0
+        for cut in cuts + [len(stream)]:
+            got.extend(reader.feed(stream[start:cut]))
+            start = cut
+        assert [(c, i, bytes(p)) for c, i, p in got] == frames
+
     def test_byte_by_byte(self):
         frames = [(execnet._MSG_DATA, 3, b"hello"), (execnet._MSG_DATA, 5, b"")]
         stream = b"".join(execnet._encode_frame(*f) for f in frames)
@@ -1037,6 +1056,19 @@ class TestChannel:
         ch.close()
         assert report.receive(timeout=30) == "eof"
 
+    def test_dropped_channel_closes_remote_end(self, gw):
+        import gc
+
+        report = gw.newchannel()
+        ch = gw.remote_exec(
+            "report = channel.receive()\n"
+            "try:\n    channel.receive()\nexcept EOFError:\n    report.send('eof')\n"
+        )
+        ch.send(report)
+        del ch
+        gc.collect()
+        assert report.receive(timeout=30) == "eof"
+
     def test_close_inside_remote_exec_is_error(self, gw):
         ch = gw.remote_exec(
             "try:\n    channel.close()\nexcept OSError as e:\n    channel.send('refused')\n"
@@ -1155,6 +1187,32 @@ class TestChannel:
         assert not any(t.is_alive() for t in threads)
         assert errors == []
 
+    def test_concurrent_large_sends_on_one_channel(self, gw):
+        ch = gw.remote_exec(
+            "counts = {}\n"
+            "for _ in range(12):\n"
+            "    item = channel.receive()\n"
+            "    key = item[0] if len(set(item)) == 1 and len(item) == 600000 else 'mixed'\n"
+            "    counts[key] = counts.get(key, 0) + 1\n"
+            "channel.send(counts)\n"
+        )
+        errors = []
+
+        def sender(n):
+            try:
+                for _ in range(3):
+                    ch.send(bytes([n]) * 600000)
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads) and errors == []
+        assert ch.receive(timeout=60) == {0: 3, 1: 3, 2: 3, 3: 3}
+
     def test_large_item(self, gw):
         ch = gw.remote_exec("data = channel.receive(); channel.send(data[::-1])")
         data = os.urandom(8 * 1024 * 1024)
@@ -1222,8 +1280,7 @@ class TestGateway:
             ch.receive(timeout=30)
         text = str(excinfo.value)
         assert "function-error-xyz" in text
-        assert TEST_FILE in text
-        assert "line %d" % (remote_fail.__code__.co_firstlineno + 1) in text
+        assert 'File "%s", line %d' % (TEST_FILE, remote_fail.__code__.co_firstlineno + 1) in text
 
     def test_remote_exec_module(self, gw, tmp_path):
         path = str(tmp_path / "remote_mod_for_execnet.py")
@@ -1239,8 +1296,7 @@ class TestGateway:
         lineno = REMOTE_MODULE.splitlines().index(
             '        raise ValueError("module-error-xyz")  # RAISE LINE') + 1
         assert "module-error-xyz" in text
-        assert path in text
-        assert "line %d" % lineno in text
+        assert 'File "%s", line %d' % (path, lineno) in text
 
     def test_string_traceback_has_line(self, gw):
         ch = gw.remote_exec("x = 1\ny = 2\nraise RuntimeError('third line')\n")
@@ -1388,6 +1444,11 @@ class TestGateway:
             assert not event.is_set()
             event.set()
             assert event.wait(1)
+            q = model.queue.Queue()
+            q.put("item")
+            assert q.get(timeout=1) == "item"
+            with pytest.raises(model.queue.Empty):
+                q.get(timeout=0.01)
         with pytest.raises(ValueError):
             execnet.get_execmodel("no-such-model")
 
@@ -1555,6 +1616,7 @@ channel.send("after-output")
 print("last-words-5")
 sys.stderr.write("last-err-6\\n")
 sys.stdout.write("tail-without-newline-7")
+os.write(2, b"fd2-last-8\\n")
 """
 
 
@@ -1581,7 +1643,7 @@ class TestOutput:
         captured = capsys.readouterr()
         lines = captured.err.splitlines()
         for text in ("out-print-1", "err-write-2", "fd1-write-3", "fd2-write-4",
-                     "last-words-5", "last-err-6", "tail-without-newline-7"):
+                     "last-words-5", "last-err-6", "tail-without-newline-7", "fd2-last-8"):
             assert "[%s] %s" % (gw.id, text) in lines
         assert "out-print-1" not in captured.out
 
@@ -1596,10 +1658,10 @@ class TestOutput:
         out = b"".join(data for fd, data in got if fd == 1)
         err = b"".join(data for fd, data in got if fd == 2)
         for text in (b"out-print-1\n", b"fd1-write-3\n", b"last-words-5\n"):
-            assert text in out
-        assert out.endswith(b"tail-without-newline-7")
-        for text in (b"err-write-2\n", b"fd2-write-4\n", b"last-err-6\n"):
-            assert text in err
+            assert text in out, out
+        assert out.endswith(b"tail-without-newline-7"), out
+        for text in (b"err-write-2\n", b"fd2-write-4\n", b"last-err-6\n", b"fd2-last-8\n"):
+            assert text in err, err
         captured = capsys.readouterr()
         assert "write" not in captured.err and "print" not in captured.err
 
