@@ -1604,16 +1604,24 @@ def _remember_source(filename, source):
 
 
 class _OutputForwarder:
-    """Makes fds 1 and 2 pipes and sends what arrives as _MSG_OUTPUT frames."""
+    """Makes fds 1 and 2 pipes and sends what arrives as _MSG_OUTPUT frames.
+
+    Text written to sys.stdout/sys.stderr goes through write(), which first
+    sends what the pipe already holds: so os.write(1, ...) and print() keep
+    their order, and printed text stays in order with channel data.
+    """
 
     def __init__(self, gateway):
         self._gateway = gateway
-        self._fds = {}
+        self._pipes = {}
+        self._locks = {}
         for target in (1, 2):
             rfd, wfd = os.pipe()
+            os.set_blocking(rfd, False)
             os.dup2(wfd, target)
             os.close(wfd)
-            self._fds[rfd] = target
+            self._pipes[target] = rfd
+            self._locks[target] = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="execnet_single-output")
         self._thread.daemon = True
         self._thread.start()
@@ -1621,34 +1629,56 @@ class _OutputForwarder:
     def _run(self):
         import select
 
-        fds = dict(self._fds)
-        while fds:
+        pipes = dict(self._pipes)
+        while pipes:
             try:
-                ready = select.select(list(fds), [], [])[0]
+                ready = select.select(list(pipes.values()), [], [])[0]
             except (OSError, ValueError):
                 return
-            for rfd in ready:
-                data = os.read(rfd, _READ_SIZE)
-                if not data:
-                    del fds[rfd]
-                    continue
-                try:
-                    self._gateway._send(_MSG_OUTPUT, fds[rfd], data)
-                except OSError:
-                    return
+            for target, rfd in list(pipes.items()):
+                if rfd in ready:
+                    with self._locks[target]:
+                        if not self._drain(target):
+                            del pipes[target]
 
-    def finish(self, timeout=0.5):
-        """Close our ends of fds 1 and 2 and forward what is left."""
+    def _drain(self, target):
+        """Send what the pipe holds now (lock held); False at its end."""
+        while True:
+            try:
+                data = os.read(self._pipes[target], _READ_SIZE)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            self._send(target, data)
+
+    def _send(self, target, data):
+        try:
+            self._gateway._send(_MSG_OUTPUT, target, data)
+        except OSError:
+            pass  # the local side is gone: nobody to show it to
+
+    def write(self, target, data):
+        """Send text-level output, after what the fd already holds."""
+        with self._locks[target]:
+            self._drain(target)
+            self._send(target, data)
+
+    def finish(self):
+        """Make fds 1 and 2 /dev/null and send everything written before."""
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         os.close(devnull)
-        self._thread.join(timeout)
+        for target in (1, 2):
+            with self._locks[target]:
+                self._drain(target)
 
 
-def _make_output_stream(gateway, fd):
-    """A text stream for sys.stdout/sys.stderr that sends frames directly,
-    so printed text arrives in order with channel data."""
+def _make_output_stream(forwarder, fd):
+    """A text stream for sys.stdout/sys.stderr that sends through forwarder."""
     import io
 
     class OutputRaw(io.RawIOBase):
@@ -1659,10 +1689,7 @@ def _make_output_stream(gateway, fd):
             return fd
 
         def write(self, data):
-            try:
-                gateway._send(_MSG_OUTPUT, fd, bytes(data))
-            except OSError:
-                pass
+            forwarder.write(fd, bytes(data))
             return len(data)
 
     return io.TextIOWrapper(io.BufferedWriter(OutputRaw(), 8192), encoding="utf-8",
@@ -1708,8 +1735,8 @@ def _remote_main(source, params_bytes):
     gateway = _RemoteGateway(_FdIO(rfd, wfd), params)
     gateway._send(_MSG_READY, 0, dumps(_rinfo_dict()))
     gateway._forwarder = _OutputForwarder(gateway)
-    sys.stdout = _make_output_stream(gateway, 1)
-    sys.stderr = _make_output_stream(gateway, 2)
+    sys.stdout = _make_output_stream(gateway._forwarder, 1)
+    sys.stderr = _make_output_stream(gateway._forwarder, 2)
     if hasattr(os, "register_at_fork"):  # 3.6: no fork hooks
         os.register_at_fork(after_in_child=gateway._after_fork_in_child)
     gateway._start_receiver()
