@@ -2323,3 +2323,136 @@ class TestGroup:
         assert gw in group
         exit_and_join(gw)
         assert gw not in group and len(group) == 0
+
+
+# ========================================================== benchmarks
+#
+# Not timed tests: `tox -e bench` runs them against execnet 2.1.1 in the
+# same process, alternating the two libraries, and prints time ratios
+# (execnet_single / execnet; below 1.0 is faster).  They assert only that
+# each measured operation gave the right result.
+
+BENCH_VALUE = {
+    "ints": list(range(500)),
+    "strs": ["item-%d" % i for i in range(300)],
+    "records": [{"name": "n%d" % i, "id": i, "score": i * 0.5, "tags": ["a", "b"],
+                 "pos": (i, -i)} for i in range(100)],
+    "blob": b"\x00" * 2000,
+}
+
+
+def _best(func, rounds):
+    """Smallest wall time of func() over rounds runs (least disturbed by noise)."""
+    best = None
+    for _ in range(rounds):
+        start = time.perf_counter()
+        func()
+        elapsed = time.perf_counter() - start
+        best = elapsed if best is None else min(best, elapsed)
+    return best
+
+
+@pytest.mark.bench
+@single_only
+class TestBenchmarks:
+    @pytest.fixture(scope="class")
+    def other(self):
+        module = real_execnet()
+        yield module
+        module.default_group.terminate(timeout=10)
+
+    def _report(self, name, ours, theirs, target):
+        ratio = ours / theirs
+        print("\nBENCH %-22s execnet_single/execnet time ratio %.2f (target %s)"
+              % (name, ratio, target))
+
+    def _compare(self, other, name, make, rounds, target):
+        times = {execnet: [], other: []}
+        for _ in range(3):  # alternate, so both see the same machine load
+            for module in (other, execnet):
+                times[module].append(_best(make(module), rounds))
+        self._report(name, min(times[execnet]), min(times[other]), target)
+
+    def test_startup_to_first_round_trip(self, other):
+        def make(module):
+            def run():
+                gw = module.makegateway("popen")
+                assert gw.remote_exec("channel.send(7)").receive(timeout=30) == 7
+                gw.exit()
+            return run
+        self._compare(other, "start-up", make, 5, "<= 0.8")
+
+    def test_group_of_eight(self, other):
+        def make(module):
+            def run():
+                group = module.Group(["popen"] * 8)
+                mch = group.remote_exec("channel.send(1)")
+                assert mch.receive_each() == [1] * 8
+                group.terminate(timeout=30)
+            return run
+        self._compare(other, "group of 8 start", make, 2, "<= 0.5")
+
+    def _compare_on_gateway(self, other, name, remote_source, run, rounds, target):
+        """Like _compare, on one gateway per library made outside the timing."""
+        gateways = {}
+
+        def make(module):
+            if module not in gateways:
+                gateways[module] = module.makegateway("popen")
+            return lambda: run(gateways[module], remote_source)
+        try:
+            self._compare(other, name, make, rounds, target)
+        finally:
+            for gw in gateways.values():
+                gw.exit()
+
+    def test_small_message_latency(self, other):
+        def run(gw, source):
+            ch = gw.remote_exec(source)
+            for i in range(1000):
+                ch.send(i)
+                assert ch.receive(timeout=30) == i
+            ch.send(None)
+            ch.waitclose(timeout=30)
+        self._compare_on_gateway(
+            other, "latency (1000 echoes)",
+            "for item in channel:\n    if item is None: break\n    channel.send(item)",
+            run, 3, "<= 0.7")
+
+    def test_small_message_rate(self, other):
+        def run(gw, source):
+            ch = gw.remote_exec(source)
+            for i in range(20000):
+                ch.send(i)
+            ch.send(None)
+            assert ch.receive(timeout=60) == 20001
+        self._compare_on_gateway(
+            other, "rate (20000 sends)",
+            "n = 0\nfor item in channel:\n    n += 1\n"
+            "    if item is None:\n        break\nchannel.send(n)",
+            run, 2, "<= 0.67 (>= 1.5x)")
+
+    def test_bulk_bytes(self, other):
+        data = b"x" * (64 * 1024 * 1024)
+
+        def run(gw, source):
+            ch = gw.remote_exec(source)
+            ch.send(data)
+            assert ch.receive(timeout=120) == len(data)
+        self._compare_on_gateway(
+            other, "bulk (64 MiB)", "channel.send(len(channel.receive()))",
+            run, 2, "<= 1.11 (>= 0.9x)")
+
+    def test_dumps(self, other):
+        def make(module):
+            return lambda: [module.dumps(BENCH_VALUE) for _ in range(50)]
+        assert execnet.dumps(BENCH_VALUE) == other.dumps(BENCH_VALUE)
+        self._compare(other, "dumps", make, 5, "<= 0.5")
+
+    def test_loads(self, other):
+        data = other.dumps(BENCH_VALUE)
+        assert execnet.loads(data) == BENCH_VALUE
+
+        def make(module):
+            return lambda: [module.loads(data) for _ in range(50)]
+        self._compare(other, "loads", make, 5, "<= 0.5")
