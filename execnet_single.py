@@ -485,10 +485,11 @@ def _read_one_dump(read):
 
 
 # The loader's fast paths: runs of list elements ("F index, value, P") and
-# dict items ("key, value, P") whose parts are ints, strings, floats, None or
-# bools (and bytes in lists) are stored directly, without the stack.  They
-# stop at the first thing they do not handle and return the position there;
-# the general loop in _loads carries on from it, so the result is the same.
+# dict items ("key, value, P") whose values are ints, strings, floats, None,
+# bools, tuples of those (and bytes in lists, lists of simple values in
+# dicts) are stored directly, without the stack.  They stop at the first
+# item they do not handle and return the position of its start; the general
+# loop in _loads carries on from there, so the result is the same.
 
 _CONSTANTS = {76: None, 82: True, 67: False}
 
@@ -505,32 +506,36 @@ def _chunk_at(data, pos, end):
 def _fill_list(container, data, pos, end, fast_str):
     while data[pos] == 70:
         key = _unpack_i4(data, pos + 1)[0]
-        vop = data[pos + 5]
+        start = pos + 5
+        vop = data[start]
         if vop == 70:
-            if data[pos + 10] != 80:
-                break
-            container[key] = _unpack_i4(data, pos + 6)[0]
-            pos += 11
+            value = _unpack_i4(data, start + 1)[0]
+            stop = start + 5
         elif (vop == 78 and fast_str) or vop == 65:
-            size = _unpack_i4(data, pos + 6)[0]
-            stop = pos + 10 + size
-            if size < 0 or stop >= end or data[stop] != 80:
+            size = _unpack_i4(data, start + 1)[0]
+            stop = start + 5 + size
+            if size < 0 or stop >= end:
                 break
-            value = data[pos + 10:stop]
-            container[key] = value.decode("utf-8") if vop == 78 else value
-            pos = stop + 1
+            value = data[start + 5:stop]
+            if vop == 78:
+                value = value.decode("utf-8")
         elif vop == 68:
-            if data[pos + 14] != 80:
-                break
-            container[key] = _DOUBLE.unpack_from(data, pos + 6)[0]
-            pos += 15
+            value = _DOUBLE.unpack_from(data, start + 1)[0]
+            stop = start + 9
         elif vop in _CONSTANTS:
-            if data[pos + 6] != 80:
-                break
-            container[key] = _CONSTANTS[vop]
-            pos += 7
+            value = _CONSTANTS[vop]
+            stop = start + 1
         else:
             break
+        if data[stop] != 80:
+            found = _tuple_at(data, start, end) if fast_str else None
+            if found is None:
+                break
+            value, stop = found
+            if data[stop] != 80:
+                break
+        container[key] = value
+        pos = stop + 1
     return pos
 
 
@@ -549,6 +554,7 @@ def _fill_dict(container, data, pos, end):
         else:
             break
         vop = data[stop]
+        value_start = stop
         if vop == 70:
             value = _unpack_i4(data, stop + 1)[0]
             stop += 5
@@ -564,13 +570,55 @@ def _fill_dict(container, data, pos, end):
         elif vop in _CONSTANTS:
             value = _CONSTANTS[vop]
             stop += 1
+        elif vop == 75:  # a list of simple values, filled here too
+            size = _unpack_i4(data, stop + 1)[0]
+            if size < 0 or size * 7 > end - stop:
+                break
+            value = [None] * size
+            stop = _fill_list(value, data, stop + 5, end, True)
+            # if the list holds more than simple values, the general loop
+            # starts again at this item's key
         else:
             break
         if data[stop] != 80:
-            break
+            # maybe a tuple of simple values: its items come before the '@'
+            found = _tuple_at(data, value_start, end)
+            if found is None:
+                break
+            value, stop = found
+            if data[stop] != 80:
+                break
         container[key] = value
         pos = stop + 1
     return pos
+
+
+def _tuple_at(data, pos, end):
+    """(tuple, position after it) if a tuple of ints, strs, floats, None or
+    bools starts at pos; else None."""
+    items = []
+    while True:
+        op = data[pos]
+        if op == 70:
+            items.append(_unpack_i4(data, pos + 1)[0])
+            pos += 5
+        elif op == 78:
+            size = _unpack_i4(data, pos + 1)[0]
+            stop = pos + 5 + size
+            if size < 0 or stop >= end:
+                return None
+            items.append(data[pos + 5:stop].decode("utf-8"))
+            pos = stop
+        elif op == 68:
+            items.append(_DOUBLE.unpack_from(data, pos + 1)[0])
+            pos += 9
+        elif op in _CONSTANTS:
+            items.append(_CONSTANTS[op])
+            pos += 1
+        elif op == 64 and _unpack_i4(data, pos + 1)[0] == len(items):
+            return tuple(items), pos + 5
+        else:
+            return None
 
 
 def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=False):
