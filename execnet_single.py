@@ -203,6 +203,7 @@ class _Text:
         "execmodel: another remote_exec is still running in the main thread"
     )
     INTERRUPTED = "keyboard-interrupted"
+    FORKED = "this process is a fork of a gateway's process: it cannot use the gateway"
     CHANNEL_LOAD_FAILED = "gateway %s: could not load an item for channel %d: %s"
 
 
@@ -823,23 +824,6 @@ class _FrameReader:
         return head + b"".join(self._pending)
 
 
-class _ClosedIO:
-    """The stream of a gateway in a forked child: not ours to use."""
-
-    remoteaddress = ""
-
-    def read(self):
-        return b""
-
-    def write(self, data):
-        raise OSError("this process is a fork of the remote; it has no gateway")
-
-    def close_write(self):
-        pass
-
-    close_read = close_write
-
-
 class _FdIO:
     """A byte stream over two file descriptors (pipes)."""
 
@@ -1197,6 +1181,7 @@ class _GatewayBase:
         import weakref
 
         self._io = io
+        self._pid = os.getpid()
         self.id = id
         self.execmodel = get_execmodel(execmodel)
         self._window = window
@@ -1236,6 +1221,10 @@ class _GatewayBase:
     # -- writing --
 
     def _send(self, msgcode, channelid=0, payload=b""):
+        if os.getpid() != self._pid:
+            # a fork (multiprocessing, say) must not write into our stream,
+            # nor wait for a lock some vanished thread held at the fork
+            raise OSError("gateway %s: %s" % (self.id, _Text.FORKED))
         header = _HEADER.pack(msgcode, channelid, len(payload))
         lock = self._wlock
         if not lock.acquire(False):
@@ -1618,14 +1607,6 @@ class _RemoteGateway(_GatewayBase):
             self._idle.wait_for(lambda: not self._active, _EXIT_GRACE)
         self._exit_process()
 
-    def _after_fork_in_child(self):
-        """A fork of the remote (multiprocessing, say) must not write frames
-        into our stream: its prints go to fds 1 and 2, which we forward."""
-        self._io = _ClosedIO()
-        self._finished = True
-        sys.stdout = open(1, "w", buffering=1, closefd=False)
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
-
     def _exit_process(self):
         _flush_std_streams()
         if self._forwarder is not None:
@@ -1661,6 +1642,7 @@ class _OutputForwarder:
 
     def __init__(self, gateway):
         self._gateway = gateway
+        self._pid = os.getpid()
         self._pipes = {}
         self._locks = {}
         for target in (1, 2):
@@ -1710,6 +1692,9 @@ class _OutputForwarder:
 
     def write(self, target, data):
         """Send text-level output, after what the fd already holds."""
+        if os.getpid() != self._pid:  # in a fork: the pipe, which we forward
+            os.write(target, data)
+            return
         with self._locks[target]:
             self._drain(target)
             self._send(target, data)
@@ -1785,8 +1770,6 @@ def _remote_main(source, params_bytes):
     gateway._forwarder = _OutputForwarder(gateway)
     sys.stdout = _make_output_stream(gateway._forwarder, 1)
     sys.stderr = _make_output_stream(gateway._forwarder, 2)
-    if hasattr(os, "register_at_fork"):  # 3.6: no fork hooks
-        os.register_at_fork(after_in_child=gateway._after_fork_in_child)
     gateway._start_receiver()
     gateway._serve()
     # main thread done: the receiver thread ends the process
@@ -2760,11 +2743,13 @@ def _register_atexit():
         import atexit
 
         _atexit_state["registered"] = True
-        atexit.register(_terminate_all_groups)
+        atexit.register(_terminate_all_groups, os.getpid())
 
 
-def _terminate_all_groups():
+def _terminate_all_groups(pid):
     """At interpreter exit: end every gateway quickly and silently."""
+    if os.getpid() != pid:
+        return  # a fork of the process that owns the gateways
     for ref in list(_all_groups):
         group = ref()
         if group is not None:

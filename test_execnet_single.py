@@ -1684,6 +1684,34 @@ class TestOutput:
             len("line %d " % i) + 2001 for i in range(300))
         assert err == (b"E" * 3000 + b"\n") * 300
 
+    def test_fork_of_remote_keeps_the_stream_intact(self, transport):
+        # a fork (multiprocessing's default on Linux) must not write frames
+        # into the gateway's stream; its prints still reach us through fd 1
+        got = []
+        gw = _output_gateway(transport, lambda fd, data: got.append((fd, data)))
+        ch = gw.remote_exec(
+            "import os, sys\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    try:\n"
+            "        channel.send('from-the-fork')\n"
+            "        print('fork-sent')\n"
+            "    except OSError:\n"
+            "        print('fork-refused')\n"
+            "    sys.stdout.flush()\n"
+            "    os._exit(0)\n"
+            "os.waitpid(pid, 0)\n"
+            "channel.send('parent-%d' % channel.receive())\n"
+        )
+        ch.send(1)
+        assert ch.receive(timeout=30) == "parent-1"
+        check = gw.remote_exec("channel.send(channel.receive() + 1)")
+        check.send(41)
+        assert check.receive(timeout=30) == 42
+        exit_and_join(gw)
+        out = b"".join(data for fd, data in got if fd == 1)
+        assert b"fork-refused\n" in out and b"fork-sent" not in out
+
     def test_output_of_remote_subprocess(self, transport):
         got = []
         gw = _output_gateway(transport, lambda fd, data: got.append((fd, data)))
