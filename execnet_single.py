@@ -1858,10 +1858,13 @@ def _code_for_remote(hexversion, cache_tag):
 
 def _code_from_pyc():
     """The marshalled code from our own .pyc, if it matches the source we send."""
+    cached = globals().get("__cached__")  # set by the import system, if at all
+    if not cached:
+        return None
     try:
         import importlib.util
 
-        with open(__cached__, "rb") as f:  # noqa: F821 (set by the import system)
+        with open(cached, "rb") as f:
             data = f.read()
         stat = os.stat(__file__)
         header = 16 if sys.version_info >= (3, 7) else 12  # 3.6: no flags word
@@ -1871,7 +1874,7 @@ def _code_from_pyc():
                 and mtime == int(stat.st_mtime) & 0xFFFFFFFF
                 and size == len(_get_source()) & 0xFFFFFFFF):
             return data[header:]
-    except (NameError, OSError, ValueError, struct.error, ImportError):
+    except (OSError, ValueError, struct.error, ImportError):
         pass
     return None
 
@@ -2732,7 +2735,7 @@ def _module_names():
     """Names other than 'execnet_single' this module is imported under."""
     me = sys.modules.get(__name__)
     names = [name for name, mod in list(sys.modules.items())
-             if mod is me and name != "execnet_single" and "." not in name]
+             if mod is me and name not in ("execnet_single", "__main__") and "." not in name]
     if __name__ != "execnet_single" and "." not in __name__ and __name__ != "__main__":
         names.append(__name__)
     return sorted(set(names))
@@ -2832,12 +2835,19 @@ def set_execmodel(execmodel, remote_execmodel=None):
 
 
 def main(argv=None):
-    """`python -m execnet_single`: for now, a self-check that starts one gateway."""
-    gw = makegateway("popen")
-    info = gw._rinfo()
-    print("execnet_single %s: gateway %s to pid %s, Python %s" % (
-        __version__, gw.id, info.pid, ".".join(map(str, info.version_info[:3]))))
-    gw.exit()
+    """`python -m execnet_single`: for now a self-check that starts one gateway.
+
+    (The authenticated socket server will live here.)
+    """
+    try:
+        gw = makegateway("popen")
+        info = gw._rinfo()
+        print("execnet_single %s: gateway %s to pid %s, Python %s" % (
+            __version__, gw.id, info.pid, ".".join(map(str, info.version_info[:3]))))
+        gw.exit()
+    except ExecnetError as exc:
+        sys.stderr.write("execnet_single: error: %s\n" % (str(exc).splitlines() or [exc])[0])
+        return 1
     return 0
 
 

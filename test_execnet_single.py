@@ -2484,3 +2484,19 @@ class TestBenchmarks:
         def make(module):
             return lambda: [module.loads(data) for _ in range(50)]
         self._compare(other, "loads", make, 5, "<= 0.5")
+
+
+# ================================================================ CLI
+
+
+@single_only
+class TestCLI:
+    def test_script_self_check(self, tmp_path):
+        # run as a script (no __cached__, module named __main__) from elsewhere
+        proc = subprocess.run(
+            [sys.executable, LIBRARY_PATH], cwd=str(tmp_path),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout.decode()
+        assert out.startswith("execnet_single ") and "Python %d.%d" % sys.version_info[:2] in out
+        assert proc.stderr == b""
