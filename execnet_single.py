@@ -541,6 +541,8 @@ def _fill_list(container, data, pos, end, fast_str):
 
 
 def _fill_dict(container, data, pos, end):
+    # The value cases repeat _fill_list's on purpose: a shared function
+    # would cost a call per item on the loader's hottest path.
     while True:
         kop = data[pos]
         if kop == 78:

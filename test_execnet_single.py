@@ -776,6 +776,17 @@ class TestSerializerProperties:
 # (frame-level tests need the library's framing internals; see below)
 
 
+def _feed_in_pieces(stream, cuts):
+    """Feed stream to a new _FrameReader, cut at the given offsets."""
+    reader = execnet._FrameReader()
+    got = []
+    start = 0
+    for cut in cuts + [len(stream)]:
+        got.extend(reader.feed(stream[start:cut]))
+        start = cut
+    return [(c, i, bytes(p)) for c, i, p in got]
+
+
 def _msg_codes():
     return sorted(
         getattr(execnet, name) for name in dir(execnet)
@@ -805,13 +816,7 @@ class TestFraming:
         stream = b"".join(execnet._encode_frame(*frame) for frame in frames)
         cuts = sorted(data.draw(st.lists(
             st.integers(min_value=0, max_value=len(stream)), max_size=10)))
-        reader = execnet._FrameReader()
-        got = []
-        start = 0
-        for cut in cuts + [len(stream)]:
-            got.extend(reader.feed(stream[start:cut]))
-            start = cut
-        assert [(c, i, bytes(p)) for c, i, p in got] == frames
+        assert _feed_in_pieces(stream, cuts) == frames
 
     @settings(max_examples=40, deadline=None, suppress_health_check=ALL_HEALTH_CHECKS)
     @given(st.data())
@@ -824,13 +829,7 @@ class TestFraming:
         stream = b"".join(execnet._encode_frame(*frame) for frame in frames)
         cuts = sorted(data.draw(st.lists(
             st.integers(min_value=0, max_value=len(stream)), max_size=12)))
-        reader = execnet._FrameReader()
-        got = []
-        start = 0
-        for cut in cuts + [len(stream)]:
-            got.extend(reader.feed(stream[start:cut]))
-            start = cut
-        assert [(c, i, bytes(p)) for c, i, p in got] == frames
+        assert _feed_in_pieces(stream, cuts) == frames
 
     def test_byte_by_byte(self):
         frames = [(execnet._MSG_DATA, 3, b"hello"), (execnet._MSG_DATA, 5, b"")]
