@@ -2717,12 +2717,10 @@ class Group:
         self._gateways[:] = []
         self._gateways_to_join = []
         proxies = {gw.spec.via for gw in gateways if gw.spec.via}
-        # those that others run through go last
-        ordered = [gw for gw in gateways if gw.id not in proxies]
-        ordered += [gw for gw in gateways if gw.id in proxies]
         limit = _EXIT_TIMEOUT if timeout is None else timeout
-        for batch in ([gw for gw in ordered if gw.id not in proxies],
-                      [gw for gw in ordered if gw.id in proxies]):
+        # those that others run through go last
+        for batch in ([gw for gw in gateways if gw.id not in proxies],
+                      [gw for gw in gateways if gw.id in proxies]):
             for gw in batch:
                 gw._request_exit()
             deadline = time.time() + limit
