@@ -16,7 +16,7 @@ Sections (each uses only the ones above it):
   7. Remote side                          (remote only)
   8. Bootstrap                            (wherever a process is started)
   9. Local gateways: popen and via        (local side)
- 10. XSpec, exec models, Group, MultiChannel
+ 10. XSpec, exec models, Group, MultiChannel, RSync
  11. CLI
 """
 
@@ -40,6 +40,7 @@ __all__ = [
     "MultiChannel",
     "PopenGateway",
     "RemoteError",
+    "RSync",
     "RemoteTooOld",
     "TimeoutError",
     "XSpec",
@@ -2439,7 +2440,7 @@ def PopenGateway(python=None, output=None):
     return default_group.makegateway(spec, output=output)
 
 
-# === 10. XSpec, exec models, Group, MultiChannel ===
+# === 10. XSpec, exec models, Group, MultiChannel, RSync ===
 
 
 class XSpec:
@@ -2829,6 +2830,147 @@ makegateway = default_group.makegateway
 def set_execmodel(execmodel, remote_execmodel=None):
     """Set the exec model of the default group."""
     default_group.set_execmodel(execmodel, remote_execmodel)
+
+
+class RSync:
+    """Copy a directory tree to one or more gateways' hosts (only changes).
+
+    Files are compared by size and modification time; new or changed files
+    are sent, modes and symlinks are copied, and with delete=True files the
+    source does not have are removed from the target.
+    """
+
+    def __init__(self, sourcedir, callback=None, verbose=True):
+        self._sourcedir = str(sourcedir)
+        self._verbose = verbose
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable")
+        self._callback = callback
+        self._targets = []
+
+    def filter(self, path):
+        """Override to leave out paths: return False to skip path."""
+        return True
+
+    def add_target(self, gateway, destdir, finishedcallback=None, **options):
+        """Add a target: destdir on gateway's host (options: delete=True)."""
+        unknown = set(options) - {"delete"}
+        if unknown:
+            raise TypeError("unknown rsync options: %s" % ", ".join(sorted(unknown)))
+        self._targets.append((gateway, str(destdir), finishedcallback, bool(options.get("delete"))))
+
+    def _report_send_file(self, gateway, modified_rel_path):
+        if self._verbose:
+            print("%s <= %s" % (gateway, modified_rel_path))
+
+    def _listing(self):
+        """(relpath, kind, mode, size, mtime, linktarget) for the whole tree."""
+        root = os.path.normpath(self._sourcedir)
+        entries = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in sorted(dirnames + filenames):
+                path = os.path.join(dirpath, name)
+                if not self.filter(path):
+                    if name in dirnames:
+                        dirnames.remove(name)
+                    continue
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                st = os.lstat(path)
+                if os.path.islink(path):
+                    entries.append((rel, "l", 0, 0, 0, os.readlink(path)))
+                    if name in dirnames:
+                        dirnames.remove(name)  # do not follow
+                elif name in dirnames:
+                    entries.append((rel, "d", st.st_mode & 0o7777, 0, 0, None))
+                else:
+                    entries.append((rel, "f", st.st_mode & 0o7777, st.st_size,
+                                    st.st_mtime, None))
+        return root, entries
+
+    def send(self, raises=True):
+        """Bring every target up to date with the source directory."""
+        if not self._targets:
+            if raises:
+                raise OSError("no targets available, maybe you are trying call send() twice?")
+            return
+        root, entries = self._listing()
+        targets, self._targets = self._targets, []
+        for gateway, destdir, finished, delete in targets:
+            channel = gateway.remote_exec(
+                "import execnet_single\nexecnet_single._rsync_receive(channel)")
+            channel.send((destdir, delete, entries))
+            wanted = channel.receive()
+            if self._callback:
+                self._callback("list", len(entries), channel)
+            for rel in wanted:
+                with open(os.path.join(root, *rel.split("/")), "rb") as f:
+                    data = f.read()
+                self._report_send_file(gateway, rel)
+                channel.send(data)
+                if self._callback:
+                    self._callback("ack", len(data), channel)
+            channel.waitclose()
+            if finished is not None:
+                finished()
+
+
+def _rsync_receive(channel):
+    """Remote side of RSync: update destdir from the listing."""
+    import shutil
+
+    destdir, delete, entries = channel.receive()
+    if not os.path.isdir(destdir):
+        os.makedirs(destdir)
+    wanted = []
+    for rel, kind, mode, size, mtime, target in entries:
+        path = os.path.join(destdir, *rel.split("/"))
+        if kind == "d":
+            if os.path.islink(path) or os.path.isfile(path):
+                os.remove(path)
+            if not os.path.isdir(path):
+                os.makedirs(path)
+            os.chmod(path, mode)
+        elif kind == "l":
+            if os.path.islink(path) or os.path.isfile(path):
+                os.remove(path)
+            elif os.path.isdir(path):
+                shutil.rmtree(path)
+            os.symlink(target, path)
+        else:
+            try:
+                st = os.lstat(path)
+                same = os.path.isfile(path) and st.st_size == size and st.st_mtime == mtime
+            except OSError:
+                same = False
+            if same:
+                os.chmod(path, mode)
+            else:
+                wanted.append(rel)
+    channel.send(wanted)
+    bykey = {entry[0]: entry for entry in entries}
+    for rel in wanted:
+        data = channel.receive()
+        path = os.path.join(destdir, *rel.split("/"))
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        with open(path, "wb") as f:
+            f.write(data)
+        entry = bykey[rel]
+        os.chmod(path, entry[2])
+        os.utime(path, (entry[4], entry[4]))
+    if delete:
+        keep = set(bykey)
+        for dirpath, dirnames, filenames in os.walk(destdir, topdown=False):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, destdir).replace(os.sep, "/")
+                if rel not in keep:
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
 
 
 # === 11. CLI ===

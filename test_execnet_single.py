@@ -2485,6 +2485,114 @@ class TestBenchmarks:
         self._compare(other, "loads", make, 5, "<= 0.5")
 
 
+# ============================================================== RSync
+
+
+def _make_tree(root):
+    os.makedirs(os.path.join(root, "sub", "deeper"))
+    with open(os.path.join(root, "a.txt"), "wb") as f:
+        f.write(b"alpha\n")
+    with open(os.path.join(root, "sub", "run.sh"), "wb") as f:
+        f.write(b"#!/bin/sh\necho hi\n")
+    os.chmod(os.path.join(root, "sub", "run.sh"), 0o755)
+    with open(os.path.join(root, "sub", "deeper", "blob.bin"), "wb") as f:
+        f.write(bytes(range(256)) * 100)
+    with open(os.path.join(root, "skip.me"), "wb") as f:
+        f.write(b"filtered out")
+    os.symlink("a.txt", os.path.join(root, "link"))
+
+
+def _tree(root):
+    """{relpath: (kind, mode, content or link target)} of a directory tree."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                found[rel] = ("l", None, os.readlink(path))
+            elif os.path.isdir(path):
+                found[rel] = ("d", None, None)
+            else:
+                with open(path, "rb") as f:
+                    found[rel] = ("f", os.stat(path).st_mode & 0o777, f.read())
+    return found
+
+
+class _SkippingRSync(execnet.RSync):
+    def filter(self, path):
+        return not path.endswith(".me")
+
+
+class TestRSync:
+    def test_copies_changes_modes_links_and_deletes(self, gw, tmp_path):
+        source = str(tmp_path / "src")
+        dest = str(tmp_path / "dest")
+        _make_tree(source)
+        finished = []
+        reports = []
+        rsync = _SkippingRSync(source, callback=lambda *args: reports.append(args[0]),
+                               verbose=False)
+        rsync.add_target(gw, dest, finishedcallback=lambda: finished.append(1))
+        call_with_timeout(rsync.send, 120)
+        want = _tree(source)
+        del want["skip.me"]
+        assert _tree(dest) == want and finished == [1]
+        assert want["sub/run.sh"][1] == 0o755 and want["link"] == ("l", None, "a.txt")
+        assert "list" in reports and reports.count("ack") == 3
+
+        # change one file, add an extra one at the target: only the change
+        # travels, and delete=True removes the extra
+        with open(os.path.join(source, "a.txt"), "wb") as f:
+            f.write(b"alpha, longer now\n")
+        with open(os.path.join(dest, "extra"), "wb") as f:
+            f.write(b"not in source")
+        sent = []
+        rsync = _SkippingRSync(source, verbose=False)
+        rsync._report_send_file = lambda gateway, rel: sent.append(rel)
+        rsync.add_target(gw, dest, delete=True)
+        call_with_timeout(rsync.send, 120)
+        want = _tree(source)
+        del want["skip.me"]
+        assert _tree(dest) == want
+        assert sent == ["a.txt"]
+
+    def test_send_without_targets(self, tmp_path):
+        rsync = execnet.RSync(str(tmp_path))
+        with pytest.raises(OSError):
+            rsync.send()
+        rsync.send(raises=False)
+
+
+@single_only
+class TestPytestXdist:
+    def test_xdist_runs_on_execnet_single(self, tmp_path):
+        # the library under pytest-xdist, replaced by this file
+        pytest.importorskip("xdist")
+        (tmp_path / "test_sample.py").write_text(textwrap.dedent("""
+            import os, pytest
+            @pytest.mark.parametrize("i", range(6))
+            def test_ok(i):
+                assert os.environ["PYTEST_XDIST_WORKER"].startswith("gw")
+            def test_fails():
+                assert 1 == 2
+        """))
+        (tmp_path / "run.py").write_text(textwrap.dedent("""
+            import sys
+            sys.path.insert(0, %r)
+            import execnet_single
+            sys.modules["execnet"] = execnet_single
+            import pytest
+            rc = pytest.main(["-n", "2", "-q", "-p", "no:cacheprovider", "test_sample.py"])
+            print("RESULT", rc, sys.modules["execnet"].__name__)
+        """ % HERE))
+        proc = subprocess.run([sys.executable, "run.py"], cwd=str(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+        out = proc.stdout.decode()
+        assert "6 passed" in out and "1 failed" in out, out + proc.stderr.decode()
+        assert "RESULT 1 execnet_single" in out
+
+
 # ================================================================ CLI
 
 
