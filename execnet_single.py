@@ -2864,7 +2864,7 @@ class RSync:
             print("%s <= %s" % (gateway, modified_rel_path))
 
     def _listing(self):
-        """(relpath, kind, mode, size, mtime, linktarget) for the whole tree."""
+        """(relpath, kind, mode, size, mtime in ns, linktarget) for the whole tree."""
         root = os.path.normpath(self._sourcedir)
         entries = []
         for dirpath, dirnames, filenames in os.walk(root):
@@ -2884,7 +2884,7 @@ class RSync:
                     entries.append((rel, "d", st.st_mode & 0o7777, 0, 0, None))
                 else:
                     entries.append((rel, "f", st.st_mode & 0o7777, st.st_size,
-                                    st.st_mtime, None))
+                                    st.st_mtime_ns, None))
         return root, entries
 
     def send(self, raises=True):
@@ -2939,7 +2939,7 @@ def _rsync_receive(channel):
         else:
             try:
                 st = os.lstat(path)
-                same = os.path.isfile(path) and st.st_size == size and st.st_mtime == mtime
+                same = os.path.isfile(path) and st.st_size == size and st.st_mtime_ns == mtime
             except OSError:
                 same = False
             if same:
@@ -2959,7 +2959,7 @@ def _rsync_receive(channel):
             f.write(data)
         entry = bykey[rel]
         os.chmod(path, entry[2])
-        os.utime(path, (entry[4], entry[4]))
+        os.utime(path, ns=(entry[4], entry[4]))
     if delete:
         keep = set(bykey)
         for dirpath, dirnames, filenames in os.walk(destdir, topdown=False):
