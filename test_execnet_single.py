@@ -2584,7 +2584,7 @@ class TestPytestXdist:
             sys.modules["execnet"] = execnet_single
             import pytest
             rc = pytest.main(["-n", "2", "-q", "-p", "no:cacheprovider", "test_sample.py"])
-            print("RESULT", rc, sys.modules["execnet"].__name__)
+            print("RESULT", int(rc), sys.modules["execnet"].__name__)
         """ % HERE))
         proc = subprocess.run([sys.executable, "run.py"], cwd=str(tmp_path),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
