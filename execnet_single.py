@@ -54,10 +54,6 @@ __all__ = [
     "set_execmodel",
 ]
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:  # pragma: no cover - typing is never imported at run time
-    from typing import Any, Callable, Dict, List, Optional, Tuple  # noqa: F401
-
 # Set by the bootstrap on the remote side: the exact bytes of this file.
 _SOURCE = None
 
@@ -925,7 +921,7 @@ class Channel:
         """Send item to the other side; blocks while the peer's window is full."""
         if self._closed:
             raise OSError(_Text.SEND_CLOSED % (self,))
-        data = _dumps_wire(item)
+        data = dumps(item)
         gateway = self.gateway
         # one item at a time per channel: its pieces must not interleave
         with self._sendlock:
@@ -985,7 +981,7 @@ class Channel:
             return
         if not self._peer_closed:
             if error is not None:
-                self.gateway._send(_MSG_CLOSE_ERROR, self.id, _dumps_wire(str(error)))
+                self.gateway._send(_MSG_CLOSE_ERROR, self.id, dumps(str(error)))
             else:
                 self.gateway._send(_MSG_CLOSE, self.id)
         if isinstance(error, RemoteError):
@@ -1104,11 +1100,6 @@ class Channel:
 
 
 _SAVERS[Channel] = _save_channel
-
-
-def _dumps_wire(obj):
-    """dumps() for channel traffic (same format)."""
-    return dumps(obj)
 
 
 class _ChannelFile:
@@ -1435,7 +1426,7 @@ class _GatewayBase:
                 _log(40, "gateway %s: exception in channel %d callback: %r" % (self.id, cid, exc))
                 text = _format_error(exc)
                 try:
-                    self._send(_MSG_CLOSE_ERROR, cid, _dumps_wire(text))
+                    self._send(_MSG_CLOSE_ERROR, cid, dumps(text))
                 except OSError:
                     pass
                 self._local_close(cid, RemoteError(text))
@@ -1449,7 +1440,7 @@ class _GatewayBase:
         text = _Text.CHANNEL_LOAD_FAILED % (self.id, cid, exc)
         _log(40, text)
         try:
-            self._send(_MSG_CLOSE_ERROR, cid, _dumps_wire(text))
+            self._send(_MSG_CLOSE_ERROR, cid, dumps(text))
         except OSError:
             pass
         self._local_close(cid, LoadError(text))
@@ -1537,7 +1528,7 @@ class _RemoteGateway(_GatewayBase):
             "numexecuting": self._active,
             "execmodel": self.execmodel.backend,
         }
-        self._send(_MSG_DATA, cid, _dumps_wire(status))
+        self._send(_MSG_DATA, cid, dumps(status))
         self._send(_MSG_CLOSE, cid)
 
     def _on_exec(self, cid, payload):
@@ -2220,7 +2211,7 @@ class Gateway(_GatewayBase):
             source = textwrap.dedent(str(source))
         if kwargs and not call_name:
             raise TypeError("can't pass kwargs to non-function remote_exec")
-        payload = _dumps_wire((source, filename, call_name, kwargs))
+        payload = dumps((source, filename, call_name, kwargs))
         channel = self.newchannel()
         self._send(_MSG_EXEC, channel.id, payload)
         return channel
