@@ -202,6 +202,12 @@ class _Text:
     INTERRUPTED = "keyboard-interrupted"
     FORKED = "this process is a fork of a gateway's process: it cannot use the gateway"
     CHANNEL_LOAD_FAILED = "gateway %s: could not load an item for channel %d: %s"
+    ITEM_TOO_LARGE = (
+        "gateway %s: an item for channel %d is larger than max_item=%d bytes: channel closed")
+    ITEM_TOO_LARGE_TO_SEND = (
+        "can't send an item of %d bytes: gateway %s takes items of at most max_item=%d bytes")
+    NO_TRANSPORT = "no gateway type found for %r (known: %s)"
+    BAD_SPEC_VALUE = "invalid value for xspec key %r in %r: %s"
 
 
 # === 3. Serializer ===
@@ -758,6 +764,7 @@ _CHUNK = 256 * 1024
 _MAX_PAYLOAD = 1024 * 1024
 _DEFAULT_WINDOW = 16 * 1024 * 1024
 _READ_SIZE = 64 * 1024
+_MAX_ITEM = 1024 * 1024 * 1024   # largest item received; the xspec key max_item= overrides
 
 
 def _encode_frame(msgcode, channelid, payload=b""):
@@ -823,10 +830,51 @@ class _FrameReader:
         return head + b"".join(self._pending)
 
 
-class _FdIO:
-    """A byte stream over two file descriptors (pipes)."""
+class _IO:
+    """The byte stream under a gateway: the contract every transport fulfils.
+
+    read()           next bytes; b"" once the stream ended (never raises)
+    write(data)      all of data; OSError once the peer is gone
+    close_write()    end of stream for the peer (idempotent)
+    close_read()     release the read side, once nobody reads any more
+    kill()           make the remote go now; unblocks read() and write()
+    wait(timeout)    the remote's exit status; None while running or unknown
+    handshake()      the transport's own step before any source is sent
+    set_output_handler(handler)  pass bytes the remote writes beside the
+                     stream (a process's stderr) to handler(bytes)
+    output_text()    what arrived beside the stream so far, for error messages
+    death_reason()   why the stream ended, as far as the transport knows
+    remoteaddress    where the remote runs, for users
+    """
 
     remoteaddress = ""
+    _read_error = None
+
+    def handshake(self):
+        """No step of its own before the bootstrap."""
+
+    def set_output_handler(self, handler):
+        """Nothing arrives beside the stream."""
+
+    def output_text(self, timeout=0.0):
+        return ""
+
+    def wait(self, timeout=0.0):
+        return None
+
+    def death_reason(self):
+        if self._read_error is not None:
+            return "read failed: %s" % (self._read_error,)
+        status = self.wait(0.2)
+        if status is None:
+            return ""
+        if status < 0:
+            return "remote process %s was killed by signal %d" % (self.remoteaddress, -status)
+        return "remote process %s exited with status %d" % (self.remoteaddress, status)
+
+
+class _FdIO(_IO):
+    """A byte stream over two file descriptors (pipes)."""
 
     def __init__(self, rfd, wfd):
         self.rfd = rfd
@@ -836,7 +884,12 @@ class _FdIO:
         """Return the next available bytes, b'' at end of stream."""
         try:
             return os.read(self.rfd, _READ_SIZE)
-        except OSError:
+        except OSError as exc:
+            import errno
+
+            if self.rfd >= 0 and exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF):
+                self._read_error = exc
+                _log(40, "read from %s failed: %s" % (self.remoteaddress or "stream", exc))
             return b""
 
     def write(self, data):
@@ -863,11 +916,109 @@ class _FdIO:
             except OSError:
                 pass
 
+    def kill(self):
+        """A bare pipe pair has no process to kill: end both directions."""
+        self.close_write()
+
 
 # === 5. Channels ===
 
 _ENDMARKER = object()
 _NO_ENDMARKER_WANTED = object()
+
+
+class _Flow:
+    """Flow-control accounting of one channel, in both directions.
+
+    Sending: at most `window` bytes may be unacknowledged by the peer.
+    Receiving: bytes are acknowledged once the program has read them, in
+    batches of `threshold`.  Two exceptions keep programs that complete on
+    execnet from hanging: while a thread waits in waitclose() or a local
+    sender on this channel waits for credit ("eager"), data is acknowledged
+    on arrival; and pieces of a large item are acknowledged on arrival while
+    no whole item waits unread, so one item may be larger than the window.
+
+    The methods below return how many bytes to acknowledge now (0: none);
+    the caller sends that, outside the lock.
+    """
+
+    def __init__(self, window, threshold):
+        self.cond = threading.Condition(threading.Lock())
+        self.window = window
+        self.threshold = threshold
+        self.unacked = 0    # sent, not yet acknowledged by the peer
+        self.prepaid = 0    # unread, already acknowledged (the queue's head)
+        self.unpaid = 0     # unread, not yet acknowledged
+        self.partial = 0    # unacknowledged pieces of the item being received
+        self.consumed = 0   # read, not yet acknowledged
+        self.eager = 0      # waiters that want data acknowledged on arrival
+        self.parts = []     # pieces of the item being received (receiver thread)
+        self.parts_size = 0
+
+    # -- sending --
+
+    def fits(self, size):
+        return not self.unacked or self.unacked + size <= self.window
+
+    def got_ack(self, size):
+        with self.cond:
+            self.unacked = max(0, self.unacked - size)
+            self.cond.notify_all()
+
+    # -- receiving --
+
+    def piece_arrived(self, size):
+        with self.cond:
+            if self.eager or not (self.prepaid or self.unpaid):
+                return size
+            self.partial += size
+            return 0
+
+    def item_arrived(self, size):
+        """Returns (bytes to acknowledge now, the item's size for item_read)."""
+        with self.cond:
+            size += self.partial
+            self.partial = 0
+            if self.eager:
+                self.prepaid += size
+                return size, size
+            self.unpaid += size
+            return 0, size
+
+    def item_read(self, size):
+        with self.cond:
+            paid = min(self.prepaid, size)
+            self.prepaid -= paid
+            self.unpaid -= size - paid
+            self.consumed += size - paid
+            if self.partial and not (self.prepaid or self.unpaid):
+                # the reader caught up: the large item in progress may flow on
+                self.consumed += self.partial
+                self.partial = 0
+            elif self.consumed < self.threshold:
+                return 0
+            size, self.consumed = self.consumed, 0
+            return size
+
+    def begin_eager(self):
+        with self.cond:
+            self.eager += 1
+            size = self.unpaid + self.partial + self.consumed
+            self.prepaid += self.unpaid
+            self.unpaid = self.partial = self.consumed = 0
+            return size
+
+    def end_eager(self):
+        with self.cond:
+            self.eager -= 1
+
+    def drop_parts(self):
+        """Forget the item being received; returns its unacknowledged bytes."""
+        self.parts = []
+        self.parts_size = 0
+        with self.cond:
+            size, self.partial = self.partial, 0
+            return size
 
 
 class Channel:
@@ -886,12 +1037,8 @@ class Channel:
         self._closed = False           # we will send no more
         self._receiveclosed = threading.Event()  # the peer will send no more
         self._remoteerrors = []
-        self._flow = threading.Condition(threading.Lock())
+        self._flow = _Flow(gateway._window, gateway._ack_threshold)
         self._sendlock = threading.Lock()
-        self._unacked = 0              # bytes sent, not yet acknowledged
-        self._consumed = 0             # bytes received and consumed, not yet acknowledged
-        self._deferred = 0             # bytes of pieces held back while items wait unread
-        self._parts = []               # pieces of a large item being received
 
     def __repr__(self):
         return "<Channel id=%d %s>" % (self.id, "closed" if self.isclosed() else "open")
@@ -907,7 +1054,7 @@ class Channel:
             elif not self._receiveclosed.is_set():
                 # nobody can receive from this channel any more
                 code = _MSG_LAST_MESSAGE if self._items is None else _MSG_CLOSE
-                gateway._send_from_finalizer(code, self.id)
+                gateway._queue_frame(_encode_frame(code, self.id))
         except Exception:
             pass  # interpreter shutdown or dead gateway: nothing to tell
 
@@ -923,20 +1070,23 @@ class Channel:
             raise OSError(_Text.SEND_CLOSED % (self,))
         data = dumps(item)
         gateway = self.gateway
+        if len(data) > gateway._max_item:
+            raise DumpError(_Text.ITEM_TOO_LARGE_TO_SEND % (len(data), gateway.id, gateway._max_item))
         # one item at a time per channel: its pieces must not interleave
-        with self._sendlock:
-            if len(data) <= gateway._chunk:
-                self._take_credit(len(data))
-                gateway._send(_MSG_DATA, self.id, data)
+        lock = self._sendlock
+        if not lock.acquire(False):
+            if threading.get_ident() == gateway._receiver_ident:
+                # a callback must not wait for a sender that may wait for it
+                thread = threading.Thread(target=self._send_in_thread, args=(data,),
+                                          name="execnet_single-send-%d" % self.id)
+                thread.daemon = True
+                thread.start()
                 return
-            view = memoryview(data)
-            chunk = gateway._chunk
-            last = len(data) - chunk
-            for start in range(0, len(data), chunk):
-                piece = view[start:start + chunk]
-                self._take_credit(len(piece))
-                gateway._send(_MSG_DATA if start >= last else _MSG_DATA_PART, self.id, piece)
-                gateway._yield_writer()
+            lock.acquire()
+        try:
+            self._send_data(data)
+        finally:
+            lock.release()
 
     def receive(self, timeout=None):
         """Return the next item; raise TimeoutError, EOFError or RemoteError."""
@@ -951,7 +1101,7 @@ class Channel:
             items.put(entry)  # for other receivers
             raise self._getremoteerror() or EOFError()
         item, size = entry
-        self._did_consume(size)
+        self._ack(self._flow.item_read(size))
         return item
 
     def __iter__(self):
@@ -966,9 +1116,18 @@ class Channel:
     next = __next__
 
     def waitclose(self, timeout=None):
-        """Wait until the peer sends no more; re-raise its error if any."""
-        if not self._receiveclosed.wait(timeout):
-            raise self.TimeoutError("Timeout after %r seconds" % (timeout,))
+        """Wait until the peer sends no more; re-raise its error if any.
+
+        While waiting, data arriving on this channel is acknowledged at once
+        (it will be read later), so a peer sending more than the window
+        before closing does not wait for us forever.
+        """
+        self._begin_eager()
+        try:
+            if not self._receiveclosed.wait(timeout):
+                raise self.TimeoutError("Timeout after %r seconds" % (timeout,))
+        finally:
+            self._flow.end_eager()
         error = self._getremoteerror()
         if error:
             raise error
@@ -1005,7 +1164,7 @@ class Channel:
                     entry = items.get(block=False)
                 except _Empty:
                     if not (self._closed or self._receiveclosed.is_set()):
-                        gateway._callbacks[self.id] = (callback, endmarker)
+                        gateway._callbacks[self.id] = (callback, endmarker, self._flow)
                     break
                 if entry is _ENDMARKER:
                     items.put(entry)
@@ -1013,7 +1172,7 @@ class Channel:
                         callback(endmarker)
                     break
                 callback(entry[0])
-                self._did_consume(entry[1])
+                self._ack(self._flow.item_read(entry[1]))
 
     def makefile(self, mode="w", proxyclose=False):
         """A file-like object writing to ("w") or reading from ("r") the channel."""
@@ -1033,56 +1192,57 @@ class Channel:
         except IndexError:
             return self.gateway._error
 
-    # -- flow control --
+    # -- sending and flow control --
+
+    def _send_in_thread(self, data):
+        try:
+            with self._sendlock:
+                self._send_data(data)
+        except OSError as exc:
+            _log(30, "gateway %s: a callback's send on channel %d failed: %s" % (
+                self.gateway.id, self.id, exc))
+
+    def _send_data(self, data):
+        gateway = self.gateway
+        chunk = gateway._chunk
+        if len(data) <= chunk:
+            self._take_credit(len(data))
+            gateway._send(_MSG_DATA, self.id, data)
+            return
+        view = memoryview(data)
+        last = len(data) - chunk
+        for start in range(0, len(data), chunk):
+            piece = view[start:start + chunk]
+            self._take_credit(len(piece))
+            gateway._send(_MSG_DATA if start >= last else _MSG_DATA_PART, self.id, piece)
+            gateway._yield_writer()
 
     def _take_credit(self, size):
-        gateway = self.gateway
         flow = self._flow
-        with flow:
-            while self._unacked and self._unacked + size > gateway._window:
-                if self._closed or gateway._finished:
-                    raise OSError(_Text.SEND_CLOSED % (self,))
-                if threading.get_ident() == gateway._receiver_ident:
-                    break  # the receiver thread must never wait for itself
-                flow.wait()
-            self._unacked += size
-
-    def _got_ack(self, size):
-        with self._flow:
-            self._unacked = max(0, self._unacked - size)
-            self._flow.notify_all()
-
-    def _did_consume(self, size):
-        if not size:
-            return
         gateway = self.gateway
-        with self._flow:
-            self._consumed += size
-            items = self._items
-            if self._deferred and (items is None or items.empty()):
-                # the reader caught up: the big item in progress may flow on
-                self._consumed += self._deferred
-                self._deferred = 0
-            elif self._consumed < gateway._ack_threshold:
+        with flow.cond:
+            if flow.fits(size) or threading.get_ident() == gateway._receiver_ident:
+                flow.unacked += size  # (the receiver thread never waits)
                 return
-            size, self._consumed = self._consumed, 0
-        gateway._send_ack_now(self.id, size)
+        # While we wait for the peer, what it sends here is acknowledged on
+        # arrival: it may be waiting for credit from us just the same.
+        self._begin_eager()
+        try:
+            with flow.cond:
+                while not flow.fits(size):
+                    if self._closed or gateway._finished:
+                        raise OSError(_Text.SEND_CLOSED % (self,))
+                    flow.cond.wait()
+                flow.unacked += size
+        finally:
+            flow.end_eager()
 
-    def _got_part(self, payload):
-        """A piece of a large item arrived (receiver thread).
+    def _begin_eager(self):
+        self._ack(self._flow.begin_eager())
 
-        While the reader keeps up (no whole items waiting), pieces are
-        acknowledged at once, so an item larger than the window can pass.
-        If items are waiting unread, the piece counts against the window
-        until the reader catches up.
-        """
-        self._parts.append(payload)
-        with self._flow:
-            items = self._items
-            if items is not None and not items.empty():
-                self._deferred += len(payload)
-                return
-        self.gateway._send_ack_now(self.id, len(payload))
+    def _ack(self, size):
+        if size:
+            self.gateway._send_ack(self.id, size)
 
     def _mark_closed(self, sendonly, error=None):
         """State change on close; wakes receivers, senders and callbacks."""
@@ -1094,9 +1254,10 @@ class Channel:
         items = self._items
         if items is not None:
             items.put(_ENDMARKER)
-        with self._flow:
-            self._flow.notify_all()
-        self.gateway._no_longer_opened(self.id)
+        with self._flow.cond:
+            self._flow.cond.notify_all()
+        # after the peer's LAST_MESSAGE we may still send: keep routing its acks
+        self.gateway._no_longer_opened(self.id, forget=self._closed)
 
 
 _SAVERS[Channel] = _save_channel
@@ -1165,26 +1326,40 @@ class _ChannelFileRead(_ChannelFile):
 
 
 class _GatewayBase:
-    """What both ends share: the frame writer, the receiver thread, channels."""
+    """What both ends share: the frame writer, the receiver thread, channels.
+
+    Writing: a thread that sends takes the write lock and writes its frame.
+    The receiver thread never does: whatever it sends (acknowledgements,
+    replies, a callback's items) is queued, as are frames from finalizers,
+    and written by the next thread that holds the lock or by the flusher
+    thread.  So the receiver always keeps reading, whatever the peer does,
+    and the peer's writers always make progress.
+    """
 
     _error = None
     _receiver = None
     _receiver_ident = None
+    _close_requested = False   # the flusher closes the write side when idle
 
-    def __init__(self, io, id, startcount, execmodel, window):
+    def __init__(self, io, id, startcount, execmodel, window, max_item=_MAX_ITEM):
         import weakref
+        from _collections import deque
 
         self._io = io
         self._pid = os.getpid()
         self.id = id
         self.execmodel = get_execmodel(execmodel)
         self._window = window
+        self._max_item = max_item
         self._chunk = max(1, min(_CHUNK, window // 4))
         self._ack_threshold = max(1, window // 4)
         self._wlock = threading.Lock()
         self._write_waiters = 0
-        self._deferred_frames = []   # frames from finalizers, sent after the next write
         self._waitlock = threading.Lock()
+        self._outq = deque()            # frames queued for the writer
+        self._wakeup = threading.Lock()  # released to wake the flusher
+        self._wakeup.acquire()
+        self._flusher = None
         self._receivelock = threading.RLock()
         self._channels = weakref.WeakValueDictionary()
         self._callbacks = {}
@@ -1220,15 +1395,13 @@ class _GatewayBase:
             # nor wait for a lock some vanished thread held at the fork
             raise OSError("gateway %s: %s" % (self.id, _Text.FORKED))
         header = _HEADER.pack(msgcode, channelid, len(payload))
-        lock = self._wlock
-        if not lock.acquire(False):
-            # contended: count ourselves so a large send lets us in between pieces
-            with self._waitlock:
-                self._write_waiters += 1
-            lock.acquire()
-            with self._waitlock:
-                self._write_waiters -= 1
+        if threading.get_ident() == self._receiver_ident:
+            self._queue_frame(header + bytes(payload))
+            return
+        self._acquire_writer()
         try:
+            if self._outq:
+                self._write_queued()
             if len(payload) < _READ_SIZE:
                 self._io.write(header + payload)
             else:
@@ -1237,30 +1410,62 @@ class _GatewayBase:
         except (OSError, ValueError) as exc:
             raise OSError("gateway %s: cannot send (%s)" % (self.id, exc)) from None
         finally:
-            lock.release()
-            if self._deferred_frames:
-                self._flush_deferred()
+            self._wlock.release()
 
-    def _send_from_finalizer(self, msgcode, channelid):
-        """Send from __del__, which may run inside _send in this very thread
-        (garbage collection): never wait for or re-enter the write lock."""
-        if self._wlock.acquire(False):
-            try:
-                self._io.write(_HEADER.pack(msgcode, channelid, 0))
-            finally:
-                self._wlock.release()
-        else:
-            self._deferred_frames.append((msgcode, channelid))  # the holder sends it
+    def _acquire_writer(self):
+        lock = self._wlock
+        if not lock.acquire(False):
+            # contended: count ourselves so a large send lets us in between pieces
+            with self._waitlock:
+                self._write_waiters += 1
+            lock.acquire()
+            with self._waitlock:
+                self._write_waiters -= 1
 
-    def _flush_deferred(self):
-        while self._deferred_frames:
-            try:
-                msgcode, channelid = self._deferred_frames.pop(0)
-            except IndexError:
+    def _queue_frame(self, frame):
+        """Queue a frame for the writer; never blocks (receiver, finalizers)."""
+        if os.getpid() != self._pid:
+            return  # a fork: nothing of ours may reach the parent's stream
+        self._outq.append(frame)
+        self._kick()
+
+    def _kick(self):
+        try:
+            self._wakeup.release()
+        except RuntimeError:
+            pass  # already awake
+
+    def _write_queued(self):
+        """Write queued frames (write lock held)."""
+        queue = self._outq
+        while queue:
+            frame = queue.popleft()
+            if os.getpid() != self._pid:
                 return
+            self._io.write(frame)
+
+    def _send_ack(self, cid, size):
+        """Acknowledge size bytes on channel cid; queued, so nobody waits."""
+        while size > 0:
+            part = min(size, 0xFFFFFFFF)
+            self._queue_frame(_encode_frame(_MSG_ACK, cid, _COUNT.pack(part)))
+            size -= part
+
+    def _flush_loop(self):
+        """The flusher thread: write queued frames whenever there are some."""
+        while True:
+            self._wakeup.acquire()
+            self._acquire_writer()
             try:
-                self._send(msgcode, channelid)
-            except OSError:
+                self._write_queued()
+            except (OSError, ValueError):
+                self._outq.clear()  # the peer is gone: nobody to tell
+            finally:
+                close = self._close_requested and not self._outq
+                if close:
+                    self._io.close_write()
+                self._wlock.release()
+            if close or (self._finished and not self._outq):
                 return
 
     def _yield_writer(self):
@@ -1292,8 +1497,10 @@ class _GatewayBase:
                 channel = self._channels[id] = Channel(self, id)
             return channel
 
-    def _no_longer_opened(self, id):
-        self._channels.pop(id, None)
+    def _no_longer_opened(self, id, forget=True):
+        """The peer sends no more on channel id (forget: nor do we)."""
+        if forget:
+            self._channels.pop(id, None)
         entry = self._callbacks.pop(id, None)
         if entry is not None and entry[1] is not _NO_ENDMARKER_WANTED:
             entry[0](entry[1])
@@ -1309,9 +1516,22 @@ class _GatewayBase:
                 channel._peer_closed = True
             channel._mark_closed(sendonly, error)
 
+    def _channel_failed(self, cid, text):
+        """Close one channel with an error (both ends); the others carry on."""
+        _log(40, text)
+        try:
+            self._send(_MSG_CLOSE_ERROR, cid, dumps(text))
+        except OSError:
+            pass
+        self._local_close(cid, LoadError(text))
+
     # -- receiving --
 
     def _start_receiver(self, initial=b""):
+        self._flusher = threading.Thread(target=self._flush_loop,
+                                         name="execnet_single-writer-%s" % (self.id,))
+        self._flusher.daemon = True
+        self._flusher.start()
         self._receiver = threading.Thread(
             target=self._receive_loop, args=(initial,),
             name="execnet_single-receiver-%s" % (self.id,))
@@ -1340,6 +1560,9 @@ class _GatewayBase:
         except LoadError as exc:
             error = exc
             _log(40, "gateway %s: protocol error, closing: %s" % (self.id, exc))
+        except _StreamError as exc:
+            error = exc
+            _log(30, "gateway %s: %s" % (self.id, exc))
         except Exception as exc:  # a bug or a dying interpreter
             error = exc
             _log(40, "gateway %s: receiver failed: %r" % (self.id, exc))
@@ -1356,6 +1579,7 @@ class _GatewayBase:
             channel._mark_closed(sendonly=True)
         for id in list(self._callbacks):
             self._no_longer_opened(id)
+        self._kick()  # the flusher may end
 
     def _connection_error(self, error):
         """The error receivers see once the stream ended (None: plain EOF)."""
@@ -1378,47 +1602,63 @@ class _GatewayBase:
         channel = self._new_channel(cid)
         channel.close("execution disallowed")
 
-    def _on_data_part(self, cid, payload):
+    def _receiving(self, cid):
+        """(channel or None, its _Flow or None) for data arriving on cid."""
         channel = self._channels.get(cid)
-        if channel is None or channel._closed:
-            self._send_ack_now(cid, len(payload))  # nobody will read it
-        else:
-            channel._got_part(payload)
+        if channel is not None:
+            return channel, (None if channel._closed else channel._flow)
+        entry = self._callbacks.get(cid)  # a callback outlives its channel object
+        return None, (entry[2] if entry is not None else None)
 
-    def _send_ack_now(self, cid, size):
-        try:
-            self._send(_MSG_ACK, cid, _COUNT.pack(size))
-        except OSError:
-            pass
+    def _too_large(self, cid, flow, size):
+        """An item grew past max_item: drop it and close its channel."""
+        self._send_ack(cid, flow.drop_parts() + size)
+        self._channel_failed(cid, _Text.ITEM_TOO_LARGE % (self.id, cid, self._max_item))
+
+    def _on_data_part(self, cid, payload):
+        channel, flow = self._receiving(cid)
+        size = len(payload)
+        if flow is None:
+            self._send_ack(cid, size)  # nobody will read it
+        elif flow.parts_size + size > self._max_item:
+            self._too_large(cid, flow, size)
+        else:
+            flow.parts.append(payload)
+            flow.parts_size += size
+            self._send_ack(cid, flow.piece_arrived(size))
 
     def _on_data(self, cid, payload):
-        channel = self._channels.get(cid)
+        channel, flow = self._receiving(cid)
         size = len(payload)
-        if channel is not None and channel._parts:
-            channel._parts.append(payload)
-            payload = _join_pieces(channel._parts)
-            channel._parts = []
+        if flow is None:
+            self._send_ack(cid, size)  # nobody will ever read it
+            return
+        if flow.parts:
+            if flow.parts_size + size > self._max_item:
+                self._too_large(cid, flow, size)
+                return
+            flow.parts.append(payload)
+            payload = _join_pieces(flow.parts)
+            flow.parts = []
+            flow.parts_size = 0
+        ack, size = flow.item_arrived(size)
+        self._send_ack(cid, ack)
+        try:
+            if type(payload) is _BigBytes:
+                item = payload.value
+            else:
+                item = _loads(payload, self._channel_for_load)
+        except LoadError as exc:
+            self._send_ack(cid, flow.item_read(size))
+            self._channel_failed(cid, _Text.CHANNEL_LOAD_FAILED % (self.id, cid, exc))
+            return
         with self._receivelock:
             entry = self._callbacks.get(cid)
-            if channel is None and entry is None:
-                self._send_ack_now(cid, size)  # nobody will ever read it
-                return
-            try:
-                if type(payload) is _BigBytes:
-                    item = payload.value
-                else:
-                    item = _loads(payload, self._channel_for_load)
-            except LoadError as exc:
-                self._send_ack_now(cid, size)
-                self._load_failed(cid, exc)
-                return
             if entry is None:
-                if channel._items is None:  # raced with setcallback
-                    entry = self._callbacks.get(cid)
-                else:
+                if channel is not None and channel._items is not None:
                     channel._items.put((item, size))
-                    return
-            if entry is None:
+                else:  # the callback was set and is gone again
+                    self._send_ack(cid, flow.item_read(size))
                 return
             try:
                 entry[0](item)
@@ -1431,19 +1671,7 @@ class _GatewayBase:
                     pass
                 self._local_close(cid, RemoteError(text))
                 return
-        if channel is not None:
-            channel._did_consume(size)
-        else:
-            self._send_ack_now(cid, size)
-
-    def _load_failed(self, cid, exc):
-        text = _Text.CHANNEL_LOAD_FAILED % (self.id, cid, exc)
-        _log(40, text)
-        try:
-            self._send(_MSG_CLOSE_ERROR, cid, dumps(text))
-        except OSError:
-            pass
-        self._local_close(cid, LoadError(text))
+        self._send_ack(cid, flow.item_read(size))
 
     def _channel_for_load(self, id):
         return self._new_channel(id)
@@ -1464,7 +1692,7 @@ class _GatewayBase:
     def _on_ack(self, cid, payload):
         channel = self._channels.get(cid)
         if channel is not None and len(payload) == 4:
-            channel._got_ack(_COUNT.unpack(payload)[0])
+            channel._flow.got_ack(_COUNT.unpack(payload)[0])
 
     def _on_output(self, cid, payload):
         pass
@@ -1489,6 +1717,10 @@ def _join_pieces(pieces):
 
 class _GatewayTerminated(Exception):
     """Internal: the receiver got _MSG_TERMINATE."""
+
+
+class _StreamError(Exception):
+    """Internal: a transport's read failed for a reason it can tell."""
 
 
 def _format_error(exc):
@@ -1516,11 +1748,13 @@ class _RemoteGateway(_GatewayBase):
     """The remote end: runs remote_exec requests, forwards output."""
 
     def __init__(self, io, params):
-        _GatewayBase.__init__(self, io, params["id"], 2, params["execmodel"], params["window"])
+        _GatewayBase.__init__(self, io, params["id"], 2, params["execmodel"],
+                              params["window"], params.get("max_item") or _MAX_ITEM)
         self._tasks = _Queue()
         self._active = 0
         self._idle = threading.Condition(threading.Lock())
         self._forwarder = None
+        self._relayed = []   # processes started here for via= gateways
 
     def _on_status(self, cid, payload):
         status = {
@@ -1536,23 +1770,38 @@ class _RemoteGateway(_GatewayBase):
         try:
             task = _loads(payload)
         except LoadError as exc:
-            self._load_failed(cid, exc)
+            self._channel_failed(cid, _Text.CHANNEL_LOAD_FAILED % (self.id, cid, exc))
+            return
+        if self.execmodel.backend != "main_thread_only":
+            with self._idle:
+                self._active += 1
+            self._start_thread(self._execute, channel, task)
             return
         with self._idle:
-            if self.execmodel.backend == "main_thread_only" and self._active:
-                # the previous task may be just finishing: wait a moment
-                self._idle.wait_for(lambda: not self._active, 1.0)
-                if self._active:
-                    channel.close(_Text.MAIN_THREAD_BUSY)
-                    return
-            self._active += 1
-        if self.execmodel.backend == "main_thread_only":
-            self._tasks.put((channel, task))
-        else:
-            thread = threading.Thread(target=self._execute, args=(channel, task),
-                                      name="execnet_single-exec-%d" % cid)
-            thread.daemon = True
-            thread.start()
+            if not self._active:
+                self._active += 1
+                self._tasks.put((channel, task))
+                return
+        # the previous task may be just finishing: look again for a moment,
+        # in a thread of its own (the receiver thread never waits)
+        self._start_thread(self._queue_when_idle, channel, task)
+
+    def _queue_when_idle(self, channel, task):
+        with self._idle:
+            if self._idle.wait_for(lambda: not self._active, 1.0):
+                self._active += 1
+                self._tasks.put((channel, task))
+                return
+        try:
+            channel.close(_Text.MAIN_THREAD_BUSY)
+        except OSError:
+            pass
+
+    def _start_thread(self, target, channel, task):
+        thread = threading.Thread(target=target, args=(channel, task),
+                                  name="execnet_single-exec-%d" % channel.id)
+        thread.daemon = True
+        thread.start()
 
     def _execute(self, channel, task):
         """Run one remote_exec task; close its channel with the outcome."""
@@ -1576,13 +1825,14 @@ class _RemoteGateway(_GatewayBase):
                 error = _format_error(exc)
         finally:
             _flush_std_streams()
+            # idle before the close goes out: the next remote_exec may follow it
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
             try:
                 channel.close(error)
             except OSError:
                 pass
-            with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
 
     def _serve(self):
         """The remote main thread: run main_thread_only tasks until exit."""
@@ -1605,6 +1855,13 @@ class _RemoteGateway(_GatewayBase):
         _flush_std_streams()
         if self._forwarder is not None:
             self._forwarder.finish()
+        for io in self._relayed:
+            io.kill()  # a via gateway's process must not outlive its proxy
+        if self._wlock.acquire(timeout=_EXIT_GRACE):
+            try:
+                self._write_queued()
+            except (OSError, ValueError):
+                pass
         self._io.close_write()
         os._exit(0)
 
@@ -1873,12 +2130,12 @@ def _code_from_pyc():
     return None
 
 
-def _bootstrap(io, params, describe, remote_output):
+def _bootstrap(io, params, describe):
     """Bring up execnet_single in the interpreter at the other end of io.
 
     Returns (rinfo dict, bytes already read past the ready frame).  Raises a
-    HostNotFound subclass saying what went wrong; remote_output() returns
-    what the remote printed so far (its stderr).
+    HostNotFound subclass saying what went wrong, with what the remote
+    printed (io.output_text()).
     """
     gwid = params["id"]
     try:
@@ -1892,7 +2149,7 @@ def _bootstrap(io, params, describe, remote_output):
     while True:
         data = io.read()
         if not data:
-            _raise_died(io, describe, gwid, noise, remote_output)
+            _raise_died(io, describe, gwid, noise)
         buf += data
         if b"\n" not in buf:
             continue
@@ -1903,10 +2160,10 @@ def _bootstrap(io, params, describe, remote_output):
     words = line.decode("ascii", "replace").split()
     if words[0] == "execnet_single:too-old":
         raise RemoteTooOld(_Text.TOO_OLD % (words[1], " ".join(words[2:]) or describe),
-                           _join_output(noise, remote_output()))
+                           _join_output(noise, io.output_text(2.0)))
     if words[0] != "execnet_single:ok" or len(words) != 3 or buf:
         raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, line[:200]),
-                           _join_output(noise, remote_output()))
+                           _join_output(noise, io.output_text(2.0)))
     source = _get_source()
     code = _code_for_remote(int(words[1]), words[2])
     payload = dumps(params)
@@ -1919,16 +2176,16 @@ def _bootstrap(io, params, describe, remote_output):
     while not frames:
         data = io.read()
         if not data:
-            _raise_died(io, describe, gwid, noise, remote_output)
+            _raise_died(io, describe, gwid, noise)
         try:
             frames = reader.feed(data)
         except LoadError:
             raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, data[:200]),
-                               _join_output(noise, remote_output()))
+                               _join_output(noise, io.output_text(2.0)))
     code_, cid, payload = frames[0]
     if code_ != _MSG_READY:
         raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, frames[0][:2]),
-                           _join_output(noise, remote_output()))
+                           _join_output(noise, io.output_text(2.0)))
     leftover = b"".join(_encode_frame(*frame) for frame in frames[1:]) + reader.leftover()
     return _loads(payload), leftover
 
@@ -1937,13 +2194,53 @@ def _join_output(noise, text):
     return "\n".join(noise + ([text] if text else []))
 
 
-def _raise_died(io, describe, gwid, noise, remote_output):
-    status = io.exit_status()
-    output = _join_output(noise, remote_output())
+def _raise_died(io, describe, gwid, noise):
+    status = io.wait(2.0)
+    output = _join_output(noise, io.output_text(2.0))
     if status in (126, 127):
         raise InterpreterNotFound(_Text.NOT_FOUND % (describe, gwid, "exit status %s" % status),
                                   output)
     raise HostNotFound(_Text.DIED_IN_BOOTSTRAP % (describe, gwid, status), output)
+
+
+def _start_io(io, spec, params, describe):
+    """Bootstrap a freshly opened transport; returns (io, rinfo, leftover).
+
+    Shared by every transport: a watchdog kills a remote that does not
+    answer within bootstrap_timeout, the transport's own handshake runs
+    before any source is sent, and a failed start leaves nothing behind.
+    """
+    timeout = float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT)
+    gave_up = []
+
+    def give_up():
+        gave_up.append(True)
+        io.kill()  # ends the reads the bootstrap waits in
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        io.handshake()
+        rinfo, leftover = _bootstrap(io, params, describe)
+    except BaseException as exc:
+        io.kill()
+        io.close_write()
+        _reap(io, 1.0)
+        io.close_read()
+        if gave_up and isinstance(exc, HostNotFound):
+            raise HostNotFound(_Text.NO_ANSWER % (describe, spec.id, timeout), exc.output) from None
+        raise
+    finally:
+        watchdog.cancel()
+    return io, rinfo, leftover
+
+
+def _reap(io, timeout):
+    """Wait for the remote to end; kill it if it does not in time."""
+    if io.wait(timeout) is None:
+        io.kill()
+        io.wait(timeout)
 
 
 def _gateway_params(spec, names=()):
@@ -1952,6 +2249,7 @@ def _gateway_params(spec, names=()):
         "id": spec.id,
         "execmodel": spec.execmodel or "thread",
         "window": int(spec.window or _DEFAULT_WINDOW),
+        "max_item": int(spec.max_item or _MAX_ITEM),
         "env": dict(spec.env),
         "chdir": spec.chdir if isinstance(spec.chdir, str) else None,
         "nice": spec.nice if isinstance(spec.nice, str) else None,
@@ -1995,7 +2293,7 @@ class _PopenIO(_FdIO):
                     continue
             self._on_stderr(data)
 
-    def set_stderr_handler(self, handler):
+    def set_output_handler(self, handler):
         """From now on pass stderr bytes to handler (after what came so far)."""
         with self._stderr_lock:
             self._on_stderr = handler
@@ -2003,12 +2301,12 @@ class _PopenIO(_FdIO):
         for data in pending:
             handler(data)
 
-    def stderr_text(self, timeout=2.0):
+    def output_text(self, timeout=0.0):
         """What the process wrote to stderr (waits for it to end, briefly)."""
         self._stderr_thread.join(timeout)
         return b"".join(self._stderr).decode("utf-8", "replace")
 
-    def exit_status(self, timeout=2.0):
+    def wait(self, timeout=0.0):
         import subprocess
 
         try:
@@ -2034,13 +2332,6 @@ class _PopenIO(_FdIO):
         if not self._stderr_thread.is_alive():
             self.popen.stderr.close()
 
-    gave_up = False
-
-    def give_up(self):
-        """The bootstrap took too long: kill, so that its reads end."""
-        self.gave_up = True
-        self.kill()
-
     def kill(self):
         """Kill the process and its process group."""
         import signal
@@ -2053,12 +2344,6 @@ class _PopenIO(_FdIO):
             except OSError:
                 pass
 
-    def reap(self, timeout):
-        """Wait for the process to end; kill it if it does not in time."""
-        if self.exit_status(timeout) is None:
-            self.kill()
-            self.exit_status(timeout)
-
 
 def _popen_args(spec):
     if spec.python in (None, True):
@@ -2068,7 +2353,7 @@ def _popen_args(spec):
     return shlex.split(spec.python)
 
 
-def _start_popen(spec, params):
+def _start_popen(spec, params, group=None):
     """Start and bootstrap a Python subprocess for spec; returns (io, rinfo, leftover)."""
     args = _popen_args(spec) + ["-c", _STAGE1]
     describe = " ".join(args[:-2])
@@ -2080,23 +2365,7 @@ def _start_popen(spec, params):
         io = _PopenIO(args, env)
     except OSError as exc:
         raise InterpreterNotFound(_Text.NOT_FOUND % (describe, spec.id, exc))
-    timeout = float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT)
-    watchdog = threading.Timer(timeout, io.give_up)  # a silent "python" must not hang us
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        rinfo, leftover = _bootstrap(io, params, describe, io.stderr_text)
-    except BaseException as exc:
-        io.kill()
-        io.close_write()
-        io.reap(1.0)
-        io.close_read()
-        if io.gave_up and isinstance(exc, HostNotFound):
-            raise HostNotFound(_Text.NO_ANSWER % (describe, spec.id, timeout), exc.output) from None
-        raise
-    finally:
-        watchdog.cancel()
-    return io, rinfo, leftover
+    return _start_io(io, spec, params, describe)
 
 
 # === 9. Local gateways: popen and via ===
@@ -2126,14 +2395,14 @@ class Gateway(_GatewayBase):
     def __init__(self, io, spec, rinfo, output=None, initial=b""):
         """:private: use makegateway() or Group.makegateway()."""
         _GatewayBase.__init__(self, io, spec.id, 1, "thread",
-                              int(spec.window or _DEFAULT_WINDOW))
+                              int(spec.window or _DEFAULT_WINDOW),
+                              int(spec.max_item or _MAX_ITEM))
         self.spec = spec
         self._cache_rinfo = RInfo(rinfo)
         self._output = output
         self._partial = {1: b"", 2: b""}
         self._outlock = threading.Lock()
-        if hasattr(io, "set_stderr_handler"):
-            io.set_stderr_handler(lambda data: self._emit_output(2, data))
+        io.set_output_handler(lambda data: self._emit_output(2, data))
         self._start_receiver(initial)
 
     @property
@@ -2181,10 +2450,10 @@ class Gateway(_GatewayBase):
             self._write_prefixed(rest)
 
     def _connection_error(self, error):
-        if error is None and self._exit_requested:
-            return None
-        return EOFError(_Text.CONNECTION_LOST % (
-            self.id, ": %s" % (error,) if error is not None else ""))
+        if self._exit_requested:
+            return None  # we asked it to go: a plain end of stream
+        reason = str(error) if error is not None else self._io.death_reason()
+        return EOFError(_Text.CONNECTION_LOST % (self.id, ": %s" % reason if reason else ""))
 
     _exit_requested = False
 
@@ -2240,12 +2509,21 @@ class Gateway(_GatewayBase):
     # -- ending --
 
     def exit(self):
-        """Shut the remote down: ask it, wait a grace period, then kill it."""
+        """Shut the remote down: ask it, wait a grace period, then kill it.
+
+        Returns within about _EXIT_TIMEOUT + 2 seconds, whatever other
+        threads are doing (a sender stuck on a remote that does not read is
+        woken with OSError when the remote is killed).
+        """
+        import time
+
         group = self._group
         if group is not None:
             group._unregister(self)
         self._request_exit()
-        self._await_exit(_EXIT_TIMEOUT)
+        self._await_exit(time.time() + _EXIT_TIMEOUT)
+        self._kill_if_alive()
+        self._finish_exit(time.time() + 1.0)
 
     def join(self, timeout=None):
         """Wait for the receiver thread to end."""
@@ -2253,29 +2531,37 @@ class Gateway(_GatewayBase):
             self._receiver.join(timeout)
 
     def _request_exit(self):
+        """Ask the remote to go; never blocks.  The flusher sends the
+        request and then closes our write side (under the write lock, so no
+        sender writes to a closed and maybe reused fd)."""
         self._exit_requested = True
-        try:
-            self._send(_MSG_TERMINATE)
-        except OSError:
-            pass
-        # Close under the write lock, so no sender writes to a closed (and
-        # maybe reused) fd; a sender stuck on a full pipe is killed later.
-        if self._wlock.acquire(timeout=1.0):
+        self._close_requested = True
+        self._queue_frame(_encode_frame(_MSG_TERMINATE, 0))
+        if self._flusher is None:  # never started: nothing else writes
+            self._io.close_write()
+
+    def _await_exit(self, deadline):
+        import time
+
+        self.join(max(0.0, deadline - time.time()))
+
+    def _kill_if_alive(self):
+        if self.hasreceiver():
+            _trace(self.id, "did not exit in time: killing")
+            self._io.kill()
+
+    def _finish_exit(self, deadline):
+        """After a kill: let the receiver see the end, reap, release fds."""
+        import time
+
+        self.join(max(0.0, deadline - time.time()))
+        _reap(self._io, max(0.0, deadline - time.time()))
+        # the flusher closes our write side; if it has ended already, we do
+        if self._wlock.acquire(timeout=max(0.0, deadline - time.time())):
             try:
                 self._io.close_write()
             finally:
                 self._wlock.release()
-
-    def _await_exit(self, timeout):
-        """Wait for the remote to go; kill it after timeout.  Bounded."""
-        self.join(timeout)
-        if self.hasreceiver():
-            _trace(self.id, "did not exit in time: killing")
-            self._io.kill()
-            self.join(1.0)
-        reap = getattr(self._io, "reap", None)
-        if reap is not None:
-            reap(1.0)
         if not self.hasreceiver():
             self._io.close_read()
 
@@ -2321,18 +2607,27 @@ def _non_builtin_globals(source, code):
     })
 
 
-class _ChannelIO:
-    """A byte stream carried by a channel of another gateway (for via=)."""
+class _ChannelIO(_IO):
+    """A byte stream carried by a channel of another gateway (for via=).
 
-    def __init__(self, channel):
+    The relay in the proxy's process (_serve_via) writes what arrives to
+    the new process and sends back what it prints; `killer` is a channel
+    on which a message makes the relay kill that process at once.
+    """
+
+    def __init__(self, channel, killer):
         self.channel = channel
+        self.killer = killer
         self.remoteaddress = "via %s" % (channel.gateway.id,)
 
     def read(self):
         try:
             return self.channel.receive()
-        except (EOFError, RemoteError, OSError):
+        except EOFError:
             return b""
+        except (RemoteError, OSError) as exc:
+            # the relay says why the stream ended: pass the reason on
+            raise _StreamError("via %s: %s" % (self.channel.gateway.id, str(exc).strip()))
 
     def write(self, data):
         self.channel.send(bytes(data))
@@ -2345,51 +2640,67 @@ class _ChannelIO:
                 channel.gateway._send(_MSG_LAST_MESSAGE, channel.id)
             except OSError:
                 pass
+            with channel._flow.cond:
+                channel._flow.cond.notify_all()  # a sender waiting for credit gives up
 
     def kill(self):
-        """The relay kills the process once our side of the channel is gone."""
+        """Have the relay kill the process now; wake our blocked senders."""
+        try:
+            self.killer.send("kill")
+        except OSError:
+            pass
         self.close_write()
 
     def close_read(self):
         """Nothing to close: the channel ends with the relay."""
 
 
-def _start_via(proxy, spec, params):
-    """Start spec's process from inside proxy's process; returns (io, rinfo, leftover)."""
+def _start_via(spec, params, group):
+    """Start spec's process from inside the proxy's process; returns (io, rinfo, leftover)."""
+    proxy = group[spec.via]
     control = proxy.remote_exec("import execnet_single\nexecnet_single._serve_via(channel)")
     iochannel = proxy.newchannel()
-    control.send((iochannel, str(spec), params))
+    killer = proxy.newchannel()
+    control.send((iochannel, killer, str(spec), params))
     reply = control.receive()
     if reply[0] != "ok":
         kind = {"InterpreterNotFound": InterpreterNotFound,
                 "RemoteTooOld": RemoteTooOld}.get(reply[1], HostNotFound)
         raise kind("%s (via %s)" % (reply[2], proxy.id), reply[3])
-    return _ChannelIO(iochannel), reply[1], reply[2]
+    return _ChannelIO(iochannel, killer), reply[1], reply[2]
 
 
 def _serve_via(channel):
-    """In the proxy's process: start a gateway's process and relay its bytes."""
-    iochannel, specstr, params = channel.receive()
+    """In the proxy's process: start a gateway's process and relay its bytes.
+
+    Two threads relay, one each way, so a process that stops reading stalls
+    only its own channel (whose window bounds what waits here), never the
+    proxy's receiver thread or the other gateways through it.
+    """
+    iochannel, killer, specstr, params = channel.receive()
     spec = XSpec(specstr)
     spec.id = params["id"]
     try:
-        if not spec.popen:
-            raise HostNotFound("via= supports only popen gateways so far: %s" % specstr)
-        io, rinfo, leftover = _start_popen(spec, params)
+        io, rinfo, leftover = _transport_for(spec, nested=True)(spec, params, None)
     except HostNotFound as exc:
         channel.send(("error", type(exc).__name__, exc.message, exc.output))
         return
-    io.set_stderr_handler(_write_stderr_bytes)
+    except ValueError as exc:
+        channel.send(("error", "HostNotFound", str(exc), ""))
+        return
+    gateway = channel.gateway
+    gateway._relayed.append(io)
+    io.set_output_handler(_write_stderr_bytes)
+    killer.setcallback(lambda message: io.kill())
 
-    def to_child(data):
-        if data is _RELAY_END:
-            io.close_write()
-            threading.Thread(target=io.reap, args=(_EXIT_TIMEOUT,), daemon=True).start()
-        else:
-            try:
+    def to_child():
+        try:
+            for data in iochannel:
                 io.write(data)
-            except OSError:
-                pass
+        except (OSError, RemoteError):
+            pass
+        io.close_write()
+        _reap(io, _EXIT_TIMEOUT)
 
     def from_child():
         while True:
@@ -2400,21 +2711,39 @@ def _serve_via(channel):
                 iochannel.send(data)
             except OSError:
                 break
-        io.reap(_EXIT_TIMEOUT)
+        reason = io.death_reason()
+        _reap(io, _EXIT_TIMEOUT)
         io.close_read()
+        if io in gateway._relayed:
+            gateway._relayed.remove(io)
         try:
-            iochannel.close()
+            iochannel.close(reason or None)
         except OSError:
             pass
 
-    iochannel.setcallback(to_child, endmarker=_RELAY_END)
-    thread = threading.Thread(target=from_child, name="execnet_single-via-%s" % spec.id)
-    thread.daemon = True
-    thread.start()
+    for target in (to_child, from_child):
+        thread = threading.Thread(target=target, name="execnet_single-via-%s" % spec.id)
+        thread.daemon = True
+        thread.start()
     channel.send(("ok", rinfo, leftover))
 
 
-_RELAY_END = object()
+# The transports: the xspec key that selects each and its start function,
+# start(spec, params, group) -> (io, rinfo, leftover).  via= comes first: it
+# names the gateway in whose process the transport of the other key starts.
+_TRANSPORTS = (
+    ("via", _start_via),
+    ("popen", _start_popen),
+)
+
+
+def _transport_for(spec, nested=False):
+    """The start function for spec (nested: in the proxy, via= is done)."""
+    for key, start in _TRANSPORTS:
+        if getattr(spec, key) and not (nested and key == "via"):
+            return start
+    known = ", ".join(key for key, start in _TRANSPORTS)
+    raise ValueError(_Text.NO_TRANSPORT % (spec._spec, known))
 
 
 def _write_stderr_bytes(data):
@@ -2677,13 +3006,7 @@ class Group:
         _setup_trace()
         _register_atexit()
         params = _gateway_params(spec, _module_names())
-        if spec.via:
-            io, rinfo, leftover = _start_via(self[spec.via], spec, params)
-        elif spec.popen:
-            io, rinfo, leftover = _start_popen(spec, params)
-        else:
-            raise ValueError("no gateway type found for %r (this version knows popen and via=)"
-                             % (spec._spec,))
+        io, rinfo, leftover = _transport_for(spec)(spec, params, self)
         gateway = Gateway(io, spec, rinfo, output, leftover)
         _trace("started gateway", spec.id, rinfo)
         return gateway
@@ -2702,7 +3025,10 @@ class Group:
         return MultiChannel([gw.remote_exec(source, **kwargs) for gw in self])
 
     def terminate(self, timeout=None):
-        """Exit every gateway (proxies last); kill what is left after timeout."""
+        """Exit every gateway (proxies last); kill what is left after timeout.
+
+        Returns within about twice (timeout + 1) seconds, whatever else runs.
+        """
         import time
 
         gateways = list(self._gateways) + self._gateways_to_join
@@ -2717,7 +3043,12 @@ class Group:
                 gw._request_exit()
             deadline = time.time() + limit
             for gw in batch:
-                gw._await_exit(max(0.0, deadline - time.time()))
+                gw._await_exit(deadline)
+            for gw in batch:
+                gw._kill_if_alive()
+            deadline = time.time() + 1.0
+            for gw in batch:
+                gw._finish_exit(deadline)
 
     def _cleanup_atexit(self):
         self.terminate(timeout=_EXIT_TIMEOUT)
