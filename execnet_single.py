@@ -2810,6 +2810,66 @@ class XSpec:
         return self.popen is not None and self.chdir is None
 
 
+def _positive_int(value):
+    if not (value.isdigit() and int(value) > 0):
+        return "expected a positive integer"
+
+
+def _positive_number(value):
+    try:
+        if float(value) > 0:
+            return None
+    except ValueError:
+        pass
+    return "expected a positive number of seconds"
+
+
+def _integer(value):
+    try:
+        int(value)
+    except ValueError:
+        return "expected an integer"
+
+
+def _execmodel_name(value):
+    if value not in ("thread", "main_thread_only"):
+        return "expected 'thread' or 'main_thread_only'"
+
+
+# xspec keys whose values are checked before a gateway starts
+_SPEC_CHECKS = (
+    ("window", _positive_int),
+    ("max_item", _positive_int),
+    ("bootstrap_timeout", _positive_number),
+    ("nice", _integer),
+    ("execmodel", _execmodel_name),
+    ("python", str.strip),
+    ("chdir", str.strip),
+    ("via", str.strip),
+    ("id", str.strip),
+)
+
+
+def _check_spec(spec):
+    """Raise ValueError naming the key of the first malformed value in spec."""
+    for key, check in _SPEC_CHECKS:
+        value = getattr(spec, key)
+        if value is None or (isinstance(value, _ExecModel) and key == "execmodel"):
+            continue
+        if value is True or not isinstance(value, str) or not value.strip():
+            problem = "a value is needed (%s=...)" % key
+        elif check is str.strip:
+            problem = None
+        else:
+            problem = check(value)
+        if problem:
+            raise ValueError(_Text.BAD_SPEC_VALUE % (key, spec._spec, problem))
+    for name, value in spec.env.items():
+        if value is True:
+            raise ValueError(_Text.BAD_SPEC_VALUE % ("env:" + name, spec._spec,
+                                                     "a value is needed"))
+
+
 class _ExecModel:
     """Threading primitives for a backend ('thread' or 'main_thread_only')."""
 
@@ -2996,6 +3056,7 @@ class Group:
             spec = self.defaultspec
         if not isinstance(spec, XSpec):
             spec = XSpec(spec)
+        _check_spec(spec)
         self.allocate_id(spec)
         if spec.execmodel is None:
             spec.execmodel = self.remote_execmodel.backend

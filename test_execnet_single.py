@@ -1959,6 +1959,159 @@ class TestFlowControl:
         big.waitclose(timeout=30)
 
 
+MIB = 1024 * 1024
+
+
+def _libraries():
+    """execnet_single, and the installed execnet to show that a program
+    completes there too (required under CI=true)."""
+    libs = [("execnet_single", execnet)]
+    try:
+        import execnet as real
+    except ImportError:
+        if IN_CI:
+            pytest.fail("execnet is not installed (required when CI=true)")
+        return libs
+    if real is not execnet:
+        libs.append(("execnet", real))
+    return libs
+
+
+def _run_program(program, transport, extra="", limit=30):
+    """Run program(group, gateway) on each library; return {name: result}."""
+    results = {}
+    for name, lib in _libraries():
+        group = lib.Group()
+        try:
+            if transport == "popen":
+                gw = call_with_timeout(group.makegateway, 60, "popen" + extra)
+            else:
+                call_with_timeout(group.makegateway, 60, "popen//id=proxy")
+                gw = call_with_timeout(group.makegateway, 60, "popen//via=proxy" + extra)
+            results[name] = call_with_timeout(program, limit, group, gw)
+        finally:
+            call_with_timeout(group.terminate, 60, timeout=10)
+    return results
+
+
+def _waitclose_then_read(group, gw, size):
+    ch = gw.remote_exec(
+        "for i in range(COUNT): channel.send(bytes([i % 256]) * SIZE)"
+        .replace("COUNT", str(40 * MIB // size)).replace("SIZE", str(size)))
+    ch.waitclose(timeout=60)
+    return all(ch.receive(timeout=10) == bytes([i % 256]) * size
+               for i in range(40 * MIB // size))
+
+
+def _multichannel_waitclose_then_read(group, gw):
+    mch = group.remote_exec("for i in range(40): channel.send(bytes([i]) * MIB)"
+                            .replace("MIB", str(MIB)))
+    mch.waitclose()
+    return len(mch) == len(group) and all(
+        ch.receive(timeout=10) == bytes([i]) * MIB for ch in mch for i in range(40))
+
+
+def _both_send_first(group, gw):
+    ch = gw.remote_exec(
+        "for i in range(40): channel.send(bytes([i]) * MIB)\n"
+        "channel.send(all(channel.receive() == bytes([i]) * MIB for i in range(40)))\n"
+        .replace("MIB", str(MIB)))
+    for i in range(40):
+        ch.send(bytes([i]) * MIB)
+    ok = all(ch.receive(timeout=30) == bytes([i]) * MIB for i in range(40))
+    return ok, ch.receive(timeout=30)
+
+
+def _callback_sends_large_reply(group, gw):
+    import queue
+
+    ch = gw.remote_exec(
+        "for i in range(4):\n"
+        "    channel.send(i)\n"
+        "    assert channel.receive() == bytes([i]) * 10 * MIB\n"
+        "channel.send('done')\n".replace("MIB", str(MIB)))
+    done = queue.Queue()
+
+    def reply(item):
+        if item == "done":
+            done.put(item)
+        else:
+            ch.send(bytes([item]) * 10 * MIB)
+
+    ch.setcallback(reply)
+    return done.get(timeout=30)
+
+
+def _small_window_big_items(group, gw):
+    ch = gw.remote_exec("for i in range(20): channel.send(bytes([i]) * 100000)")
+    ch.waitclose(timeout=60)
+    return all(ch.receive(timeout=10) == bytes([i]) * 100000 for i in range(20))
+
+
+SEND_WHILE_RECEIVING = """
+import threading
+def produce(size):
+    for i in range(16):
+        channel.send(bytes([i]) * size)
+size = channel.receive()
+thread = threading.Thread(target=produce, args=(size,))
+thread.start()
+ok = all(channel.receive() == bytes([i]) * size for i in range(16))
+thread.join()
+channel.send(ok)
+"""
+
+
+def _send_from_thread_while_receiving(group, gw, size):
+    ch = gw.remote_exec(SEND_WHILE_RECEIVING)
+    ch.send(size)
+
+    def produce():
+        for i in range(16):
+            ch.send(bytes([i]) * size)
+
+    thread = threading.Thread(target=produce)
+    thread.daemon = True
+    thread.start()
+    got = all(ch.receive(timeout=30) == bytes([i]) * size for i in range(16))
+    remote_ok = ch.receive(timeout=30)
+    thread.join(30)
+    return got, remote_ok, thread.is_alive()
+
+
+class TestFlowControlCompletes:
+    """Programs that complete on execnet must complete here, whatever the
+    window: each runs on execnet_single and on the installed execnet."""
+
+    @pytest.mark.parametrize("size", [MIB, 64 * 1024])
+    def test_waitclose_before_reading_more_than_the_window(self, transport, size):
+        results = _run_program(lambda g, gw: _waitclose_then_read(g, gw, size), transport)
+        assert set(results.values()) == {True}, results
+
+    def test_multichannel_waitclose_before_reading(self, transport):
+        results = _run_program(_multichannel_waitclose_then_read, transport)
+        assert set(results.values()) == {True}, results
+
+    def test_both_sides_send_before_receiving(self, transport):
+        results = _run_program(_both_send_first, transport)
+        assert set(results.values()) == {(True, True)}, results
+
+    def test_callback_sends_large_reply(self, transport):
+        results = _run_program(_callback_sends_large_reply, transport)
+        assert set(results.values()) == {"done"}, results
+
+    def test_small_window_items_larger_than_window(self, transport):
+        results = _run_program(_small_window_big_items, transport, "//window=4096")
+        assert set(results.values()) == {True}, results
+
+    @pytest.mark.parametrize("window", ["", "//window=1048576"])
+    @pytest.mark.parametrize("size", [1000, 256 * 1024, 256 * 1024 + 1, MIB, 3 * MIB + 7])
+    def test_send_from_thread_while_receiving(self, transport, window, size):
+        results = _run_program(
+            lambda g, gw: _send_from_thread_while_receiving(g, gw, size), transport, window)
+        assert set(results.values()) == {(True, True, False)}, results
+
+
 # ======================================================= cross-version
 
 
