@@ -1340,6 +1340,7 @@ class _GatewayBase:
     _receiver = None
     _receiver_ident = None
     _close_requested = False   # the flusher closes the write side when idle
+    _exit_requested = False    # we asked the peer to go
 
     def __init__(self, io, id, startcount, execmodel, window, max_item=_MAX_ITEM):
         import weakref
@@ -1562,7 +1563,7 @@ class _GatewayBase:
             _log(40, "gateway %s: protocol error, closing: %s" % (self.id, exc))
         except _StreamError as exc:
             error = exc
-            _log(30, "gateway %s: %s" % (self.id, exc))
+            _log(20 if self._exit_requested else 30, "gateway %s: %s" % (self.id, exc))
         except Exception as exc:  # a bug or a dying interpreter
             error = exc
             _log(40, "gateway %s: receiver failed: %r" % (self.id, exc))
@@ -2455,8 +2456,6 @@ class Gateway(_GatewayBase):
         reason = str(error) if error is not None else self._io.death_reason()
         return EOFError(_Text.CONNECTION_LOST % (self.id, ": %s" % reason if reason else ""))
 
-    _exit_requested = False
-
     # -- remote execution --
 
     def remote_exec(self, source, **kwargs):
@@ -2711,7 +2710,7 @@ def _serve_via(channel):
                 iochannel.send(data)
             except OSError:
                 break
-        reason = io.death_reason()
+        reason = io.death_reason() if io.wait(0.0) != 0 else None
         _reap(io, _EXIT_TIMEOUT)
         io.close_read()
         if io in gateway._relayed:

@@ -1948,15 +1948,94 @@ class TestFlowControl:
             ch.receive(timeout=30)
 
     def test_big_item_does_not_stall_other_channels(self, group, transport):
-        size = 100 * 1024 * 1024
+        # The big channel's window is left full (nobody reads it), then a
+        # small message on another channel must get through promptly.
+        size = 8 * 1024 * 1024
         gw = make_transport_gateway(group, transport, "//window=1048576")
-        big = gw.remote_exec("channel.send(b'\\xab' * %d)" % size)
-        time.sleep(0.5)  # let the big send get going (not asserted)
+        progress = gw.newchannel()
+        big = gw.remote_exec(
+            "progress = channel.receive()\n"
+            "for i in range(3):\n"
+            "    channel.send(bytes([i]) * SIZE)\n"
+            "    progress.send(i)\n".replace("SIZE", str(size)))
+        big.send(progress)
+        assert progress.receive(timeout=30) == 0
+        with pytest.raises(execnet.TimeoutError):
+            progress.receive(timeout=1.0)  # the second item is held by the window
         small = gw.remote_exec("channel.send('small')")
-        assert small.receive(timeout=30) == "small"
-        data = big.receive(timeout=120)
-        assert len(data) == size and data == b"\xab" * size
+        assert small.receive(timeout=5) == "small"
+        other = gw.remote_exec("channel.send(channel.receive())")
+        other.send("echo")
+        assert other.receive(timeout=5) == "echo"
+        for i in range(3):
+            assert big.receive(timeout=60) == bytes([i]) * size
         big.waitclose(timeout=30)
+
+    def test_partial_reads_keep_unread_bytes_within_the_window(self, group, transport):
+        # acknowledgements neither lost (the sender would stall for good)
+        # nor doubled (unread bytes would grow past the window)
+        window = 64 * 1024
+        gw = make_transport_gateway(group, transport, "//window=%d" % window)
+        progress = gw.newchannel()
+        ch = gw.remote_exec(
+            "progress = channel.receive()\n"
+            "for i in range(120):\n"
+            "    channel.send(bytes([i % 256]) * ITEM)\n"
+            "    progress.send(i + 1)\n".replace("ITEM", str(self.ITEM // 4)))
+        ch.send(progress)
+        read = 0
+        for batch in (1, 3, 2, 7, 5):
+            for _ in range(batch):
+                assert ch.receive(timeout=30) == bytes([read % 256]) * (self.ITEM // 4)
+                read += 1
+            sent = _wait_until_stalled(lambda t: progress.receive(timeout=t), quiet=0.5)
+            assert sent > read, "sender stalled although the reader made room"
+            assert (sent - read) * (self.ITEM // 4) <= window, (sent, read)
+        for i in range(read, 120):
+            assert ch.receive(timeout=30) == bytes([i % 256]) * (self.ITEM // 4)
+        ch.waitclose(timeout=30)
+
+    def test_item_larger_than_max_item_closes_only_its_channel(self, group, transport):
+        gw = make_transport_gateway(group, transport, "//max_item=1048576")
+        with pytest.raises(execnet.DumpError, match="max_item"):
+            gw.remote_exec("channel.receive()").send(b"x" * (2 * 1024 * 1024))
+        # a peer that sends pieces and never the last one
+        ch = gw.remote_exec(
+            "for i in range(40):\n"
+            "    channel.gateway._send_frame(8, channel.id, b'p' * 262144)\n"
+            "channel.receive()\n")
+        with pytest.raises(execnet.LoadError, match="max_item"):
+            ch.receive(timeout=30)
+        assert ch.isclosed()
+        other = gw.remote_exec("channel.send(channel.receive() + 1)")
+        other.send(41)
+        assert other.receive(timeout=30) == 42
+        # and the other way round: the remote end caps what we send it
+        victim = gw.remote_exec(
+            "try:\n    channel.receive()\nexcept Exception as exc:\n"
+            "    import execnet_single\n"
+            "    assert isinstance(exc, execnet_single.LoadError), exc\n"
+            "    assert 'max_item' in str(exc), exc\n")
+        for _ in range(40):
+            gw._send_frame(execnet._MSG_DATA_PART, victim.id, b"p" * 262144)
+        with pytest.raises(execnet.RemoteError, match="max_item"):
+            victim.waitclose(timeout=30)
+        other = gw.remote_exec("channel.send(channel.receive() + 1)")
+        other.send(1)
+        assert other.receive(timeout=30) == 2
+
+    @pytest.mark.parametrize("spec, key", [
+        ("popen//window=0", "window"), ("popen//window=-1", "window"),
+        ("popen//window=1k", "window"), ("popen//max_item=0", "max_item"),
+        ("popen//bootstrap_timeout=soon", "bootstrap_timeout"), ("popen//nice=x", "nice"),
+        ("popen//python", "python"), ("popen//python=", "python"),
+        ("popen//execmodel=fast", "execmodel"), ("popen//env:FOO", "env:FOO"),
+    ])
+    def test_malformed_spec_values_are_value_errors(self, group, spec, key):
+        with pytest.raises(ValueError, match="'%s'" % key):
+            group.makegateway(spec)
+        assert len(group) == 0
+
 
 
 MIB = 1024 * 1024
