@@ -2563,6 +2563,182 @@ class TestRSync:
             rsync.send()
         rsync.send(raises=False)
 
+    def test_symlinks_inside_tree_follow_it_others_stay(self, gw, tmp_path):
+        real = tmp_path / "real"
+        source = real / "src"
+        dest = str(tmp_path / "dest")
+        _make_tree(str(source))
+        outside = str(tmp_path / "outside.txt")
+        with open(outside, "wb") as f:
+            f.write(b"outside\n")
+        links = {
+            "abs_file": str(source / "a.txt"),
+            "abs_dir": str(source / "sub"),
+            "abs_messy": str(source / "sub" / ".." / "sub" / "run.sh"),
+            "abs_out": outside,
+            "abs_root": str(source),  # the root itself is not inside (as in execnet)
+            "abs_sibling": str(source) + "2/a.txt",  # a prefix, not inside
+            "rel_up": "../outside.txt",
+            os.path.join("sub", "rel_file"): "../a.txt",
+        }
+        for name, target in links.items():
+            os.symlink(target, str(source / name))
+        # the tree is also named through a symlinked parent directory
+        os.symlink(str(real), str(tmp_path / "alias"))
+        os.symlink(str(tmp_path / "alias" / "src" / "a.txt"), str(source / "abs_alias"))
+        rsync = execnet.RSync(str(tmp_path / "alias" / "src"), verbose=False)
+        rsync.add_target(gw, dest)
+        call_with_timeout(rsync.send, 120)
+        got = {name: os.readlink(os.path.join(dest, name)) for name in links}
+        assert got == {
+            "abs_file": os.path.join(dest, "a.txt"),
+            "abs_dir": os.path.join(dest, "sub"),
+            "abs_messy": os.path.join(dest, "sub", "run.sh"),
+            "abs_out": outside,
+            "abs_root": str(source),
+            "abs_sibling": str(source) + "2/a.txt",
+            "rel_up": "../outside.txt",
+            os.path.join("sub", "rel_file"): "../a.txt",
+        }
+        assert os.readlink(os.path.join(dest, "abs_alias")) == os.path.join(dest, "a.txt")
+        # the copies no longer depend on the source tree
+        shutil.rmtree(str(source))
+        with open(os.path.join(dest, "abs_file"), "rb") as f:
+            assert f.read() == b"alpha\n"
+        assert os.path.isfile(os.path.join(dest, "abs_dir", "run.sh"))
+
+    def test_callback_gets_total_size_then_each_file(self, gw, tmp_path):
+        source = str(tmp_path / "src")
+        dest = str(tmp_path / "dest")
+        _make_tree(source)
+        calls = []
+        threads = set()
+
+        def callback(command, size, channel):
+            threads.add(threading.get_ident())
+            calls.append((command, size, channel))
+
+        def send():
+            threads.add(threading.get_ident())
+            rsync.send()
+
+        rsync = _SkippingRSync(source, callback=callback, verbose=False)
+        rsync.add_target(gw, dest)
+        call_with_timeout(send, 120)
+        sizes = [6, len(b"#!/bin/sh\necho hi\n"), 25600]  # a.txt, run.sh, blob.bin
+        assert calls[0][:2] == ("list", sum(sizes))
+        assert sorted(size for command, size, channel in calls[1:]) == sorted(sizes)
+        assert [command for command, size, channel in calls[1:]] == ["ack"] * 3
+        assert {channel.gateway for command, size, channel in calls} == {gw}
+        assert len(threads) == 1  # callbacks run in the thread calling send()
+
+        with open(os.path.join(source, "sub", "run.sh"), "ab") as f:
+            f.write(b"echo more\n")
+        del calls[:]
+        rsync = _SkippingRSync(source, callback=callback, verbose=False)
+        rsync.add_target(gw, dest)
+        call_with_timeout(rsync.send, 120)
+        size = os.path.getsize(os.path.join(source, "sub", "run.sh"))
+        assert [(command, n) for command, n, channel in calls] == [("list", size), ("ack", size)]
+
+        del calls[:]
+        rsync = _SkippingRSync(source, callback=callback, verbose=False)
+        rsync.add_target(gw, dest)
+        call_with_timeout(rsync.send, 120)
+        assert [(command, n) for command, n, channel in calls] == [("list", 0)]
+
+    def test_resends_same_size_edit_never_unchanged(self, gw, tmp_path):
+        source = str(tmp_path / "src")
+        dest = str(tmp_path / "dest")
+        _make_tree(source)
+
+        def sync():
+            sent = []
+            rsync = _SkippingRSync(source, verbose=False)
+            rsync._report_send_file = lambda gateway, rel: sent.append(rel)
+            rsync.add_target(gw, dest)
+            call_with_timeout(rsync.send, 120)
+            return sorted(sent)
+
+        assert sync() == ["a.txt", "sub/deeper/blob.bin", "sub/run.sh"]
+        assert sync() == []
+        path = os.path.join(source, "a.txt")
+        st = os.stat(path)
+        with open(path, "wb") as f:
+            f.write(b"ALPHA\n")  # same size
+        # a coarse clock could give the edit the old mtime: move it on
+        mtime = st.st_mtime_ns + 5 * 10 ** 9
+        os.utime(path, ns=(mtime, mtime))
+        assert os.path.getsize(path) == st.st_size
+        assert sync() == ["a.txt"]
+        with open(os.path.join(dest, "a.txt"), "rb") as f:
+            assert f.read() == b"ALPHA\n"
+        assert os.stat(os.path.join(dest, "a.txt")).st_mtime_ns == mtime
+        assert sync() == []
+
+    def test_targets_are_served_concurrently(self, group, transport, tmp_path):
+        # The first target's host is stopped (SIGSTOP) and only resumed by
+        # the second target's finishedcallback: serving one target after the
+        # other would wait for the first forever.
+        source = str(tmp_path / "src")
+        _make_tree(source)
+        stopped = make_transport_gateway(group, transport)
+        other = make_transport_gateway(group, transport)
+        pid = rinfo(stopped).pid
+        finished = []
+
+        def resume():
+            finished.append("other")
+            os.kill(pid, signal.SIGCONT)
+
+        rsync = _SkippingRSync(source, verbose=False)
+        rsync.add_target(stopped, str(tmp_path / "d1"), lambda: finished.append("stopped"))
+        rsync.add_target(other, str(tmp_path / "d2"), resume)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            call_with_timeout(rsync.send, 120)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert finished == ["other", "stopped"]
+        want = _tree(source)
+        del want["skip.me"]
+        assert _tree(str(tmp_path / "d1")) == want == _tree(str(tmp_path / "d2"))
+
+    def test_failing_target_is_reported_others_finish(self, group, transport, tmp_path):
+        source = str(tmp_path / "src")
+        _make_tree(source)
+        (tmp_path / "file").write_bytes(b"a file, not a directory")
+        bad = make_transport_gateway(group, transport)
+        good = make_transport_gateway(group, transport)
+        finished = []
+        rsync = _SkippingRSync(source, verbose=False)
+        rsync.add_target(bad, str(tmp_path / "file" / "dest"), lambda: finished.append("bad"))
+        rsync.add_target(good, str(tmp_path / "dest"), lambda: finished.append("good"))
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            call_with_timeout(rsync.send, 120)
+        assert "Not a directory" in str(excinfo.value)
+        assert finished == ["good"]
+        want = _tree(source)
+        del want["skip.me"]
+        assert _tree(str(tmp_path / "dest")) == want
+        # the gateways are still usable
+        for gateway in (bad, good):
+            assert call_with_timeout(gateway.remote_exec(remote_add, a=1).receive, 30) == 1
+
+    def test_lost_target_is_reported(self, group, transport, tmp_path):
+        source = str(tmp_path / "src")
+        _make_tree(source)
+        gateway = make_transport_gateway(group, transport)
+        pid = rinfo(gateway).pid
+        finished = []
+        rsync = _SkippingRSync(source, verbose=False)
+        rsync.add_target(gateway, str(tmp_path / "dest"), lambda: finished.append(1))
+        os.kill(pid, signal.SIGSTOP)  # it cannot answer before it is killed
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises((OSError, EOFError)):
+            call_with_timeout(rsync.send, 120)
+        assert finished == []
+
 
 @single_only
 class TestPytestXdist:
