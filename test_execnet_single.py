@@ -2731,12 +2731,48 @@ class TestRSync:
         gateway = make_transport_gateway(group, transport)
         pid = rinfo(gateway).pid
         finished = []
-        rsync = _SkippingRSync(source, verbose=False)
+
+        def kill_remote(command, size, channel):
+            # the remote side has listed what it needs and now waits for it
+            if command == "list":
+                os.kill(pid, signal.SIGKILL)
+
+        rsync = _SkippingRSync(source, callback=kill_remote, verbose=False)
         rsync.add_target(gateway, str(tmp_path / "dest"), lambda: finished.append(1))
-        os.kill(pid, signal.SIGSTOP)  # it cannot answer before it is killed
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises((OSError, EOFError)):
+        with pytest.raises(EOFError):
             call_with_timeout(rsync.send, 120)
+        assert finished == []
+
+    def test_file_vanishing_during_send_is_reported(self, gw, tmp_path):
+        source = str(tmp_path / "src")
+        _make_tree(source)
+        finished = []
+
+        def remove_a_file(command, size, channel):
+            # listed, but gone before it is read
+            if command == "list":
+                os.remove(os.path.join(source, "sub", "run.sh"))
+
+        rsync = _SkippingRSync(source, callback=remove_a_file, verbose=False)
+        rsync.add_target(gw, str(tmp_path / "dest"), lambda: finished.append(1))
+        with pytest.raises(OSError) as excinfo:
+            call_with_timeout(rsync.send, 120)
+        assert "run.sh" in str(excinfo.value)
+        assert finished == []
+        assert call_with_timeout(gw.remote_exec(remote_add, a=1).receive, 30) == 1
+
+    @single_only
+    def test_remote_side_ending_early_is_an_error(self, gw, tmp_path):
+        # a remote side that ends cleanly without finishing the conversation
+        class EarlyEnd(execnet.RSync):
+            _REMOTE = "channel.receive()\nchannel.send([])"
+
+        finished = []
+        rsync = EarlyEnd(str(tmp_path), verbose=False)
+        rsync.add_target(gw, str(tmp_path / "dest"), lambda: finished.append(1))
+        with pytest.raises(OSError) as excinfo:
+            call_with_timeout(rsync.send, 120)
+        assert "closed before the copy was complete" in str(excinfo.value)
         assert finished == []
 
 
