@@ -2284,6 +2284,27 @@ class TestGroup:
         assert gw1.id != gw2.id and spec.id not in (None, "")
         assert gw1.spec.popen
 
+    def test_ids_unique_when_made_in_a_loop_with_exits(self, group):
+        mkgw(group, "popen//id=gw1")  # an id the automatic ones would reach
+        seen = ["gw1"]
+        for i in range(5):
+            gateway = mkgw(group, None)
+            assert gateway.id not in seen, (gateway.id, seen)
+            seen.append(gateway.id)
+            assert [g.id for g in group].count(gateway.id) == 1
+            if i % 2:
+                exit_and_join(gateway)
+        assert len(group) == 1 + 3
+
+    def test_duplicate_explicit_id_is_value_error(self, group):
+        first = mkgw(group, "popen//id=x")
+        with pytest.raises(ValueError) as excinfo:
+            mkgw(group, "popen//id=x")
+        assert "'x'" in str(excinfo.value)
+        assert list(group) == [first]
+        exit_and_join(first)
+        assert mkgw(group, "popen//id=x").id == "x"  # free again once x has gone
+
     def test_group_of_specs(self):
         g = call_with_timeout(execnet.Group, 120, ["popen", "popen//id=named"])
         try:
