@@ -2961,6 +2961,16 @@ class RSync:
                         self._callback("ack", item, job["channel"])
                 else:
                     job["done"] = True
+        except BaseException:
+            # a callback failed or the caller was interrupted: end every
+            # remote side too, rather than leave it waiting for files
+            for job in jobs:
+                if job["channel"] is not None:
+                    try:
+                        job["channel"].close("rsync aborted")
+                    except Exception:
+                        pass
+            raise
         finally:
             for job in jobs:
                 job["inbox"].put(None)  # no thread waits forever for its list

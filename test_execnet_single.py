@@ -2785,6 +2785,20 @@ class TestRSync:
         assert finished == []
         assert call_with_timeout(gw.remote_exec(remote_add, a=1).receive, 30) == 1
 
+    def test_failing_callback_ends_the_remote_side(self, gw, tmp_path):
+        source = str(tmp_path / "src")
+        _make_tree(source)
+
+        def callback(command, size, channel):
+            raise ZeroDivisionError("callback-failed-xyz")
+
+        rsync = _SkippingRSync(source, callback=callback, verbose=False)
+        rsync.add_target(gw, str(tmp_path / "dest"))
+        with pytest.raises(ZeroDivisionError):
+            call_with_timeout(rsync.send, 120)
+        assert wait_for(lambda: status(gw).numexecuting == 0, timeout=30)
+        assert call_with_timeout(gw.remote_exec(remote_add, a=1).receive, 30) == 1
+
     @single_only
     def test_remote_side_ending_early_is_an_error(self, gw, tmp_path):
         # a remote side that ends cleanly without finishing the conversation
