@@ -3219,8 +3219,22 @@ class RSync:
 
     Files are compared by size and modification time; new or changed files
     are sent, modes and symlinks are copied, and with delete=True files the
-    source does not have are removed from the target.
+    source does not have are removed from the target.  An absolute symlink
+    to a path inside the source tree points to the same path inside the
+    target; other symlinks are copied as they are.
     """
+
+    # Conversation with _rsync_receive, per target (one channel each):
+    #   local -> remote  (destdir, delete, entries); an entry is
+    #                    (relpath, kind, mode, size, mtime_ns, linktarget),
+    #                    kind "d" dir, "f" file, "l" symlink copied as is,
+    #                    "L" symlink to linktarget, a relpath in the tree
+    #   remote -> local  [relpath, ...]: the files it needs
+    #   local -> remote  the bytes of each of those files, in that order
+    #   remote -> local  per file written, its size (the "ack")
+    #   remote -> local  "done" once deletions are finished too
+    _REMOTE = "import execnet_single\nexecnet_single._rsync_receive(channel)"
+    _LOST = "rsync to gateway %s: the channel closed before the copy was complete"
 
     def __init__(self, sourcedir, callback=None, verbose=True):
         self._sourcedir = str(sourcedir)
@@ -3248,6 +3262,8 @@ class RSync:
     def _listing(self):
         """(relpath, kind, mode, size, mtime in ns, linktarget) for the whole tree."""
         root = os.path.normpath(self._sourcedir)
+        # a link may name the tree through a symlinked parent: accept both
+        bases = [os.path.abspath(root), os.path.realpath(root)]
         entries = []
         for dirpath, dirnames, filenames in os.walk(root):
             for name in sorted(dirnames + filenames):
@@ -3259,7 +3275,7 @@ class RSync:
                 rel = os.path.relpath(path, root).replace(os.sep, "/")
                 st = os.lstat(path)
                 if os.path.islink(path):
-                    entries.append((rel, "l", 0, 0, 0, os.readlink(path)))
+                    entries.append(self._link_entry(rel, os.readlink(path), bases))
                     if name in dirnames:
                         dirnames.remove(name)  # do not follow
                 elif name in dirnames:
@@ -3269,40 +3285,133 @@ class RSync:
                                     st.st_mtime_ns, None))
         return root, entries
 
+    @staticmethod
+    def _link_entry(rel, target, bases):
+        if os.path.isabs(target):
+            for base in bases:
+                inside = os.path.relpath(target, base)
+                # the root itself is not "inside" (as in execnet)
+                if inside not in (os.curdir, os.pardir) and not inside.startswith(
+                        os.pardir + os.sep):
+                    return (rel, "L", 0, 0, 0, inside.replace(os.sep, "/"))
+        return (rel, "l", 0, 0, 0, target)
+
     def send(self, raises=True):
         """Bring every target up to date with the source directory."""
+        import queue
+
         if not self._targets:
             if raises:
                 raise OSError("no targets available, maybe you are trying call send() twice?")
             return
         root, entries = self._listing()
+        sizes = dict((entry[0], entry[3]) for entry in entries if entry[1] == "f")
         targets, self._targets = self._targets, []
+        # Every target is served by its own thread, so a slow host does not
+        # hold up the others; callbacks all run here, in the caller's thread.
+        events = queue.Queue()
+        end = object()
+        jobs = []
         for gateway, destdir, finished, delete in targets:
-            channel = gateway.remote_exec(
-                "import execnet_single\nexecnet_single._rsync_receive(channel)")
-            channel.send((destdir, delete, entries))
-            wanted = channel.receive()
-            if self._callback:
-                self._callback("list", len(entries), channel)
-            for rel in wanted:
+            job = {"gateway": gateway, "finished": finished, "inbox": queue.Queue(),
+                   "channel": None, "thread": None, "done": False, "error": None,
+                   "failure": None}
+            jobs.append(job)
+            try:
+                channel = gateway.remote_exec(self._REMOTE)
+                channel.setcallback(lambda item, job=job: events.put((job, item)), endmarker=end)
+            except Exception as exc:  # e.g. the gateway has gone away
+                job["error"] = exc
+                continue
+            job["channel"] = channel
+            job["thread"] = threading.Thread(
+                target=self._serve_target, args=(job, (destdir, delete, entries), root, events),
+                name="execnet_single-rsync-%s" % (gateway.id,))
+            job["thread"].daemon = True
+            job["thread"].start()
+        running = sum(1 for job in jobs if job["channel"] is not None)
+        try:
+            while running:
+                job, item = events.get()
+                if item is end:
+                    running -= 1
+                    self._target_ended(job)
+                elif isinstance(item, tuple):  # from the job's thread
+                    what, value = item
+                    if what == "report":
+                        self._report_send_file(job["gateway"], value)
+                    else:
+                        job["failure"] = value
+                elif isinstance(item, list):
+                    if self._callback:
+                        self._callback("list", sum(sizes.get(rel, 0) for rel in item),
+                                       job["channel"])
+                    job["inbox"].put(item)
+                elif isinstance(item, int):
+                    if self._callback:
+                        self._callback("ack", item, job["channel"])
+                else:
+                    job["done"] = True
+        except BaseException:
+            # a callback failed or the caller was interrupted: end every
+            # remote side too, rather than leave it waiting for files
+            for job in jobs:
+                if job["channel"] is not None:
+                    try:
+                        job["channel"].close("rsync aborted")
+                    except Exception:
+                        pass
+            raise
+        finally:
+            for job in jobs:
+                job["inbox"].put(None)  # no thread waits forever for its list
+        for job in jobs:
+            if job["thread"] is not None:
+                job["thread"].join()
+        for job in jobs:
+            if job["error"] is not None:
+                raise job["error"]
+
+    def _serve_target(self, job, request, root, events):
+        """One target's thread: send the listing, then the files it asks for."""
+        channel = job["channel"]
+        try:
+            channel.send(request)
+            wanted = job["inbox"].get()
+            for rel in wanted or ():
                 with open(os.path.join(root, *rel.split("/")), "rb") as f:
                     data = f.read()
-                self._report_send_file(gateway, rel)
+                events.put((job, ("report", rel)))
                 channel.send(data)
-                if self._callback:
-                    self._callback("ack", len(data), channel)
-            channel.waitclose()
-            if finished is not None:
-                finished()
+        except Exception as exc:
+            events.put((job, ("error", exc)))
+            try:
+                channel.close(str(exc))  # else the remote side waits for the file
+            except Exception:
+                pass
+
+    def _target_ended(self, job):
+        """The target's channel closed: record why, or report it finished."""
+        try:
+            job["channel"].waitclose(0)
+        except Exception as exc:
+            # the remote side's error explains a local send that failed on it
+            job["error"] = exc
+        if job["error"] is None and not job["done"]:
+            job["error"] = job["failure"] or OSError(self._LOST % (job["gateway"].id,))
+        job["inbox"].put(None)
+        if job["error"] is None and job["finished"] is not None:
+            job["finished"]()
 
 
 def _rsync_receive(channel):
-    """Remote side of RSync: update destdir from the listing."""
+    """Remote side of RSync: update destdir from the listing (see RSync)."""
     import shutil
 
     destdir, delete, entries = channel.receive()
     if not os.path.isdir(destdir):
         os.makedirs(destdir)
+    absdest = os.path.abspath(destdir)
     wanted = []
     for rel, kind, mode, size, mtime, target in entries:
         path = os.path.join(destdir, *rel.split("/"))
@@ -3312,11 +3421,13 @@ def _rsync_receive(channel):
             if not os.path.isdir(path):
                 os.makedirs(path)
             os.chmod(path, mode)
-        elif kind == "l":
+        elif kind in ("l", "L"):
             if os.path.islink(path) or os.path.isfile(path):
                 os.remove(path)
             elif os.path.isdir(path):
                 shutil.rmtree(path)
+            if kind == "L":
+                target = os.path.join(absdest, *target.split("/"))
             os.symlink(target, path)
         else:
             try:
@@ -3342,6 +3453,7 @@ def _rsync_receive(channel):
         entry = bykey[rel]
         os.chmod(path, entry[2])
         os.utime(path, ns=(entry[4], entry[4]))
+        channel.send(len(data))
     if delete:
         keep = set(bykey)
         for dirpath, dirnames, filenames in os.walk(destdir, topdown=False):
@@ -3353,6 +3465,7 @@ def _rsync_receive(channel):
                         shutil.rmtree(path)
                     else:
                         os.remove(path)
+    channel.send("done")
 
 
 # === 11. CLI ===
