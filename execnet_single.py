@@ -2991,16 +2991,19 @@ class Group:
         self._execmodel = get_execmodel(execmodel)
         self._remote_execmodel = get_execmodel(remote_execmodel or execmodel)
 
-    def allocate_id(self, spec):
-        """Give spec an id ('gw0', 'gw1', ...) unless it has one."""
+    def allocate_id(self, spec, taken=()):
+        """Give spec an id ('gw0', 'gw1', ...) unless it has one.
+
+        taken: ids of gateways about to start with it (makegateways).
+        """
         if spec.id is None:
             while True:
                 id = "gw" + str(self._autoidcounter)
                 self._autoidcounter += 1
-                if id not in self:
+                if id not in self and id not in taken:
                     break
             spec.id = id
-        elif spec.id in self:
+        elif spec.id in self or spec.id in taken:
             raise ValueError("duplicate gateway id %r" % (spec.id,))
 
     def makegateway(self, spec=None, output=None):
@@ -3012,7 +3015,10 @@ class Group:
 
     def makegateways(self, specs, output=None):
         """Start several gateways concurrently; return them in order."""
-        specs = [self._prepare(spec) for spec in specs]
+        prepared = []
+        for spec in specs:
+            prepared.append(self._prepare(spec, {s.id for s in prepared}))
+        specs = prepared
         results = [None] * len(specs)
 
         def start(index):
@@ -3050,13 +3056,13 @@ class Group:
             raise errors[0]
         return results
 
-    def _prepare(self, spec):
+    def _prepare(self, spec, taken=()):
         if spec is None:
             spec = self.defaultspec
         if not isinstance(spec, XSpec):
             spec = XSpec(spec)
         _check_spec(spec)
-        self.allocate_id(spec)
+        self.allocate_id(spec, taken)
         if spec.execmodel is None:
             spec.execmodel = self.remote_execmodel.backend
         get_execmodel(spec.execmodel)

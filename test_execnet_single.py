@@ -2531,6 +2531,13 @@ class TestGroup:
                 exit_and_join(gateway)
         assert len(group) == 1 + 3
 
+    @pytest.mark.parametrize("specs", [
+        ["popen//id=x", "popen//id=x"], ["popen", "popen//id=gw0"]])
+    def test_duplicate_id_in_one_batch_is_value_error(self, group, specs):
+        with pytest.raises(ValueError, match="duplicate gateway id"):
+            call_with_timeout(group.makegateways, 60, specs)
+        assert len(group) == 0
+
     def test_duplicate_explicit_id_is_value_error(self, group):
         first = mkgw(group, "popen//id=x")
         with pytest.raises(ValueError) as excinfo:
