@@ -856,6 +856,9 @@ class TestSerializer:
 
     @pytest.mark.parametrize("opcode", [b"N", b"A", b"K", b"H", b"S", b"M", b"@", b"O", b"E"])
     def test_huge_length_claim_fails_fast_and_small(self, opcode):
+        """Speed and no runaway allocation.  Under memory_limit a missing
+        length check would end as a MemoryError turned LoadError, so the
+        checks themselves are shown by the test after this one."""
         data = b"\x02" + opcode + b"\x7f\xff\xff\xff" + b"abc"
         assert len(data) <= 9
         tracemalloc.start()
