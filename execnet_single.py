@@ -208,6 +208,10 @@ class _Text:
         "can't send an item of %d bytes: gateway %s takes items of at most max_item=%d bytes")
     NO_TRANSPORT = "no gateway type found for %r (known: %s)"
     BAD_SPEC_VALUE = "invalid value for xspec key %r in %r: %s"
+    DUMP_TOO_DEEP = "can't serialize containers nested more than %d deep"
+    LOAD_TOO_DEEP = "containers nested more than %d deep near byte %d"
+    DUMP_INT_TOO_LONG = "can't serialize an int of more than %d decimal digits"
+    LOAD_INT_TOO_LONG = "int of %d digits at byte %d: more than the limit of %d digits"
 
 
 # === 3. Serializer ===
@@ -228,7 +232,44 @@ class _Text:
 #   'K' n   new list of n Nones, filled by 'P'
 #   legacy, load only: 'G' = 'F', 'I' = 'H', 'M' py2 str, 'S' py2 unicode
 #
+# Limits, the same both ways (dumps raises DumpError for what loads would
+# refuse with LoadError):
+# - Containers nest at most _MAX_DEPTH deep: a container's depth is 1 + the
+#   largest depth among its items (and keys); scalars count 0, so [] and
+#   [1, "a"] are 1 deep and [(1,)] is 2.  CPython hashes, compares and
+#   prints nested values by recursing in C, and overflows the C stack
+#   (a crash, not an exception) long before the 200,000 levels one MB of
+#   data can hold: in a thread with a 128 KiB stack, on 3.6-3.13, hashing
+#   a tuple nested ~2,000 deep or repr() of frozensets nested ~450 deep.
+# - An 'H' ('I') int has at most _MAX_INT_DIGITS characters after its sign,
+#   because converting decimal text takes time quadratic in its length.
+#
 # The same format is used on the wire between two execnet_single ends.
+
+_OP_TUPLE = 64  # '@'
+_OP_BYTES = 65  # 'A'
+_OP_CHANNEL = 66  # 'B'
+_OP_FALSE = 67  # 'C'
+_OP_FLOAT = 68  # 'D'
+_OP_FROZENSET = 69  # 'E'
+_OP_INT = 70  # 'F'
+_OP_INT_LEGACY = 71  # 'G'
+_OP_BIGINT = 72  # 'H'
+_OP_BIGINT_LEGACY = 73  # 'I'
+_OP_DICT = 74  # 'J'
+_OP_LIST = 75  # 'K'
+_OP_NONE = 76  # 'L'
+_OP_PY2STR = 77  # 'M'
+_OP_STR = 78  # 'N'
+_OP_SET = 79  # 'O'
+_OP_SETITEM = 80  # 'P'
+_OP_STOP = 81  # 'Q'
+_OP_TRUE = 82  # 'R'
+_OP_PY2UNICODE = 83  # 'S'
+_OP_COMPLEX = 84  # 'T'
+
+_MAX_DEPTH = 200  # far more than real data needs, far below a crash
+_MAX_INT_DIGITS = 20000  # 4.6x 3.11's str() limit; loads in ~2 ms
 
 _DUMPFORMAT_VERSION = b"\x02"
 _INT4 = struct.Struct("!i")
@@ -238,6 +279,9 @@ _DOUBLE = struct.Struct("!d")
 _COMPLEX = struct.Struct("!dd")
 _INT4_MIN = -(2 ** 31)
 _INT4_MAX = 2 ** 31 - 1
+# Ints strictly between -_INT_BOUND and _INT_BOUND have at most
+# _MAX_INT_DIGITS digits: a comparison instead of a conversion.
+_INT_BOUND = 10 ** _MAX_INT_DIGITS
 # 'F' + index for the first list positions, precomputed for speed.
 _LIST_INDEX = tuple(b"F" + _pack_i4(i) for i in range(1024))
 _DECIMAL_CHUNK = 10 ** 1000
@@ -289,39 +333,51 @@ def _ascii_to_int(digits):
     return -value if negative else value
 
 
-def _save(obj, w):
-    (_SAVERS.get(type(obj)) or _unknown)(obj, w)
+def _short_repr(obj):
+    """repr() for a DumpError's path, cut short: keys and set members can
+    be whole nested structures."""
+    text = repr(obj)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _unknown(obj, w):
+# Savers write obj with w; `depth` is how deep obj sits (1 at the top), so
+# that containers can refuse to go past _MAX_DEPTH.
+
+def _save(obj, w, depth):
+    (_SAVERS.get(type(obj)) or _unknown)(obj, w, depth)
+
+
+def _unknown(obj, w, depth):
     raise _DumpFail("can't serialize %s" % (type(obj),))
 
 
-def _save_none(obj, w):
+def _save_none(obj, w, depth):
     w(b"L")
 
 
-def _save_bool(obj, w):
+def _save_bool(obj, w, depth):
     w(b"R" if obj else b"C")
 
 
-def _save_int(obj, w):
+def _save_int(obj, w, depth):
     if _INT4_MIN <= obj <= _INT4_MAX:
         w(b"F" + _pack_i4(obj))
-    else:
+    elif -_INT_BOUND < obj < _INT_BOUND:
         digits = _int_to_ascii(obj)
         w(b"H" + _pack_i4(len(digits)) + digits)
+    else:
+        raise _DumpFail(_Text.DUMP_INT_TOO_LONG % _MAX_INT_DIGITS)
 
 
-def _save_float(obj, w):
+def _save_float(obj, w, depth):
     w(b"D" + _DOUBLE.pack(obj))
 
 
-def _save_complex(obj, w):
+def _save_complex(obj, w, depth):
     w(b"T" + _COMPLEX.pack(obj.real, obj.imag))
 
 
-def _save_str(obj, w):
+def _save_str(obj, w, depth):
     try:
         data = obj.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -330,79 +386,91 @@ def _save_str(obj, w):
     w(data)
 
 
-def _save_bytes(obj, w):
+def _save_bytes(obj, w, depth):
     if len(obj) > _INT4_MAX:
         raise _DumpFail("can't serialize bytes longer than 2 GiB")
     w(b"A" + _pack_i4(len(obj)))
     w(obj)
 
 
-def _save_list(obj, w):
+def _save_list(obj, w, depth):
+    if depth > _MAX_DEPTH:
+        raise _DumpFail(_Text.DUMP_TOO_DEEP % _MAX_DEPTH)
     w(b"K" + _pack_i4(len(obj)))
     index = 0
     get = _SAVERS.get
+    depth += 1
     try:
         for index, item in enumerate(obj):
             w(_LIST_INDEX[index] if index < 1024 else b"F" + _pack_i4(index))
             saver = get(type(item)) or _unknown
-            saver(item, w)
+            saver(item, w, depth)
             w(b"P")
     except _DumpFail as fail:
         fail.path.append("[%d]" % index)
         raise
 
 
-def _save_dict(obj, w):
+def _save_dict(obj, w, depth):
+    if depth > _MAX_DEPTH:
+        raise _DumpFail(_Text.DUMP_TOO_DEEP % _MAX_DEPTH)
     w(b"J")
     key = None
     get = _SAVERS.get
+    depth += 1
     try:
         for key, value in obj.items():
             saver = get(type(key)) or _unknown
-            saver(key, w)
+            saver(key, w, depth)
             saver = get(type(value)) or _unknown
-            saver(value, w)
+            saver(value, w, depth)
             w(b"P")
     except _DumpFail as fail:
-        fail.path.append("[%r]" % (key,))
+        fail.path.append("[%s]" % _short_repr(key))
         raise
 
 
-def _save_tuple(obj, w):
+def _save_tuple(obj, w, depth):
+    if depth > _MAX_DEPTH:
+        raise _DumpFail(_Text.DUMP_TOO_DEEP % _MAX_DEPTH)
     index = 0
     get = _SAVERS.get
+    depth += 1
     try:
         for index, item in enumerate(obj):
             saver = get(type(item)) or _unknown
-            saver(item, w)
+            saver(item, w, depth)
     except _DumpFail as fail:
         fail.path.append("[%d]" % index)
         raise
     w(b"@" + _pack_i4(len(obj)))
 
 
-def _save_set(obj, w):
-    _save_members(obj, w, b"O")
+def _save_set(obj, w, depth):
+    _save_members(obj, w, depth, b"O")
 
 
-def _save_frozenset(obj, w):
-    _save_members(obj, w, b"E")
+def _save_frozenset(obj, w, depth):
+    _save_members(obj, w, depth, b"E")
 
 
-def _save_members(obj, w, opcode):
+def _save_members(obj, w, depth, opcode):
+    if depth > _MAX_DEPTH:
+        raise _DumpFail(_Text.DUMP_TOO_DEEP % _MAX_DEPTH)
     item = None
     get = _SAVERS.get
+    depth += 1
     try:
         for item in obj:
             saver = get(type(item)) or _unknown
-            saver(item, w)
+            saver(item, w, depth)
     except _DumpFail as fail:
-        fail.path.append("{%r}" % (item,))
+        fail.path.append("{%s}" % _short_repr(item))
         raise
     w(opcode + _pack_i4(len(obj)))
 
 
-def _save_channel(obj, w):
+def _save_channel(obj, w, depth):
     w(b"B" + _pack_i4(obj.id))
 
 
@@ -427,11 +495,11 @@ def dumps(obj):
     out = [_DUMPFORMAT_VERSION]
     w = out.append
     try:
-        _save(obj, w)
+        _save(obj, w, 1)
     except _DumpFail as fail:
         where = "".join(reversed(fail.path))
         raise DumpError(fail.reason + (" at %s" % where if where else "")) from None
-    except RecursionError:
+    except RecursionError:  # _MAX_DEPTH is reached first, unless the caller is deep
         raise DumpError(
             "can't serialize a recursive or too deeply nested structure"
         ) from None
@@ -456,8 +524,11 @@ def load(byteio, py2str_as_py3str=False, py3str_as_py2str=False):
 
 # Bytes following each opcode: a fixed count, or -1 for a 4-byte length + data.
 _OPCODE_ARGS = {
-    64: 4, 65: -1, 66: 4, 67: 0, 68: 8, 69: 4, 70: 4, 71: 4, 72: -1, 73: -1,
-    74: 0, 75: 4, 76: 0, 77: -1, 78: -1, 79: 4, 80: 0, 81: 0, 82: 0, 83: -1, 84: 16,
+    _OP_TUPLE: 4, _OP_BYTES: -1, _OP_CHANNEL: 4, _OP_FALSE: 0, _OP_FLOAT: 8,
+    _OP_FROZENSET: 4, _OP_INT: 4, _OP_INT_LEGACY: 4, _OP_BIGINT: -1,
+    _OP_BIGINT_LEGACY: -1, _OP_DICT: 0, _OP_LIST: 4, _OP_NONE: 0, _OP_PY2STR: -1,
+    _OP_STR: -1, _OP_SET: 4, _OP_SETITEM: 0, _OP_STOP: 0, _OP_TRUE: 0,
+    _OP_PY2UNICODE: -1, _OP_COMPLEX: 16,
 }
 
 
@@ -494,8 +565,13 @@ def _read_one_dump(read):
 # dicts) are stored directly, without the stack.  They stop at the first
 # item they do not handle and return the position of its start; the general
 # loop in _loads carries on from there, so the result is the same.
+#
+# Nesting depth is counted for containers only.  The fast paths store values
+# at most 2 deep; they report the deepest value they stored in nested[0],
+# which the caller resets.  Opcodes are bound as default arguments: local
+# names cost no more than the literal numbers, module globals would.
 
-_CONSTANTS = {76: None, 82: True, 67: False}
+_CONSTANTS = {_OP_NONE: None, _OP_TRUE: True, _OP_FALSE: False}
 
 
 def _chunk_at(data, pos, end):
@@ -507,23 +583,24 @@ def _chunk_at(data, pos, end):
     return data[pos + 4:stop], stop
 
 
-def _fill_list(container, data, pos, end, fast_str):
-    while data[pos] == 70:
+def _fill_list(container, data, pos, end, fast_str, nested, INT=_OP_INT, STR=_OP_STR,
+               BYTES=_OP_BYTES, FLOAT=_OP_FLOAT, SETITEM=_OP_SETITEM):
+    while data[pos] == INT:
         key = _unpack_i4(data, pos + 1)[0]
         start = pos + 5
         vop = data[start]
-        if vop == 70:
+        if vop == INT:
             value = _unpack_i4(data, start + 1)[0]
             stop = start + 5
-        elif (vop == 78 and fast_str) or vop == 65:
+        elif (vop == STR and fast_str) or vop == BYTES:
             size = _unpack_i4(data, start + 1)[0]
             stop = start + 5 + size
             if size < 0 or stop >= end:
                 break
             value = data[start + 5:stop]
-            if vop == 78:
+            if vop == STR:
                 value = value.decode("utf-8")
-        elif vop == 68:
+        elif vop == FLOAT:
             value = _DOUBLE.unpack_from(data, start + 1)[0]
             stop = start + 9
         elif vop in _CONSTANTS:
@@ -531,103 +608,120 @@ def _fill_list(container, data, pos, end, fast_str):
             stop = start + 1
         else:
             break
-        if data[stop] != 80:
+        if data[stop] != SETITEM:
             found = _tuple_at(data, start, end) if fast_str else None
             if found is None:
                 break
             value, stop = found
-            if data[stop] != 80:
+            if data[stop] != SETITEM:
                 break
+            nested[0] = 1
         container[key] = value
         pos = stop + 1
     return pos
 
 
-def _fill_dict(container, data, pos, end):
+def _fill_dict(container, data, pos, end, nested, INT=_OP_INT, STR=_OP_STR,
+               FLOAT=_OP_FLOAT, LIST=_OP_LIST, SETITEM=_OP_SETITEM):
     # The value cases repeat _fill_list's on purpose: a shared function
     # would cost a call per item on the loader's hottest path.
+    deepest = 0  # the deepest value stored, reported in nested[0]
     while True:
         kop = data[pos]
-        if kop == 78:
+        if kop == STR:
             size = _unpack_i4(data, pos + 1)[0]
             stop = pos + 5 + size
             if size < 0 or stop >= end:
                 break
             key = data[pos + 5:stop].decode("utf-8")
-        elif kop == 70:
+        elif kop == INT:
             key = _unpack_i4(data, pos + 1)[0]
             stop = pos + 5
         else:
             break
         vop = data[stop]
         value_start = stop
-        if vop == 70:
+        if vop == INT:
             value = _unpack_i4(data, stop + 1)[0]
             stop += 5
-        elif vop == 78:
+        elif vop == STR:
             size = _unpack_i4(data, stop + 1)[0]
             if size < 0 or stop + 5 + size >= end:
                 break
             value = data[stop + 5:stop + 5 + size].decode("utf-8")
             stop += 5 + size
-        elif vop == 68:
+        elif vop == FLOAT:
             value = _DOUBLE.unpack_from(data, stop + 1)[0]
             stop += 9
         elif vop in _CONSTANTS:
             value = _CONSTANTS[vop]
             stop += 1
-        elif vop == 75:  # a list of simple values, filled here too
+        elif vop == LIST:  # a list of simple values, filled here too
             size = _unpack_i4(data, stop + 1)[0]
             if size < 0 or size * 7 > end - stop:
                 break
             value = [None] * size
-            stop = _fill_list(value, data, stop + 5, end, True)
-            # if the list holds more than simple values, the general loop
-            # starts again at this item's key
+            stop = _fill_list(value, data, stop + 5, end, True, nested)
+            # The list is 1 deep, 2 if it holds tuples.  If it holds more
+            # than simple values, the general loop starts again at this
+            # item's key and stores a list at least as deep.
+            if nested[0]:
+                nested[0] = 0
+                deepest = 2
+            elif not deepest:
+                deepest = 1
         else:
             break
-        if data[stop] != 80:
+        if data[stop] != SETITEM:
             # maybe a tuple of simple values: its items come before the '@'
             found = _tuple_at(data, value_start, end)
             if found is None:
                 break
             value, stop = found
-            if data[stop] != 80:
+            if data[stop] != SETITEM:
                 break
+            if not deepest:
+                deepest = 1
         container[key] = value
         pos = stop + 1
+    nested[0] = deepest
     return pos
 
 
-def _tuple_at(data, pos, end):
+def _tuple_at(data, pos, end, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT, TUPLE=_OP_TUPLE):
     """(tuple, position after it) if a tuple of ints, strs, floats, None or
     bools starts at pos; else None."""
     items = []
     while True:
         op = data[pos]
-        if op == 70:
+        if op == INT:
             items.append(_unpack_i4(data, pos + 1)[0])
             pos += 5
-        elif op == 78:
+        elif op == STR:
             size = _unpack_i4(data, pos + 1)[0]
             stop = pos + 5 + size
             if size < 0 or stop >= end:
                 return None
             items.append(data[pos + 5:stop].decode("utf-8"))
             pos = stop
-        elif op == 68:
+        elif op == FLOAT:
             items.append(_DOUBLE.unpack_from(data, pos + 1)[0])
             pos += 9
         elif op in _CONSTANTS:
             items.append(_CONSTANTS[op])
             pos += 1
-        elif op == 64 and _unpack_i4(data, pos + 1)[0] == len(items):
+        elif op == TUPLE and _unpack_i4(data, pos + 1)[0] == len(items):
             return tuple(items), pos + 5
         else:
             return None
 
 
-def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=False):
+def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=False,
+           INT=_OP_INT, INT_LEGACY=_OP_INT_LEGACY, SETITEM=_OP_SETITEM, STR=_OP_STR,
+           BYTES=_OP_BYTES, FLOAT=_OP_FLOAT, TUPLE=_OP_TUPLE, SET=_OP_SET,
+           FROZENSET=_OP_FROZENSET, LIST=_OP_LIST, DICT=_OP_DICT, BIGINT=_OP_BIGINT,
+           BIGINT_LEGACY=_OP_BIGINT_LEGACY, PY2STR=_OP_PY2STR, PY2UNICODE=_OP_PY2UNICODE,
+           COMPLEX=_OP_COMPLEX, CHANNEL=_OP_CHANNEL, STOP=_OP_STOP, MAX_DEPTH=_MAX_DEPTH):
     """Load one value from data; channels are made with channel_factory(id)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError("loads() needs bytes, not %s" % type(data).__name__)
@@ -641,75 +735,124 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
     push = stack.append
     pop = stack.pop
     fast_str = not py3str_as_py2str
+    # One entry per container on the stack, in stack order: its position
+    # << 10 | its depth so far (_MAX_DEPTH < 1024), above a sentinel.  A
+    # container on the stack is in no other container yet, and leaves the
+    # stack when it is put into one, so depths only change here.  A 'P'
+    # that replaces an item keeps the old item's depth: an overestimate
+    # that only hostile input can cause.
+    marks = [-1]
+    mark = marks.append
+    unmark = marks.pop
+    nested = [0]
     try:
         while True:
             op = data[pos]
             pos += 1
-            if op == 70 or op == 71:  # 'F' int ('G' legacy long)
+            if op == INT or op == INT_LEGACY:
                 push(_unpack_i4(data, pos)[0])
                 pos += 4
-            elif op == 80:  # 'P' setitem
+            elif op == SETITEM:
                 value = pop()
                 key = pop()
                 stack[-1][key] = value
-            elif op == 78 or op == 65:  # str, bytes
+                top = len(stack) << 10
+                if marks[-1] >= top:  # the value or the key is a container
+                    depth = (unmark() & 1023) + 1
+                    if marks[-1] >= top:  # both are
+                        inner = (unmark() & 1023) + 1
+                        if inner > depth:
+                            depth = inner
+                    # the setitem worked, so stack[-1] is a list or dict and
+                    # marks[-1] is its entry
+                    if depth > marks[-1] & 1023:
+                        if depth > MAX_DEPTH:
+                            raise LoadError(_Text.LOAD_TOO_DEEP % (MAX_DEPTH, pos - 1))
+                        marks[-1] = top - 1024 | depth
+            elif op == STR or op == BYTES:
                 size = _unpack_i4(data, pos)[0]
                 pos += 4
                 if size < 0 or pos + size > end:
                     raise LoadError("length %d at byte %d exceeds the data" % (size, pos - 4))
                 chunk = data[pos:pos + size]
                 pos += size
-                push(chunk.decode("utf-8") if op == 78 and fast_str else chunk)
+                push(chunk.decode("utf-8") if op == STR and fast_str else chunk)
             elif op in _CONSTANTS:  # 'L', 'R', 'C'
                 push(_CONSTANTS[op])
-            elif op == 68:  # 'D'
+            elif op == FLOAT:
                 push(_DOUBLE.unpack_from(data, pos)[0])
                 pos += 8
-            elif op == 64 or op == 79 or op == 69:  # tuple, set, frozenset
+            elif op == TUPLE or op == SET or op == FROZENSET:
                 size = _unpack_i4(data, pos)[0]
                 pos += 4
-                if size < 0 or size > len(stack):
+                top = len(stack)
+                if size < 0 or size > top:
                     raise LoadError("collection of %d items at byte %d, stack has %d" % (
-                        size, pos - 4, len(stack)))
-                kind = tuple if op == 64 else set if op == 79 else frozenset
+                        size, pos - 4, top))
+                # entries of items are >= the new one's: depths are >= 1
+                entry = (top - size) << 10 | 1
+                if marks[-1] >= entry:  # some items are containers
+                    depth = 0
+                    while marks[-1] >= entry:
+                        inner = unmark() & 1023
+                        if inner > depth:
+                            depth = inner
+                    # checked before set() and frozenset() hash the items
+                    if depth >= MAX_DEPTH:
+                        raise LoadError(_Text.LOAD_TOO_DEEP % (MAX_DEPTH, pos - 5))
+                    entry += depth
+                kind = tuple if op == TUPLE else set if op == SET else frozenset
                 if size:
                     items = kind(stack[-size:])
                     del stack[-size:]
                 else:
                     items = kind()
                 push(items)
-            elif op == 75:  # 'K' new list
+                mark(entry)
+            elif op == LIST:
                 size = _unpack_i4(data, pos)[0]
                 pos += 4
                 # every element costs at least 7 bytes ('F' index, value, 'P')
                 if size < 0 or size * 7 > end - pos:
                     raise LoadError("list length %d at byte %d exceeds the data" % (size, pos - 4))
                 container = [None] * size
+                mark(len(stack) << 10 | 1)
                 push(container)
-                pos = _fill_list(container, data, pos, end, fast_str)
-            elif op == 74:  # 'J'
+                pos = _fill_list(container, data, pos, end, fast_str, nested)
+                if nested[0]:  # at most 1: no need to check the depth
+                    marks[-1] += nested[0]
+                    nested[0] = 0
+            elif op == DICT:
                 container = {}
+                mark(len(stack) << 10 | 1)
                 push(container)
                 if fast_str:
-                    pos = _fill_dict(container, data, pos, end)
-            elif op == 72 or op == 73 or op == 77 or op == 83:  # big int, legacy strings
+                    pos = _fill_dict(container, data, pos, end, nested)
+                    if nested[0]:  # at most 2: no need to check the depth
+                        marks[-1] += nested[0]
+                        nested[0] = 0
+            elif op == BIGINT or op == BIGINT_LEGACY or op == PY2STR or op == PY2UNICODE:
                 chunk, pos = _chunk_at(data, pos, end)
-                if op == 72 or op == 73:
+                if op == BIGINT or op == BIGINT_LEGACY:
+                    digits = len(chunk) - (chunk[:1] in (b"-", b"+"))
+                    if digits > _MAX_INT_DIGITS:
+                        raise LoadError(_Text.LOAD_INT_TOO_LONG % (
+                            digits, pos - len(chunk) - 5, _MAX_INT_DIGITS))
                     push(_ascii_to_int(chunk))
-                elif op == 83 or py2str_as_py3str:
-                    push(chunk.decode("utf-8" if op == 83 else "latin-1"))
+                elif op == PY2UNICODE or py2str_as_py3str:
+                    push(chunk.decode("utf-8" if op == PY2UNICODE else "latin-1"))
                 else:
                     push(chunk)
-            elif op == 84:
+            elif op == COMPLEX:
                 real, imag = _COMPLEX.unpack_from(data, pos)
                 push(complex(real, imag))
                 pos += 16
-            elif op == 66:  # 'B' channel
+            elif op == CHANNEL:
                 if channel_factory is None:
                     raise LoadError("data contains a channel but there is no gateway")
                 push(channel_factory(_unpack_i4(data, pos)[0]))
                 pos += 4
-            elif op == 81:  # 'Q' stop
+            elif op == STOP:
                 break
             else:
                 raise LoadError("unknown opcode %r at byte %d" % (bytes([op]), pos - 1))
