@@ -1749,8 +1749,8 @@ class _GatewayBase:
     def _receiving(self, cid):
         """(channel or None, its _Flow or None) for data arriving on cid."""
         channel = self._channels.get(cid)
-        if channel is not None:
-            return channel, (None if channel._closed else channel._flow)
+        if channel is not None:  # (closed for sending perhaps, still receiving)
+            return channel, channel._flow
         entry = self._callbacks.get(cid)  # a callback outlives its channel object
         return None, (entry[2] if entry is not None else None)
 
