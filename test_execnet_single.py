@@ -984,6 +984,23 @@ class TestChannel:
         assert "wc-boom" in str(excinfo.value)
         assert ch.receive(timeout=30) == 1  # already queued items stay readable
 
+    def test_remote_eof_error_is_remote_error(self, gw):
+        # EOFError from remote code is an error like any other, not a clean
+        # close: only the gateway's own shutdown may end code that way
+        ch = gw.remote_exec("raise EOFError('own-eof-31')")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.receive(timeout=30)
+        assert "EOFError" in str(excinfo.value) and "own-eof-31" in str(excinfo.value)
+
+    def test_eof_of_another_channel_escaping_remote_code_is_remote_error(self, gw):
+        other = gw.newchannel()
+        ch = gw.remote_exec("other = channel.receive()\nother.receive()\n")
+        ch.send(other)
+        other.close()  # the remote's other.receive() raises EOFError, uncaught
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.waitclose(timeout=30)
+        assert "EOFError" in str(excinfo.value)
+
     def test_getremoteerror(self, gw):
         ch = gw.remote_exec("raise KeyError('gre-xyz')")
         assert wait_for(ch.isclosed, timeout=30)
