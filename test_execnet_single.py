@@ -1728,6 +1728,40 @@ class TestOutput:
         out = b"".join(data for fd, data in got if fd == 1)
         assert b"fork-refused\n" in out and b"fork-sent" not in out
 
+    def test_output_still_in_the_pipes_at_exit_arrives(self, transport):
+        # The remote code's last act, while exit() is under way, is a burst
+        # to fds 1 and 2 bigger than a pipe holds.  A slow local reader keeps
+        # the remote's forwarding behind (popen: always; via: the proxy
+        # buffers, so only sometimes), so the tail of the burst is still in
+        # the pipes when the remote process ends: it must arrive too.
+        got = []
+
+        def slow_output(fd, data):
+            got.append((fd, data))
+            time.sleep(0.002)  # not asserted: only slows the reader down
+
+        gw = _output_gateway(transport, slow_output)
+        ch = gw.remote_exec(
+            "import os\n"
+            "def write_all(fd, data):\n"
+            "    view = memoryview(data)\n"
+            "    while view:\n"
+            "        view = view[os.write(fd, view):]\n"
+            "channel.send('ready')\n"
+            "try:\n"
+            "    channel.receive()\n"
+            "except EOFError:\n"
+            "    pass  # the gateway is exiting\n"
+            "write_all(1, b''.join(b'out %06d\\n' % i for i in range(150000)))\n"
+            "write_all(2, b''.join(b'err %06d\\n' % i for i in range(150000)))\n"
+        )
+        assert ch.receive(timeout=30) == "ready"
+        exit_and_join(gw)
+        out = b"".join(data for fd, data in got if fd == 1)
+        err = b"".join(data for fd, data in got if fd == 2)
+        assert out == b"".join(b"out %06d\n" % i for i in range(150000)), (len(out), out[-30:])
+        assert err == b"".join(b"err %06d\n" % i for i in range(150000)), (len(err), err[-30:])
+
     def test_output_of_remote_subprocess(self, transport):
         got = []
         gw = _output_gateway(transport, lambda fd, data: got.append((fd, data)))
