@@ -1831,6 +1831,25 @@ class TestTermination:
         exit_and_join(gw, timeout=60)
         assert wait_for(lambda: pid_gone(pid), timeout=30), "stubborn remote survived exit()"
 
+    def test_remote_cleanup_gets_its_grace_period(self, group, transport, tmp_path):
+        # code still running when exit() is called may finish its cleanup
+        # (here 0.3 s of it) before the remote process ends
+        marker = tmp_path / "cleaned-up"
+        gw = make_transport_gateway(group, transport)
+        ch = gw.remote_exec(
+            "import time\n"
+            "channel.send('ready')\n"
+            "try:\n"
+            "    channel.receive()\n"
+            "except EOFError:\n"
+            "    time.sleep(0.3)\n"
+            "    with open(%r, 'w') as f:\n"
+            "        f.write('done')\n" % str(marker)
+        )
+        assert ch.receive(timeout=30) == "ready"
+        exit_and_join(gw)
+        assert marker.exists() and marker.read_text() == "done"
+
     def test_group_terminate_with_busy_remotes(self, group):
         gws = [mkgw(group, "popen"), mkgw(group, "popen//id=tp")]
         gws.append(mkgw(group, "popen//via=tp"))
