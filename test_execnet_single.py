@@ -1502,6 +1502,75 @@ ls "{dir}" | grep -c '^started' > "{dir}/seen.$$"
 exec "{python}" "$@"
 """
 
+# A python= wrapper that holds the remote's ready frame back until the next
+# frame is complete too, then writes both at once: the reader gets frames
+# past the ready frame in the very read that completes the bootstrap.  It
+# records how many frames went out together in {record}.  (-S: the
+# sitecustomize below is for the real interpreter, not for the wrapper.)
+COALESCING_WRAPPER = """#!{python} -S
+import os, struct, subprocess, sys
+
+child = subprocess.Popen([{python!r}] + sys.argv[1:], stdout=subprocess.PIPE, bufsize=0)
+out = child.stdout.fileno()
+
+
+def write(data):
+    while data:
+        data = data[os.write(1, data):]
+
+
+def frames_complete(buf):
+    count = pos = 0
+    while len(buf) - pos >= 9:
+        end = pos + 9 + struct.unpack("!I", buf[pos + 5:pos + 9])[0]
+        if end > len(buf):
+            break
+        count, pos = count + 1, end
+    return count
+
+
+buf = b""
+while b"\\n" not in buf:  # the bootstrap's text line goes through alone
+    data = os.read(out, 65536)
+    if not data:
+        break
+    buf += data
+line, _, buf = buf.partition(b"\\n")
+write(line + b"\\n")
+while frames_complete(buf) < 2:
+    data = os.read(out, 65536)
+    if not data:
+        break
+    buf += data
+with open({record!r}, "w") as f:
+    f.write(str(frames_complete(buf)))
+write(buf)
+while True:
+    data = os.read(out, 65536)
+    if not data:
+        break
+    write(data)
+sys.exit(child.wait())
+"""
+
+# Makes the remote print, unasked, as soon as execnet_single has taken over
+# sys.stdout (writing to fd 1 any earlier would corrupt the protocol stream).
+SITECUSTOMIZE_MARKER = """
+import sys, threading, time
+
+
+def _announce():
+    while sys.stdout is sys.__stdout__:
+        time.sleep(0.001)
+    sys.stdout.write("sitecustomize-marker-58\\n")
+    sys.stdout.flush()
+
+
+_thread = threading.Thread(target=_announce)
+_thread.daemon = True
+_thread.start()
+"""
+
 
 class TestBootstrap:
     def test_python_is_shell_split(self, group, transport):
@@ -1605,6 +1674,35 @@ class TestBootstrap:
             call_with_timeout(g.terminate, 60, timeout=10)
         seen = [int(p.read_text()) for p in marks.glob("seen.*")]
         assert seen == [n] * n, "gateways were started one after another"
+
+    @single_only
+    def test_frames_read_together_with_the_ready_frame_are_delivered(
+            self, group, transport, tmp_path):
+        # The remote's first frames after the ready frame can arrive in the
+        # same read; the bootstrap (for via: in the proxy) must hand them on.
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE_MARKER)
+        record = tmp_path / "coalesced"
+        wrapper = tmp_path / "python-coalescing"
+        wrapper.write_text(COALESCING_WRAPPER.format(python=sys.executable, record=str(record)))
+        os.chmod(str(wrapper), 0o755)
+        spec = "popen//python=%s//env:PYTHONPATH=%s" % (wrapper, site)
+        if transport == "via":
+            proxy = "lproxy-%d" % next(_ids)
+            mkgw(group, "popen//id=" + proxy)
+            spec += "//via=" + proxy
+        got = []
+        gw = call_with_timeout(group.makegateway, 60, spec,
+                               output=lambda fd, data: got.append((fd, data)))
+        ch = gw.remote_exec(remote_echo)
+        ch.send("round trip")
+        assert ch.receive(timeout=30) == "round trip"
+        ch.close()
+        exit_and_join(gw)
+        assert record.read_text() == "2", "the wrapper did not coalesce the frames"
+        out = b"".join(data for fd, data in got if fd == 1)
+        assert out == b"sitecustomize-marker-58\n"
 
     def test_via_chain(self, group):
         mkgw(group, "popen//id=hop1")
