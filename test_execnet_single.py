@@ -927,6 +927,29 @@ class TestFraming:
 # ============================================================ channels
 
 
+# The child of a fork ends the ordinary way (finalizers and atexit run);
+# the parent's channel must still work.  Prints the two echoed items.
+FORK_EXITS_NORMALLY_SCRIPT = """
+{import_line}
+import os, sys
+for spec in {specs!r}:
+    gw = execnet.makegateway(spec)
+ch = gw.remote_exec("for item in channel: channel.send(item)")
+ch.send(1)
+print(ch.receive(timeout=30))
+sys.stdout.flush()
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)
+os.waitpid(pid, 0)
+ch.send(2)
+try:
+    print(ch.receive(timeout=10))
+except Exception as exc:
+    print("parent-channel-broken", type(exc).__name__, exc)
+"""
+
+
 class TestChannel:
     def test_echo_every_type(self, gw):
         ch = gw.remote_exec(remote_echo)
@@ -1084,6 +1107,69 @@ class TestChannel:
         del ch
         gc.collect()
         assert report.receive(timeout=30) == "eof"
+
+    def test_fork_dropping_a_channel_leaves_it_open_in_the_parent(self, gw):
+        # A fork of this process (multiprocessing, say) that lets go of its
+        # copy of a channel must not close the parent's channel.
+        import gc
+        import warnings
+
+        ch = gw.remote_exec(remote_echo)
+        ch.send(1)
+        assert ch.receive(timeout=30) == 1
+        gc.collect()  # leave no earlier garbage for the child to finalize
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+            pid = os.fork()
+        if pid == 0:  # the child: must never run pytest's code any further
+            try:
+                del ch
+                gc.collect()
+            finally:
+                os._exit(0)
+        try:
+            assert wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, timeout=10)
+            pid = None
+        finally:
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        ch.send(2)
+        assert ch.receive(timeout=10) == 2
+        ch.close()
+
+    @pytest.mark.parametrize("transport", ["popen", "via"])
+    def test_fork_exiting_normally_leaves_channels_open_in_the_parent(self, transport):
+        specs = ["popen"] if transport == "popen" else ["popen//id=p", "popen//via=p"]
+        proc = run_script(sys.executable, FORK_EXITS_NORMALLY_SCRIPT.format(
+            import_line=IMPORT_LINE, specs=specs), timeout=60)
+        stderr = proc.stderr.decode("utf-8", "replace")
+        assert proc.stdout.decode().split() == ["1", "2"], stderr
+        assert proc.returncode == 0, stderr
+
+    def test_fork_in_remote_dropping_a_channel_leaves_it_open(self, gw):
+        other = gw.newchannel()
+        ch = gw.remote_exec(
+            "import gc, os\n"
+            "other = channel.receive()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    try:\n"
+            "        del other\n"
+            "        gc.collect()\n"
+            "    finally:\n"
+            "        os._exit(0)\n"
+            "os.waitpid(pid, 0)\n"
+            "channel.send('forked')\n"
+            "for item in other:\n"
+            "    other.send(item * 2)\n"
+        )
+        ch.send(other)
+        assert ch.receive(timeout=30) == "forked"
+        other.send(21)
+        assert other.receive(timeout=10) == 42
+        other.close()
+        ch.waitclose(timeout=30)
 
     def test_close_inside_remote_exec_is_error(self, gw):
         ch = gw.remote_exec(
