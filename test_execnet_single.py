@@ -1995,6 +1995,142 @@ print(" ".join(map(str, pids)))
 """
 
 
+def _stop(pid):
+    """SIGSTOP pid and wait until it is stopped: it reads and exits no more."""
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, timeout=10)
+
+
+def _kill_leftovers(pids):
+    """Cleanup: SIGKILL (works on stopped processes too) whatever still runs."""
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30)
+
+
+def _start_blocked_sender(gw, items=4, size=1024 * 1024):
+    """A daemon thread sending items*size bytes to gw's remote, which must be
+    stopped already: the thread blocks in send() (while holding whatever a
+    send holds)."""
+    ch = gw.remote_exec("channel.receive()")
+
+    def send():
+        try:
+            for _ in range(items):
+                ch.send(b"x" * size)
+        except Exception:
+            pass  # the remote was killed: expected at cleanup
+
+    thread = threading.Thread(target=send, name="blocked-sender")
+    thread.daemon = True
+    thread.start()
+    thread.join(0.5)  # not asserted: time to fill the pipes and block
+    assert thread.is_alive(), "send() to a stopped remote did not block"
+    return thread
+
+
+def _run_host_that_must_exit(script, npids, exit_within):
+    """Run script in a fresh host interpreter; it prints its remotes' pids
+    first.  Check that it exits within `exit_within` seconds and that none
+    of those remotes is left running; return the rest of its output."""
+    proc = subprocess.Popen([sys.executable, "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pids = []
+    try:
+        line = call_with_timeout(proc.stdout.readline, 60)
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == npids, (line, proc.stderr.read() if proc.poll() is not None else "")
+        try:
+            proc.wait(timeout=exit_within)
+            exited = True
+        except subprocess.TimeoutExpired:
+            exited = False
+            proc.kill()
+            proc.wait(timeout=30)
+        out = proc.stdout.read().decode("utf-8", "replace")
+        err = proc.stderr.read().decode("utf-8", "replace")
+        assert exited, "the host did not exit within %s s (stdout %r, stderr %r)" % (
+            exit_within, out, err[-2000:])
+        assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=5), (
+            "remotes outlived the host: %s" % [p for p in pids if pid_alive(p)])
+        return out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+        _kill_leftovers(pids)
+
+# The host ends while a daemon thread is blocked sending to a stopped remote
+# (for via: relayed by a proxy).  Prints the pids of its remotes first.
+STOPPED_REMOTE_AT_EXIT_SCRIPT = """
+{import_line}
+import os, signal, sys, threading, time
+gateways = [execnet.makegateway(spec) for spec in {specs!r}]
+pids = [g._rinfo().pid for g in gateways]
+gw = gateways[-1]
+ch = gw.remote_exec("channel.receive()")
+os.kill(pids[-1], signal.SIGSTOP)
+
+
+def send():
+    try:
+        for _ in range(4):
+            ch.send(b"x" * (1024 * 1024))
+    except Exception:
+        pass
+
+
+thread = threading.Thread(target=send)
+thread.daemon = True
+thread.start()
+thread.join(0.5)
+print(" ".join(map(str, pids)))
+sys.stdout.flush()
+"""
+
+# A proxy and two gateways via it; the remote of `a` is stopped while a
+# daemon thread sends it 4 MiB.  Prints the pids of p, a, b; then checks
+# that b and p still answer, prints "siblings-ok" and ends.
+STUCK_VIA_SIBLING_AT_EXIT_SCRIPT = """
+{import_line}
+import os, signal, sys, threading
+p = execnet.makegateway("popen//id=p")
+a = execnet.makegateway("popen//id=a//via=p")
+b = execnet.makegateway("popen//id=b//via=p")
+pids = [g._rinfo().pid for g in (p, a, b)]
+print(" ".join(map(str, pids)))
+sys.stdout.flush()
+ch = a.remote_exec("channel.receive()")
+os.kill(pids[1], signal.SIGSTOP)
+
+
+def send():
+    try:
+        for _ in range(4):
+            ch.send(b"x" * (1024 * 1024))
+    except Exception:
+        pass
+
+
+thread = threading.Thread(target=send)
+thread.daemon = True
+thread.start()
+thread.join(0.5)
+for g in (b, p):
+    c = g.remote_exec("channel.send(channel.receive() + 1)")
+    c.send(41)
+    assert c.receive(timeout=10) == 42
+print("siblings-ok")
+sys.stdout.flush()
+"""
+
+
 class TestTermination:
     def test_exit_with_busy_remote(self, group, transport):
         gw = make_transport_gateway(group, transport)
@@ -2033,6 +2169,87 @@ class TestTermination:
         assert ch.receive(timeout=30) == "ready"
         exit_and_join(gw)
         assert marker.exists() and marker.read_text() == "done"
+
+    def test_exit_returns_while_a_sender_is_blocked_on_a_stopped_remote(
+            self, group, transport):
+        gw = make_transport_gateway(group, transport)
+        pid = rinfo(gw).pid
+        try:
+            _stop(pid)
+            _start_blocked_sender(gw)
+            call_with_timeout(gw.exit, 10)
+            assert wait_for(lambda: pid_gone(pid), timeout=5), "stopped remote survived exit()"
+        finally:
+            _kill_leftovers([pid])
+
+    def test_group_terminate_returns_while_senders_are_blocked_on_stopped_remotes(self, group):
+        gws = [mkgw(group, "popen"), mkgw(group, "popen")]
+        pids = [rinfo(g).pid for g in gws]
+        try:
+            for g, pid in zip(gws, pids):
+                _stop(pid)
+                _start_blocked_sender(g)
+            call_with_timeout(group.terminate, 15, timeout=2)
+            assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=5), (
+                "stopped remotes survived terminate(): %s" % [p for p in pids if pid_alive(p)])
+        finally:
+            _kill_leftovers(pids)
+
+    @pytest.mark.parametrize("transport", ["popen", "via"])
+    def test_interpreter_exit_with_a_sender_blocked_on_a_stopped_remote(self, transport):
+        specs = ["popen"] if transport == "popen" else ["popen//id=p", "popen//via=p"]
+        script = STOPPED_REMOTE_AT_EXIT_SCRIPT.format(import_line=IMPORT_LINE, specs=specs)
+        _run_host_that_must_exit(script, len(specs), exit_within=15)
+
+    def test_stuck_via_gateway_does_not_stall_its_siblings(self, group):
+        p = mkgw(group, "popen//id=sib-p")
+        a = mkgw(group, "popen//id=sib-a//via=sib-p")
+        b = mkgw(group, "popen//id=sib-b//via=sib-p")
+        pids = [rinfo(g).pid for g in (p, a, b)]
+
+        def round_trip(g):
+            ch = g.remote_exec("channel.send(channel.receive() + 1)")
+            ch.send(41)
+            return ch.receive(timeout=5)
+
+        try:
+            _stop(pids[1])
+            _start_blocked_sender(a)
+            assert call_with_timeout(round_trip, 10, b) == 42
+            assert call_with_timeout(round_trip, 10, p) == 42
+        finally:
+            _kill_leftovers([pids[1]])
+
+    def test_interpreter_exit_with_a_stuck_via_gateway_leaves_no_remotes(self):
+        script = STUCK_VIA_SIBLING_AT_EXIT_SCRIPT.format(import_line=IMPORT_LINE)
+        out = _run_host_that_must_exit(script, 3, exit_within=20)
+        assert out.split() == ["siblings-ok"]
+
+    def test_exit_of_via_gateway_ends_its_stopped_remote(self, group):
+        mkgw(group, "popen//id=stop-p")
+        gw = mkgw(group, "popen//via=stop-p")
+        pid = rinfo(gw).pid
+        try:
+            _stop(pid)
+            call_with_timeout(gw.exit, 10)
+            assert wait_for(lambda: pid_gone(pid), timeout=5), "stopped via remote survived exit()"
+        finally:
+            _kill_leftovers([pid])
+
+    def test_exit_of_via_gateway_ends_its_stopped_remote_with_unread_input(self, group):
+        # as above, but the proxy holds input for the remote that does not
+        # fit into its stdin pipe: the relay is stuck writing it
+        mkgw(group, "popen//id=stop-q")
+        gw = mkgw(group, "popen//via=stop-q")
+        pid = rinfo(gw).pid
+        try:
+            ch = gw.remote_exec("channel.receive()")
+            _stop(pid)
+            call_with_timeout(ch.send, 10, b"x" * 200000)  # passes the proxy, not the pipe
+            call_with_timeout(gw.exit, 10)
+            assert wait_for(lambda: pid_gone(pid), timeout=5), "stopped via remote survived exit()"
+        finally:
+            _kill_leftovers([pid])
 
     def test_group_terminate_with_busy_remotes(self, group):
         gws = [mkgw(group, "popen"), mkgw(group, "popen//id=tp")]
