@@ -1294,6 +1294,29 @@ class TestFraming:
 # ============================================================ channels
 
 
+# The child of a fork ends the ordinary way (finalizers and atexit run);
+# the parent's channel must still work.  Prints the two echoed items.
+FORK_EXITS_NORMALLY_SCRIPT = """
+{import_line}
+import os, sys
+for spec in {specs!r}:
+    gw = execnet.makegateway(spec)
+ch = gw.remote_exec("for item in channel: channel.send(item)")
+ch.send(1)
+print(ch.receive(timeout=30))
+sys.stdout.flush()
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)
+os.waitpid(pid, 0)
+ch.send(2)
+try:
+    print(ch.receive(timeout=10))
+except Exception as exc:
+    print("parent-channel-broken", type(exc).__name__, exc)
+"""
+
+
 class TestChannel:
     def test_echo_every_type(self, gw):
         ch = gw.remote_exec(remote_echo)
@@ -1350,6 +1373,23 @@ class TestChannel:
             ch.waitclose(timeout=30)
         assert "wc-boom" in str(excinfo.value)
         assert ch.receive(timeout=30) == 1  # already queued items stay readable
+
+    def test_remote_eof_error_is_remote_error(self, gw):
+        # EOFError from remote code is an error like any other, not a clean
+        # close: only the gateway's own shutdown may end code that way
+        ch = gw.remote_exec("raise EOFError('own-eof-31')")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.receive(timeout=30)
+        assert "EOFError" in str(excinfo.value) and "own-eof-31" in str(excinfo.value)
+
+    def test_eof_of_another_channel_escaping_remote_code_is_remote_error(self, gw):
+        other = gw.newchannel()
+        ch = gw.remote_exec("other = channel.receive()\nother.receive()\n")
+        ch.send(other)
+        other.close()  # the remote's other.receive() raises EOFError, uncaught
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.waitclose(timeout=30)
+        assert "EOFError" in str(excinfo.value)
 
     def test_getremoteerror(self, gw):
         ch = gw.remote_exec("raise KeyError('gre-xyz')")
@@ -1434,6 +1474,69 @@ class TestChannel:
         del ch
         gc.collect()
         assert report.receive(timeout=30) == "eof"
+
+    def test_fork_dropping_a_channel_leaves_it_open_in_the_parent(self, gw):
+        # A fork of this process (multiprocessing, say) that lets go of its
+        # copy of a channel must not close the parent's channel.
+        import gc
+        import warnings
+
+        ch = gw.remote_exec(remote_echo)
+        ch.send(1)
+        assert ch.receive(timeout=30) == 1
+        gc.collect()  # leave no earlier garbage for the child to finalize
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+            pid = os.fork()
+        if pid == 0:  # the child: must never run pytest's code any further
+            try:
+                del ch
+                gc.collect()
+            finally:
+                os._exit(0)
+        try:
+            assert wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, timeout=10)
+            pid = None
+        finally:
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        ch.send(2)
+        assert ch.receive(timeout=10) == 2
+        ch.close()
+
+    @pytest.mark.parametrize("transport", ["popen", "via"])
+    def test_fork_exiting_normally_leaves_channels_open_in_the_parent(self, transport):
+        specs = ["popen"] if transport == "popen" else ["popen//id=p", "popen//via=p"]
+        proc = run_script(sys.executable, FORK_EXITS_NORMALLY_SCRIPT.format(
+            import_line=IMPORT_LINE, specs=specs), timeout=60)
+        stderr = proc.stderr.decode("utf-8", "replace")
+        assert proc.stdout.decode().split() == ["1", "2"], stderr
+        assert proc.returncode == 0, stderr
+
+    def test_fork_in_remote_dropping_a_channel_leaves_it_open(self, gw):
+        other = gw.newchannel()
+        ch = gw.remote_exec(
+            "import gc, os\n"
+            "other = channel.receive()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    try:\n"
+            "        del other\n"
+            "        gc.collect()\n"
+            "    finally:\n"
+            "        os._exit(0)\n"
+            "os.waitpid(pid, 0)\n"
+            "channel.send('forked')\n"
+            "for item in other:\n"
+            "    other.send(item * 2)\n"
+        )
+        ch.send(other)
+        assert ch.receive(timeout=30) == "forked"
+        other.send(21)
+        assert other.receive(timeout=10) == 42
+        other.close()
+        ch.waitclose(timeout=30)
 
     def test_close_inside_remote_exec_is_error(self, gw):
         ch = gw.remote_exec(
@@ -1852,6 +1955,75 @@ ls "{dir}" | grep -c '^started' > "{dir}/seen.$$"
 exec "{python}" "$@"
 """
 
+# A python= wrapper that holds the remote's ready frame back until the next
+# frame is complete too, then writes both at once: the reader gets frames
+# past the ready frame in the very read that completes the bootstrap.  It
+# records how many frames went out together in {record}.  (-S: the
+# sitecustomize below is for the real interpreter, not for the wrapper.)
+COALESCING_WRAPPER = """#!{python} -S
+import os, struct, subprocess, sys
+
+child = subprocess.Popen([{python!r}] + sys.argv[1:], stdout=subprocess.PIPE, bufsize=0)
+out = child.stdout.fileno()
+
+
+def write(data):
+    while data:
+        data = data[os.write(1, data):]
+
+
+def frames_complete(buf):
+    count = pos = 0
+    while len(buf) - pos >= 9:
+        end = pos + 9 + struct.unpack("!I", buf[pos + 5:pos + 9])[0]
+        if end > len(buf):
+            break
+        count, pos = count + 1, end
+    return count
+
+
+buf = b""
+while b"\\n" not in buf:  # the bootstrap's text line goes through alone
+    data = os.read(out, 65536)
+    if not data:
+        break
+    buf += data
+line, _, buf = buf.partition(b"\\n")
+write(line + b"\\n")
+while frames_complete(buf) < 2:
+    data = os.read(out, 65536)
+    if not data:
+        break
+    buf += data
+with open({record!r}, "w") as f:
+    f.write(str(frames_complete(buf)))
+write(buf)
+while True:
+    data = os.read(out, 65536)
+    if not data:
+        break
+    write(data)
+sys.exit(child.wait())
+"""
+
+# Makes the remote print, unasked, as soon as execnet_single has taken over
+# sys.stdout (writing to fd 1 any earlier would corrupt the protocol stream).
+SITECUSTOMIZE_MARKER = """
+import sys, threading, time
+
+
+def _announce():
+    while sys.stdout is sys.__stdout__:
+        time.sleep(0.001)
+    sys.stdout.write("sitecustomize-marker-58\\n")
+    sys.stdout.flush()
+
+
+_thread = threading.Thread(target=_announce)
+_thread.daemon = True
+_thread.start()
+"""
+
 
 class TestBootstrap:
     def test_python_is_shell_split(self, group, transport):
@@ -1955,6 +2127,35 @@ class TestBootstrap:
             call_with_timeout(g.terminate, 60, timeout=10)
         seen = [int(p.read_text()) for p in marks.glob("seen.*")]
         assert seen == [n] * n, "gateways were started one after another"
+
+    @single_only
+    def test_frames_read_together_with_the_ready_frame_are_delivered(
+            self, group, transport, tmp_path):
+        # The remote's first frames after the ready frame can arrive in the
+        # same read; the bootstrap (for via: in the proxy) must hand them on.
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE_MARKER)
+        record = tmp_path / "coalesced"
+        wrapper = tmp_path / "python-coalescing"
+        wrapper.write_text(COALESCING_WRAPPER.format(python=sys.executable, record=str(record)))
+        os.chmod(str(wrapper), 0o755)
+        spec = "popen//python=%s//env:PYTHONPATH=%s" % (wrapper, site)
+        if transport == "via":
+            proxy = "lproxy-%d" % next(_ids)
+            mkgw(group, "popen//id=" + proxy)
+            spec += "//via=" + proxy
+        got = []
+        gw = call_with_timeout(group.makegateway, 60, spec,
+                               output=lambda fd, data: got.append((fd, data)))
+        ch = gw.remote_exec(remote_echo)
+        ch.send("round trip")
+        assert ch.receive(timeout=30) == "round trip"
+        ch.close()
+        exit_and_join(gw)
+        assert record.read_text() == "2", "the wrapper did not coalesce the frames"
+        out = b"".join(data for fd, data in got if fd == 1)
+        assert out == b"sitecustomize-marker-58\n"
 
     def test_via_chain(self, group):
         mkgw(group, "popen//id=hop1")
@@ -2078,6 +2279,40 @@ class TestOutput:
         out = b"".join(data for fd, data in got if fd == 1)
         assert b"fork-refused\n" in out and b"fork-sent" not in out
 
+    def test_output_still_in_the_pipes_at_exit_arrives(self, transport):
+        # The remote code's last act, while exit() is under way, is a burst
+        # to fds 1 and 2 bigger than a pipe holds.  A slow local reader keeps
+        # the remote's forwarding behind (popen: always; via: the proxy
+        # buffers, so only sometimes), so the tail of the burst is still in
+        # the pipes when the remote process ends: it must arrive too.
+        got = []
+
+        def slow_output(fd, data):
+            got.append((fd, data))
+            time.sleep(0.002)  # not asserted: only slows the reader down
+
+        gw = _output_gateway(transport, slow_output)
+        ch = gw.remote_exec(
+            "import os\n"
+            "def write_all(fd, data):\n"
+            "    view = memoryview(data)\n"
+            "    while view:\n"
+            "        view = view[os.write(fd, view):]\n"
+            "channel.send('ready')\n"
+            "try:\n"
+            "    channel.receive()\n"
+            "except EOFError:\n"
+            "    pass  # the gateway is exiting\n"
+            "write_all(1, b''.join(b'out %06d\\n' % i for i in range(150000)))\n"
+            "write_all(2, b''.join(b'err %06d\\n' % i for i in range(150000)))\n"
+        )
+        assert ch.receive(timeout=30) == "ready"
+        exit_and_join(gw)
+        out = b"".join(data for fd, data in got if fd == 1)
+        err = b"".join(data for fd, data in got if fd == 2)
+        assert out == b"".join(b"out %06d\n" % i for i in range(150000)), (len(out), out[-30:])
+        assert err == b"".join(b"err %06d\n" % i for i in range(150000)), (len(err), err[-30:])
+
     def test_output_of_remote_subprocess(self, transport):
         got = []
         gw = _output_gateway(transport, lambda fd, data: got.append((fd, data)))
@@ -2127,6 +2362,142 @@ print(" ".join(map(str, pids)))
 """
 
 
+def _stop(pid):
+    """SIGSTOP pid and wait until it is stopped: it reads and exits no more."""
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, timeout=10)
+
+
+def _kill_leftovers(pids):
+    """Cleanup: SIGKILL (works on stopped processes too) whatever still runs."""
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30)
+
+
+def _start_blocked_sender(gw, items=4, size=1024 * 1024):
+    """A daemon thread sending items*size bytes to gw's remote, which must be
+    stopped already: the thread blocks in send() (while holding whatever a
+    send holds)."""
+    ch = gw.remote_exec("channel.receive()")
+
+    def send():
+        try:
+            for _ in range(items):
+                ch.send(b"x" * size)
+        except Exception:
+            pass  # the remote was killed: expected at cleanup
+
+    thread = threading.Thread(target=send, name="blocked-sender")
+    thread.daemon = True
+    thread.start()
+    thread.join(0.5)  # not asserted: time to fill the pipes and block
+    assert thread.is_alive(), "send() to a stopped remote did not block"
+    return thread
+
+
+def _run_host_that_must_exit(script, npids, exit_within):
+    """Run script in a fresh host interpreter; it prints its remotes' pids
+    first.  Check that it exits within `exit_within` seconds and that none
+    of those remotes is left running; return the rest of its output."""
+    proc = subprocess.Popen([sys.executable, "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pids = []
+    try:
+        line = call_with_timeout(proc.stdout.readline, 60)
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == npids, (line, proc.stderr.read() if proc.poll() is not None else "")
+        try:
+            proc.wait(timeout=exit_within)
+            exited = True
+        except subprocess.TimeoutExpired:
+            exited = False
+            proc.kill()
+            proc.wait(timeout=30)
+        out = proc.stdout.read().decode("utf-8", "replace")
+        err = proc.stderr.read().decode("utf-8", "replace")
+        assert exited, "the host did not exit within %s s (stdout %r, stderr %r)" % (
+            exit_within, out, err[-2000:])
+        assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=5), (
+            "remotes outlived the host: %s" % [p for p in pids if pid_alive(p)])
+        return out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+        _kill_leftovers(pids)
+
+# The host ends while a daemon thread is blocked sending to a stopped remote
+# (for via: relayed by a proxy).  Prints the pids of its remotes first.
+STOPPED_REMOTE_AT_EXIT_SCRIPT = """
+{import_line}
+import os, signal, sys, threading, time
+gateways = [execnet.makegateway(spec) for spec in {specs!r}]
+pids = [g._rinfo().pid for g in gateways]
+gw = gateways[-1]
+ch = gw.remote_exec("channel.receive()")
+os.kill(pids[-1], signal.SIGSTOP)
+
+
+def send():
+    try:
+        for _ in range(4):
+            ch.send(b"x" * (1024 * 1024))
+    except Exception:
+        pass
+
+
+thread = threading.Thread(target=send)
+thread.daemon = True
+thread.start()
+thread.join(0.5)
+print(" ".join(map(str, pids)))
+sys.stdout.flush()
+"""
+
+# A proxy and two gateways via it; the remote of `a` is stopped while a
+# daemon thread sends it 4 MiB.  Prints the pids of p, a, b; then checks
+# that b and p still answer, prints "siblings-ok" and ends.
+STUCK_VIA_SIBLING_AT_EXIT_SCRIPT = """
+{import_line}
+import os, signal, sys, threading
+p = execnet.makegateway("popen//id=p")
+a = execnet.makegateway("popen//id=a//via=p")
+b = execnet.makegateway("popen//id=b//via=p")
+pids = [g._rinfo().pid for g in (p, a, b)]
+print(" ".join(map(str, pids)))
+sys.stdout.flush()
+ch = a.remote_exec("channel.receive()")
+os.kill(pids[1], signal.SIGSTOP)
+
+
+def send():
+    try:
+        for _ in range(4):
+            ch.send(b"x" * (1024 * 1024))
+    except Exception:
+        pass
+
+
+thread = threading.Thread(target=send)
+thread.daemon = True
+thread.start()
+thread.join(0.5)
+for g in (b, p):
+    c = g.remote_exec("channel.send(channel.receive() + 1)")
+    c.send(41)
+    assert c.receive(timeout=10) == 42
+print("siblings-ok")
+sys.stdout.flush()
+"""
+
+
 class TestTermination:
     def test_exit_with_busy_remote(self, group, transport):
         gw = make_transport_gateway(group, transport)
@@ -2146,6 +2517,106 @@ class TestTermination:
         assert ch.receive(timeout=30) == "stubborn"
         exit_and_join(gw, timeout=60)
         assert wait_for(lambda: pid_gone(pid), timeout=30), "stubborn remote survived exit()"
+
+    def test_remote_cleanup_gets_its_grace_period(self, group, transport, tmp_path):
+        # code still running when exit() is called may finish its cleanup
+        # (here 0.3 s of it) before the remote process ends
+        marker = tmp_path / "cleaned-up"
+        gw = make_transport_gateway(group, transport)
+        ch = gw.remote_exec(
+            "import time\n"
+            "channel.send('ready')\n"
+            "try:\n"
+            "    channel.receive()\n"
+            "except EOFError:\n"
+            "    time.sleep(0.3)\n"
+            "    with open(%r, 'w') as f:\n"
+            "        f.write('done')\n" % str(marker)
+        )
+        assert ch.receive(timeout=30) == "ready"
+        exit_and_join(gw)
+        assert marker.exists() and marker.read_text() == "done"
+
+    def test_exit_returns_while_a_sender_is_blocked_on_a_stopped_remote(
+            self, group, transport):
+        gw = make_transport_gateway(group, transport)
+        pid = rinfo(gw).pid
+        try:
+            _stop(pid)
+            _start_blocked_sender(gw)
+            call_with_timeout(gw.exit, 10)
+            assert wait_for(lambda: pid_gone(pid), timeout=5), "stopped remote survived exit()"
+        finally:
+            _kill_leftovers([pid])
+
+    def test_group_terminate_returns_while_senders_are_blocked_on_stopped_remotes(self, group):
+        gws = [mkgw(group, "popen"), mkgw(group, "popen")]
+        pids = [rinfo(g).pid for g in gws]
+        try:
+            for g, pid in zip(gws, pids):
+                _stop(pid)
+                _start_blocked_sender(g)
+            call_with_timeout(group.terminate, 15, timeout=2)
+            assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=5), (
+                "stopped remotes survived terminate(): %s" % [p for p in pids if pid_alive(p)])
+        finally:
+            _kill_leftovers(pids)
+
+    @pytest.mark.parametrize("transport", ["popen", "via"])
+    def test_interpreter_exit_with_a_sender_blocked_on_a_stopped_remote(self, transport):
+        specs = ["popen"] if transport == "popen" else ["popen//id=p", "popen//via=p"]
+        script = STOPPED_REMOTE_AT_EXIT_SCRIPT.format(import_line=IMPORT_LINE, specs=specs)
+        _run_host_that_must_exit(script, len(specs), exit_within=15)
+
+    def test_stuck_via_gateway_does_not_stall_its_siblings(self, group):
+        p = mkgw(group, "popen//id=sib-p")
+        a = mkgw(group, "popen//id=sib-a//via=sib-p")
+        b = mkgw(group, "popen//id=sib-b//via=sib-p")
+        pids = [rinfo(g).pid for g in (p, a, b)]
+
+        def round_trip(g):
+            ch = g.remote_exec("channel.send(channel.receive() + 1)")
+            ch.send(41)
+            return ch.receive(timeout=5)
+
+        try:
+            _stop(pids[1])
+            _start_blocked_sender(a)
+            assert call_with_timeout(round_trip, 10, b) == 42
+            assert call_with_timeout(round_trip, 10, p) == 42
+        finally:
+            _kill_leftovers([pids[1]])
+
+    def test_interpreter_exit_with_a_stuck_via_gateway_leaves_no_remotes(self):
+        script = STUCK_VIA_SIBLING_AT_EXIT_SCRIPT.format(import_line=IMPORT_LINE)
+        out = _run_host_that_must_exit(script, 3, exit_within=20)
+        assert out.split() == ["siblings-ok"]
+
+    def test_exit_of_via_gateway_ends_its_stopped_remote(self, group):
+        mkgw(group, "popen//id=stop-p")
+        gw = mkgw(group, "popen//via=stop-p")
+        pid = rinfo(gw).pid
+        try:
+            _stop(pid)
+            call_with_timeout(gw.exit, 10)
+            assert wait_for(lambda: pid_gone(pid), timeout=5), "stopped via remote survived exit()"
+        finally:
+            _kill_leftovers([pid])
+
+    def test_exit_of_via_gateway_ends_its_stopped_remote_with_unread_input(self, group):
+        # as above, but the proxy holds input for the remote that does not
+        # fit into its stdin pipe: the relay is stuck writing it
+        mkgw(group, "popen//id=stop-q")
+        gw = mkgw(group, "popen//via=stop-q")
+        pid = rinfo(gw).pid
+        try:
+            ch = gw.remote_exec("channel.receive()")
+            _stop(pid)
+            call_with_timeout(ch.send, 10, b"x" * 200000)  # passes the proxy, not the pipe
+            call_with_timeout(gw.exit, 10)
+            assert wait_for(lambda: pid_gone(pid), timeout=5), "stopped via remote survived exit()"
+        finally:
+            _kill_leftovers([pid])
 
     def test_group_terminate_with_busy_remotes(self, group):
         gws = [mkgw(group, "popen"), mkgw(group, "popen//id=tp")]
