@@ -2197,6 +2197,36 @@ def _output_gateway(transport, output):
         execnet.makegateway, 60, "popen//via=" + proxy, output=output)
 
 
+# Remote code that, once the gateway is exiting, writes a burst of numbered
+# lines (how many: the %d) to fds 1 and 2 as its last act.
+BURST_WHILE_EXITING_SOURCE = """
+import os
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+count = %d
+channel.send('ready')
+try:
+    channel.receive()
+except EOFError:
+    pass  # the gateway is exiting
+write_all(1, b''.join(b'out %%06d\\n' %% i for i in range(count)))
+write_all(2, b''.join(b'err %%06d\\n' %% i for i in range(count)))
+"""
+
+
+def _check_burst(got, count):
+    out = b"".join(data for fd, data in got if fd == 1)
+    err = b"".join(data for fd, data in got if fd == 2)
+    assert out == b"".join(b"out %06d\n" % i for i in range(count)), (len(out), out[-30:])
+    assert err == b"".join(b"err %06d\n" % i for i in range(count)), (len(err), err[-30:])
+
+
 @single_only
 class TestOutput:
     def test_default_output_goes_to_local_stderr(self, gw, capsys):
@@ -2292,26 +2322,25 @@ class TestOutput:
             time.sleep(0.002)  # not asserted: only slows the reader down
 
         gw = _output_gateway(transport, slow_output)
-        ch = gw.remote_exec(
-            "import os\n"
-            "def write_all(fd, data):\n"
-            "    view = memoryview(data)\n"
-            "    while view:\n"
-            "        view = view[os.write(fd, view):]\n"
-            "channel.send('ready')\n"
-            "try:\n"
-            "    channel.receive()\n"
-            "except EOFError:\n"
-            "    pass  # the gateway is exiting\n"
-            "write_all(1, b''.join(b'out %06d\\n' % i for i in range(150000)))\n"
-            "write_all(2, b''.join(b'err %06d\\n' % i for i in range(150000)))\n"
-        )
+        ch = gw.remote_exec(BURST_WHILE_EXITING_SOURCE % 150000)
         assert ch.receive(timeout=30) == "ready"
         exit_and_join(gw)
-        out = b"".join(data for fd, data in got if fd == 1)
-        err = b"".join(data for fd, data in got if fd == 2)
-        assert out == b"".join(b"out %06d\n" % i for i in range(150000)), (len(out), out[-30:])
-        assert err == b"".join(b"err %06d\n" % i for i in range(150000)), (len(err), err[-30:])
+        _check_burst(got, 150000)
+
+    def test_output_after_exit_passes_a_small_window_proxy(self):
+        # Found with the test above: a proxy with a small window cuts or
+        # corrupts what its via gateway's remote sends after exit() began.
+        got = []
+        proxy = "wproxy-%d" % next(_ids)
+        call_with_timeout(execnet.makegateway, 60, "popen//id=%s//window=65536" % proxy)
+        gw = call_with_timeout(execnet.makegateway, 60, "popen//via=" + proxy,
+                               output=lambda fd, data: got.append((fd, data)))
+        ch = gw.remote_exec(BURST_WHILE_EXITING_SOURCE % 30000)
+        assert ch.receive(timeout=30) == "ready"
+        call_with_timeout(gw.exit, 10)
+        gw.join(timeout=10)
+        assert not gw.hasreceiver(), "the via gateway still receives after exit()"
+        _check_burst(got, 30000)
 
     def test_output_of_remote_subprocess(self, transport):
         got = []
