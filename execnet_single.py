@@ -1307,7 +1307,7 @@ class Channel:
                     entry = items.get(block=False)
                 except _Empty:
                     if not (self._closed or self._receiveclosed.is_set()):
-                        gateway._callbacks[self.id] = (callback, endmarker, self._flow)
+                        gateway._set_callback(self.id, callback, endmarker, self._flow)
                     break
                 if entry is _ENDMARKER:
                     items.put(entry)
@@ -1380,6 +1380,30 @@ class Channel:
         finally:
             flow.end_eager()
 
+    def _deliver(self, item, size):
+        """Queue an arrived item for receive() (receiver thread, under the
+        gateway's receive lock); False if a callback took over the queue."""
+        items = self._items
+        if items is None:
+            return False
+        items.put((item, size))
+        return True
+
+    def _got_ack(self, size):
+        self._flow.got_ack(size)
+
+    def _close_sending(self):
+        """We send no more, but still receive (LAST_MESSAGE to the peer)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.gateway._send(_MSG_LAST_MESSAGE, self.id)
+        except OSError:
+            pass
+        with self._flow.cond:
+            self._flow.cond.notify_all()  # a sender waiting for credit gives up
+
     def _begin_eager(self):
         self._ack(self._flow.begin_eager())
 
@@ -1387,8 +1411,13 @@ class Channel:
         if size:
             self.gateway._send_ack(self.id, size)
 
-    def _mark_closed(self, sendonly, error=None):
-        """State change on close; wakes receivers, senders and callbacks."""
+    def _mark_closed(self, sendonly, error=None, peer=False):
+        """State change on close; wakes receivers, senders and callbacks.
+
+        sendonly: only the peer's sending ended; peer: the peer closed.
+        """
+        if peer:
+            self._peer_closed = True
         if error is not None:
             self._remoteerrors.append(error)
         if not sendonly:
@@ -1656,9 +1685,11 @@ class _GatewayBase:
                 error.warn()
             self._no_longer_opened(id)
         else:
-            if not sendonly:
-                channel._peer_closed = True
-            channel._mark_closed(sendonly, error)
+            channel._mark_closed(sendonly, error, peer=not sendonly)
+
+    def _set_callback(self, id, callback, endmarker, flow):
+        """Deliver channel id's items to callback from now on (setcallback)."""
+        self._callbacks[id] = (callback, endmarker, flow)
 
     def _channel_failed(self, cid, text):
         """Close one channel with an error (both ends); the others carry on."""
@@ -1719,8 +1750,7 @@ class _GatewayBase:
         if self._error is None:
             self._error = self._connection_error(error)
         for channel in list(self._channels.values()):
-            channel._peer_closed = True
-            channel._mark_closed(sendonly=True)
+            channel._mark_closed(sendonly=True, peer=True)
         for id in list(self._callbacks):
             self._no_longer_opened(id)
         self._kick()  # the flusher may end
@@ -1799,9 +1829,8 @@ class _GatewayBase:
         with self._receivelock:
             entry = self._callbacks.get(cid)
             if entry is None:
-                if channel is not None and channel._items is not None:
-                    channel._items.put((item, size))
-                else:  # the callback was set and is gone again
+                if channel is None or not channel._deliver(item, size):
+                    # the callback was set and is gone again
                     self._send_ack(cid, flow.item_read(size))
                 return
             try:
@@ -1836,7 +1865,7 @@ class _GatewayBase:
     def _on_ack(self, cid, payload):
         channel = self._channels.get(cid)
         if channel is not None and len(payload) == 4:
-            channel._flow.got_ack(_COUNT.unpack(payload)[0])
+            channel._got_ack(_COUNT.unpack(payload)[0])
 
     def _on_output(self, cid, payload):
         pass
@@ -2775,15 +2804,7 @@ class _ChannelIO(_IO):
         self.channel.send(bytes(data))
 
     def close_write(self):
-        channel = self.channel
-        if not channel._closed:
-            channel._closed = True
-            try:
-                channel.gateway._send(_MSG_LAST_MESSAGE, channel.id)
-            except OSError:
-                pass
-            with channel._flow.cond:
-                channel._flow.cond.notify_all()  # a sender waiting for credit gives up
+        self.channel._close_sending()
 
     def kill(self):
         """Have the relay kill the process now; wake our blocked senders."""
