@@ -279,9 +279,9 @@ _DOUBLE = struct.Struct("!d")
 _COMPLEX = struct.Struct("!dd")
 _INT4_MIN = -(2 ** 31)
 _INT4_MAX = 2 ** 31 - 1
-# Ints strictly between -_INT_BOUND and _INT_BOUND have at most
-# _MAX_INT_DIGITS digits: a comparison instead of a conversion.
-_INT_BOUND = 10 ** _MAX_INT_DIGITS
+# 10**_MAX_INT_DIGITS has 66439 bits: an int of fewer bits has few enough
+# digits, one of more has too many; only 66439 bits need counting digits.
+_INT_BITS = 66439
 # 'F' + index for the first list positions, precomputed for speed.
 _LIST_INDEX = tuple(b"F" + _pack_i4(i) for i in range(1024))
 _DECIMAL_CHUNK = 10 ** 1000
@@ -362,11 +362,12 @@ def _save_bool(obj, w, depth):
 def _save_int(obj, w, depth):
     if _INT4_MIN <= obj <= _INT4_MAX:
         w(b"F" + _pack_i4(obj))
-    elif -_INT_BOUND < obj < _INT_BOUND:
-        digits = _int_to_ascii(obj)
-        w(b"H" + _pack_i4(len(digits)) + digits)
     else:
-        raise _DumpFail(_Text.DUMP_INT_TOO_LONG % _MAX_INT_DIGITS)
+        bits = obj.bit_length()
+        digits = _int_to_ascii(obj) if bits <= _INT_BITS else b""
+        if bits > _INT_BITS or len(digits) - (obj < 0) > _MAX_INT_DIGITS:
+            raise _DumpFail(_Text.DUMP_INT_TOO_LONG % _MAX_INT_DIGITS)
+        w(b"H" + _pack_i4(len(digits)) + digits)
 
 
 def _save_float(obj, w, depth):
