@@ -743,9 +743,7 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
     # that replaces an item keeps the old item's depth: an overestimate
     # that only hostile input can cause.
     marks = [-1]
-    mark = marks.append
-    unmark = marks.pop
-    nested = [0]
+    nested = None  # made by the first list or dict: [depth inside it]
     try:
         while True:
             op = data[pos]
@@ -759,9 +757,9 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                 stack[-1][key] = value
                 top = len(stack) << 10
                 if marks[-1] >= top:  # the value or the key is a container
-                    depth = (unmark() & 1023) + 1
+                    depth = (marks.pop() & 1023) + 1
                     if marks[-1] >= top:  # both are
-                        inner = (unmark() & 1023) + 1
+                        inner = (marks.pop() & 1023) + 1
                         if inner > depth:
                             depth = inner
                     # the setitem worked, so stack[-1] is a list or dict and
@@ -795,7 +793,7 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                 if marks[-1] >= entry:  # some items are containers
                     depth = 0
                     while marks[-1] >= entry:
-                        inner = unmark() & 1023
+                        inner = marks.pop() & 1023
                         if inner > depth:
                             depth = inner
                     # checked before set() and frozenset() hash the items
@@ -809,7 +807,7 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                 else:
                     items = kind()
                 push(items)
-                mark(entry)
+                marks.append(entry)
             elif op == LIST:
                 size = _unpack_i4(data, pos)[0]
                 pos += 4
@@ -817,17 +815,21 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                 if size < 0 or size * 7 > end - pos:
                     raise LoadError("list length %d at byte %d exceeds the data" % (size, pos - 4))
                 container = [None] * size
-                mark(len(stack) << 10 | 1)
+                marks.append(len(stack) << 10 | 1)
                 push(container)
+                if nested is None:
+                    nested = [0]
                 pos = _fill_list(container, data, pos, end, fast_str, nested)
                 if nested[0]:  # at most 1: no need to check the depth
                     marks[-1] += nested[0]
                     nested[0] = 0
             elif op == DICT:
                 container = {}
-                mark(len(stack) << 10 | 1)
+                marks.append(len(stack) << 10 | 1)
                 push(container)
                 if fast_str:
+                    if nested is None:
+                        nested = [0]
                     pos = _fill_dict(container, data, pos, end, nested)
                     if nested[0]:  # at most 2: no need to check the depth
                         marks[-1] += nested[0]
@@ -1083,16 +1085,20 @@ class _Flow:
     no whole item waits unread, so one item may be larger than the window.
 
     The methods below return how many bytes to acknowledge now (0: none);
-    the caller sends that, outside the lock.
+    the caller sends that, outside the lock.  `arrived` has one writer, the
+    receiver thread, so an item's arrival takes no lock unless someone is
+    eager (item_arrived's order, add first and then look, makes that safe).
     """
 
     def __init__(self, window, threshold):
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()   # C-level, for the hot paths
+        self.cond = threading.Condition(self.lock)  # senders wait on it
         self.window = window
         self.threshold = threshold
         self.unacked = 0    # sent, not yet acknowledged by the peer
+        self.arrived = 0    # bytes of whole items ever queued
+        self.settled = 0    # of those, read or acknowledged early
         self.prepaid = 0    # unread, already acknowledged (the queue's head)
-        self.unpaid = 0     # unread, not yet acknowledged
         self.partial = 0    # unacknowledged pieces of the item being received
         self.consumed = 0   # read, not yet acknowledged
         self.eager = 0      # waiters that want data acknowledged on arrival
@@ -1105,37 +1111,46 @@ class _Flow:
         return not self.unacked or self.unacked + size <= self.window
 
     def got_ack(self, size):
-        with self.cond:
+        with self.lock:
             self.unacked = max(0, self.unacked - size)
             self.cond.notify_all()
 
     # -- receiving --
 
+    def _caught_up(self):
+        return not self.prepaid and self.arrived == self.settled
+
     def piece_arrived(self, size):
-        with self.cond:
-            if self.eager or not (self.prepaid or self.unpaid):
+        with self.lock:
+            if self.eager or self._caught_up():
                 return size
             self.partial += size
             return 0
 
     def item_arrived(self, size):
         """Returns (bytes to acknowledge now, the item's size for item_read)."""
-        with self.cond:
-            size += self.partial
-            self.partial = 0
-            if self.eager:
-                self.prepaid += size
-                return size, size
-            self.unpaid += size
-            return 0, size
+        if self.partial:
+            with self.lock:
+                size += self.partial
+                self.partial = 0
+        self.arrived += size
+        return (self.eager and self.pay_all()), size
+
+    def pay_all(self):
+        """Acknowledge every unread byte now (they become prepaid)."""
+        with self.lock:
+            unpaid = self.arrived - self.settled
+            self.settled += unpaid
+            self.prepaid += unpaid
+            return unpaid
 
     def item_read(self, size):
-        with self.cond:
+        with self.lock:
             paid = min(self.prepaid, size)
             self.prepaid -= paid
-            self.unpaid -= size - paid
+            self.settled += size - paid
             self.consumed += size - paid
-            if self.partial and not (self.prepaid or self.unpaid):
+            if self.partial and self._caught_up():
                 # the reader caught up: the large item in progress may flow on
                 self.consumed += self.partial
                 self.partial = 0
@@ -1145,22 +1160,23 @@ class _Flow:
             return size
 
     def begin_eager(self):
-        with self.cond:
+        with self.lock:
             self.eager += 1
-            size = self.unpaid + self.partial + self.consumed
-            self.prepaid += self.unpaid
-            self.unpaid = self.partial = self.consumed = 0
+        size = self.pay_all()
+        with self.lock:
+            size += self.partial + self.consumed
+            self.partial = self.consumed = 0
             return size
 
     def end_eager(self):
-        with self.cond:
+        with self.lock:
             self.eager -= 1
 
     def drop_parts(self):
         """Forget the item being received; returns its unacknowledged bytes."""
         self.parts = []
         self.parts_size = 0
-        with self.cond:
+        with self.lock:
             size, self.partial = self.partial, 0
             return size
 
@@ -1245,7 +1261,9 @@ class Channel:
             items.put(entry)  # for other receivers
             raise self._getremoteerror() or EOFError()
         item, size = entry
-        self._ack(self._flow.item_read(size))
+        size = self._flow.item_read(size)
+        if size:
+            self.gateway._send_ack(self.id, size)
         return item
 
     def __iter__(self):
@@ -1364,9 +1382,11 @@ class Channel:
     def _take_credit(self, size):
         flow = self._flow
         gateway = self.gateway
-        with flow.cond:
-            if flow.fits(size) or threading.get_ident() == gateway._receiver_ident:
-                flow.unacked += size  # (the receiver thread never waits)
+        with flow.lock:
+            unacked = flow.unacked
+            if (not unacked or unacked + size <= flow.window
+                    or threading.get_ident() == gateway._receiver_ident):
+                flow.unacked = unacked + size  # (the receiver thread never waits)
                 return
         # While we wait for the peer, what it sends here is acknowledged on
         # arrival: it may be waiting for credit from us just the same.
@@ -1382,11 +1402,20 @@ class Channel:
             flow.end_eager()
 
     def _deliver(self, item, size):
-        """Queue an arrived item for receive() (receiver thread, under the
-        gateway's receive lock); False if a callback took over the queue."""
+        """Queue an arrived item of size bytes for receive() (receiver
+        thread, under the gateway's receive lock); False if a callback
+        took over the queue."""
         items = self._items
         if items is None:
             return False
+        flow = self._flow
+        if flow.partial:
+            ack, size = flow.item_arrived(size)
+        else:  # item_arrived inlined (a hot path): add first, then look
+            flow.arrived += size
+            ack = flow.eager and flow.pay_all()
+        if ack:
+            self.gateway._send_ack(self.id, ack)
         items.put((item, size))
         return True
 
@@ -1572,7 +1601,9 @@ class _GatewayBase:
         if threading.get_ident() == self._receiver_ident:
             self._queue_frame(header + bytes(payload))
             return
-        self._acquire_writer()
+        lock = self._wlock
+        if not lock.acquire(False):
+            self._acquire_writer()
         try:
             if self._outq:
                 self._write_queued()
@@ -1584,7 +1615,7 @@ class _GatewayBase:
         except (OSError, ValueError) as exc:
             raise OSError("gateway %s: cannot send (%s)" % (self.id, exc)) from None
         finally:
-            self._wlock.release()
+            lock.release()
 
     def _acquire_writer(self):
         lock = self._wlock
@@ -1803,7 +1834,11 @@ class _GatewayBase:
             self._send_ack(cid, flow.piece_arrived(size))
 
     def _on_data(self, cid, payload):
-        channel, flow = self._receiving(cid)
+        channel = self._channels.get(cid)  # (_receiving, inlined: hot path)
+        if channel is not None:
+            flow = channel._flow
+        else:
+            flow = self._receiving(cid)[1]
         size = len(payload)
         if flow is None:
             self._send_ack(cid, size)  # nobody will ever read it
@@ -1816,24 +1851,24 @@ class _GatewayBase:
             payload = _join_pieces(flow.parts)
             flow.parts = []
             flow.parts_size = 0
-        ack, size = flow.item_arrived(size)
-        self._send_ack(cid, ack)
         try:
             if type(payload) is _BigBytes:
                 item = payload.value
             else:
                 item = _loads(payload, self._channel_for_load)
         except LoadError as exc:
-            self._send_ack(cid, flow.item_read(size))
+            self._send_ack(cid, flow.drop_parts() + size)
             self._channel_failed(cid, _Text.CHANNEL_LOAD_FAILED % (self.id, cid, exc))
             return
         with self._receivelock:
             entry = self._callbacks.get(cid)
             if entry is None:
-                if channel is None or not channel._deliver(item, size):
-                    # the callback was set and is gone again
-                    self._send_ack(cid, flow.item_read(size))
-                return
+                if channel is not None and channel._deliver(item, size):
+                    return
+                entry = (_drop_item, None)  # the callback was set and is gone again
+            ack, size = flow.item_arrived(size)
+            if ack:
+                self._send_ack(cid, ack)
             try:
                 entry[0](item)
             except Exception as exc:
@@ -1845,7 +1880,9 @@ class _GatewayBase:
                     pass
                 self._local_close(cid, RemoteError(text))
                 return
-        self._send_ack(cid, flow.item_read(size))
+        ack = flow.item_read(size)
+        if ack:
+            self._send_ack(cid, ack)
 
     def _channel_for_load(self, id):
         return self._new_channel(id)
@@ -1870,6 +1907,10 @@ class _GatewayBase:
 
     def _on_output(self, cid, payload):
         pass
+
+
+def _drop_item(item):
+    """The callback of a channel whose callback has gone: nobody reads."""
 
 
 class _BigBytes:
