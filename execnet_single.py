@@ -4338,12 +4338,14 @@ def _cli_parser():
     serve_p.add_argument("--max-handshakes", type=int, default=_MAX_HANDSHAKES, metavar="N",
                          help="connections beyond N authenticating at once are dropped "
                               "(default %d)" % _MAX_HANDSHAKES)
-    serve_p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    serve_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
     keygen_p = sub.add_parser("keygen", help="write a new key file (mode 0600)")
     keygen_p.add_argument("path", nargs="?",
                           help="where to write it (default %s)" % _default_key_path())
     keygen_p.add_argument("--force", action="store_true", help="replace an existing file")
-    keygen_p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    keygen_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help=argparse.SUPPRESS)
     run_p = sub.add_parser(
         "run", help="run code on gateways and print what each sends back",
         description="Run code on one or more gateways at once; print each item it sends "
@@ -4355,7 +4357,8 @@ def _cli_parser():
                        help="gateway xspecs, e.g. popen//python=python3.6")
     run_p.add_argument("--timeout", type=float, default=60.0,
                        help="seconds each gateway may take (default 60)")
-    run_p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    run_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
     return parser
 
 
