@@ -233,6 +233,8 @@ class _Text:
                    "refused; add the xspec key insecure to connect anyway")
     CLIENT_REJECTED = ("socket server %s closed the connection during authentication: "
                        "wrong key?")
+    NO_GREETING = ("socket server %s closed the connection without a greeting "
+                   "(a TLS server? then add the xspec key tls_ca=CA_FILE or tls)")
     FAKE_SERVER = ("socket server %s failed to prove it holds the key: "
                    "it is not the server you meant (or has another key)")
     AUTH_TIMEOUT = "socket server %s: authentication did not complete within %s seconds"
@@ -2994,7 +2996,7 @@ def _client_auth(sock, key, timeout, where, allow_open=False):
             raise AuthenticationError(_Text.SERVER_OPEN % where)
         if magic != _AUTH_MAGIC:
             if not magic:
-                raise AuthenticationError(_Text.CLIENT_REJECTED % where)
+                raise AuthenticationError(_Text.NO_GREETING % where)
             raise AuthenticationError(_Text.NOT_A_SERVER % (where, magic))
         if key is None:
             raise AuthenticationError(_Text.NO_KEY % where)

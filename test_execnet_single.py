@@ -3963,7 +3963,7 @@ class TestPytestXdist:
 
 # ------------------------------------------------------ socket server helpers
 
-SERVER_RE = r"listening on (\S+?):(\d+)\S*,.*connect with: (\S+)"
+SERVER_RE = r"listening on (\S+?):(\d+)\b.*connect with: (\S+)"
 
 
 def write_key(path, mode=0o600):
@@ -4478,3 +4478,53 @@ class TestCLI:
         server.proc.send_signal(signal.SIGINT)
         assert server.stop() == 0
         assert "Traceback" not in server.logtext()
+
+
+def make_certificates(directory, name):
+    """A CA and a certificate for 127.0.0.1 signed by it, made by `openssl`."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        if IN_CI:
+            pytest.fail("the openssl binary is needed for the TLS tests")
+        pytest.skip("no openssl binary")
+    d = str(directory)
+    ca, ca_key = os.path.join(d, name + "-ca.pem"), os.path.join(d, name + "-ca.key")
+    cert, key = os.path.join(d, name + "-cert.pem"), os.path.join(d, name + "-cert.key")
+    csr, ext = os.path.join(d, name + ".csr"), os.path.join(d, name + ".ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (
+            ["req", "-x509"] + curve + ["-keyout", ca_key, "-out", ca, "-days", "2",
+                                        "-subj", "/CN=%s test CA" % name],
+            ["req"] + curve + ["-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", ext]):
+        subprocess.run([openssl] + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=60, check=True)
+    return ca, cert, key
+
+
+@single_only
+class TestSocketTLS:
+    def test_tls_round_trip_wrong_ca_and_plain_client(self, tmp_path, group):
+        ca, cert, key = make_certificates(tmp_path, "good")
+        other_ca = make_certificates(tmp_path, "other")[0]
+        with socket_server(tmp_path, "--tls-cert", cert, "--tls-key", key,
+                           "--handshake-timeout", "2") as server:
+            assert "(TLS)" in server.banner and server.spec.endswith("//tls_ca=CA_FILE")
+            gw = mkgw(group, server.spec.replace("CA_FILE", ca))
+            channel = gw.remote_exec(
+                "for item in channel:\n    channel.send(item[::-1])")
+            items = [os.urandom(n) for n in (0, 1, 100000, 3 * 1024 * 1024)]
+            for item in items:
+                channel.send(item)
+            assert [channel.receive(60) for item in items] == [i[::-1] for i in items]
+            channel.close()
+            exit_and_join(gw)
+            with pytest.raises(execnet.HostNotFound, match="CERTIFICATE_VERIFY_FAILED"):
+                mkgw(group, server.spec.replace("CA_FILE", other_ca))
+            plain = "socket=127.0.0.1:%d//keyfile=%s" % (server.port, server.keyfile)
+            with pytest.raises(execnet.AuthenticationError, match="a TLS server?"):
+                mkgw(group, plain)
+            assert wait_for(lambda: "dropped" in server.logtext())
