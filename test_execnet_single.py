@@ -4492,11 +4492,16 @@ def make_certificates(directory, name):
     cert, key = os.path.join(d, name + "-cert.pem"), os.path.join(d, name + "-cert.key")
     csr, ext = os.path.join(d, name + ".csr"), os.path.join(d, name + ".ext")
     with open(ext, "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1\n")
+        # what 3.13's strict verification wants of a certificate
+        f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                "authorityKeyIdentifier=keyid,issuer\n")
     curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     for cmd in (
             ["req", "-x509"] + curve + ["-keyout", ca_key, "-out", ca, "-days", "2",
-                                        "-subj", "/CN=%s test CA" % name],
+                                        "-subj", "/CN=%s test CA" % name,
+                                        "-addext", "basicConstraints=critical,CA:TRUE",
+                                        "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
             ["req"] + curve + ["-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
             ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
              "-out", cert, "-days", "2", "-extfile", ext]):
