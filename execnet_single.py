@@ -2577,7 +2577,7 @@ def _start_popen(spec, params, group=None):
     return _start_io(io, spec, params, describe)
 
 
-# === 9. Local gateways: popen, via and socket ===
+# === 9. Local gateways: popen, via, socket ===
 
 _EXIT_TIMEOUT = _EXIT_GRACE + 1.0   # local: wait this long, then kill
 
