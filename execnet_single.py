@@ -15,9 +15,10 @@ Sections (each uses only the ones above it):
   6. Gateway core                         (both ends)
   7. Remote side                          (remote only)
   8. Bootstrap                            (wherever a process is started)
-  9. Local gateways: popen and via        (local side)
+  9. Local gateways: popen, via, socket   (local side)
  10. XSpec, exec models, Group, MultiChannel, RSync
- 11. CLI
+ 11. Socket server                        (python -m execnet_single serve)
+ 12. CLI
 """
 
 import os
@@ -28,6 +29,7 @@ import threading
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
     "Channel",
     "DataFormatError",
     "DumpError",
@@ -42,6 +44,7 @@ __all__ = [
     "RSync",
     "RemoteError",
     "RemoteTooOld",
+    "SocketGateway",
     "TimeoutError",
     "XSpec",
     "default_group",
@@ -51,6 +54,7 @@ __all__ = [
     "load",
     "loads",
     "makegateway",
+    "serve",
     "set_execmodel",
 ]
 
@@ -181,6 +185,10 @@ class RemoteTooOld(HostNotFound):
     """The remote interpreter is older than Python 3.6."""
 
 
+class AuthenticationError(HostNotFound):
+    """A socket peer did not prove it holds the key, or there is no usable key."""
+
+
 class _Text:
     """Message texts, kept in one place so tests and users can rely on them."""
 
@@ -212,6 +220,34 @@ class _Text:
     LOAD_TOO_DEEP = "containers nested more than %d deep near byte %d"
     DUMP_INT_TOO_LONG = "can't serialize an int of more than %d decimal digits"
     LOAD_INT_TOO_LONG = "int of %d digits at byte %d: more than the limit of %d digits"
+    # socket transport and server
+    NO_KEY = ("gateway %s: no key for the socket server: give keyfile=PATH "
+              "or set the environment variable EXECNET_SINGLE_KEY")
+    KEY_UNSAFE = ("key file %s is readable or writable by others (mode %04o): "
+                  "refused; run: chmod 600 %s")
+    KEY_UNREADABLE = "cannot read key file %s: %s"
+    KEY_TOO_SHORT = "key in %s is too short (%d bytes; at least 16 are needed)"
+    KEY_EXISTS = "key file %s exists already (use --force to replace it)"
+    NOT_A_SERVER = "%s is not an execnet_single socket server (it sent %r)"
+    SERVER_OPEN = ("socket server %s runs without authentication (--insecure): "
+                   "refused; add the xspec key insecure to connect anyway")
+    CLIENT_REJECTED = ("socket server %s closed the connection during authentication: "
+                       "wrong key?")
+    NO_GREETING = ("socket server %s closed the connection without a greeting "
+                   "(a TLS server? then add the xspec key tls_ca=CA_FILE or tls)")
+    FAKE_SERVER = ("socket server %s failed to prove it holds the key: "
+                   "it is not the server you meant (or has another key)")
+    AUTH_TIMEOUT = "socket server %s: authentication did not complete within %s seconds"
+    CONNECT_FAILED = "gateway %s: could not connect to socket server %s: %s"
+    BAD_HOSTPORT = "expected host:port"
+    INSECURE_NOT_LOOPBACK = ("--insecure is only allowed on a loopback address "
+                             "(127.0.0.1, ::1, localhost), not %r")
+    DROP_SHORT = "handshake ended after %d of 64 answer bytes"
+    DROP_BAD_MAC = "wrong key (or not an execnet_single client)"
+    DROP_TIMEOUT = "no complete handshake within %s seconds"
+    DROP_BUSY = "too many handshakes in progress (%d)"
+    INSECURE_WARNING = ("WARNING: running WITHOUT authentication (--insecure): every local "
+                        "user can run code as you through %s")
 
 
 # === 3. Serializer ===
@@ -2583,7 +2619,7 @@ def _start_popen(spec, params, group=None):
     return _start_io(io, spec, params, describe)
 
 
-# === 9. Local gateways: popen and via ===
+# === 9. Local gateways: popen, via, socket ===
 
 _EXIT_TIMEOUT = _EXIT_GRACE + 1.0   # local: wait this long, then kill
 
@@ -2933,12 +2969,312 @@ def _serve_via(channel):
     channel.send(("ok", rinfo, leftover))
 
 
+# --- Socket transport and its authentication ---
+#
+# Before either side acts on a byte from the other, both prove they hold the
+# same key K (HMAC-SHA256, nonces of 32 fresh random bytes from `secrets`):
+#
+#   from    size  field
+#   server  23    _AUTH_MAGIC  b"execnet_single-auth v1\n"
+#   server  32    nonce_s
+#   client  32    nonce_c
+#   client  32    HMAC(K, b"client" + nonce_s + nonce_c)
+#   server  32    HMAC(K, b"server" + nonce_c + nonce_s)
+#
+# The labels differ per direction, so neither answer can be reflected as the
+# other; fresh nonces on both sides make a recorded exchange worthless.  The
+# server drops a client with a wrong MAC; the client refuses a server with a
+# wrong one (a fake server).  A server run with --insecure sends _OPEN_MAGIC
+# (same length) and nothing else.  Every read has a fixed size and a deadline.
+# Then the usual bootstrap (section 8) runs over the connection, talking to
+# a fresh interpreter the server started for this client alone.
+
+_AUTH_MAGIC = b"execnet_single-auth v1\n"
+_OPEN_MAGIC = b"execnet_single-open v1\n"
+_NONCE_SIZE = 32
+_MAC_SIZE = 32
+_KEY_ENV = "EXECNET_SINGLE_KEY"
+_HANDSHAKE_TIMEOUT = 10.0   # seconds; the xspec key handshake_timeout= overrides
+
+
+def _mac(key, label, first, second):
+    import hashlib
+    import hmac
+
+    return hmac.new(key, label + first + second, hashlib.sha256).digest()
+
+
+def _recv_exact(sock, size, deadline):
+    """Up to size bytes (fewer only at end of stream); socket.timeout past deadline."""
+    import socket
+    import time
+
+    data = b""
+    while len(data) < size:
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            raise socket.timeout("timed out")
+        sock.settimeout(remaining)
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _client_auth(sock, key, timeout, where, allow_open=False):
+    """Client side of the handshake; raises AuthenticationError."""
+    import hmac
+    import secrets
+    import socket
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        magic = _recv_exact(sock, len(_AUTH_MAGIC), deadline)
+        if magic == _OPEN_MAGIC:
+            if allow_open:
+                return
+            raise AuthenticationError(_Text.SERVER_OPEN % where)
+        if magic != _AUTH_MAGIC:
+            if not magic:
+                raise AuthenticationError(_Text.NO_GREETING % where)
+            raise AuthenticationError(_Text.NOT_A_SERVER % (where, magic))
+        if key is None:
+            raise AuthenticationError(_Text.NO_KEY % where)
+        nonce_s = _recv_exact(sock, _NONCE_SIZE, deadline)
+        if len(nonce_s) != _NONCE_SIZE:
+            raise AuthenticationError(_Text.CLIENT_REJECTED % where)
+        nonce_c = secrets.token_bytes(_NONCE_SIZE)
+        sock.settimeout(max(0.01, deadline - time.time()))
+        sock.sendall(nonce_c + _mac(key, b"client", nonce_s, nonce_c))
+        proof = _recv_exact(sock, _MAC_SIZE, deadline)
+    except socket.timeout:
+        raise AuthenticationError(_Text.AUTH_TIMEOUT % (where, timeout)) from None
+    except OSError as exc:
+        raise AuthenticationError(_Text.CLIENT_REJECTED % where + " (%s)" % exc) from None
+    if len(proof) != _MAC_SIZE:
+        raise AuthenticationError(_Text.CLIENT_REJECTED % where)
+    if not hmac.compare_digest(proof, _mac(key, b"server", nonce_c, nonce_s)):
+        raise AuthenticationError(_Text.FAKE_SERVER % where)
+
+
+def _server_auth(sock, key, deadline):
+    """Server side of the handshake; raises AuthenticationError (or OSError)."""
+    import hmac
+    import secrets
+
+    nonce_s = secrets.token_bytes(_NONCE_SIZE)
+    sock.sendall(_AUTH_MAGIC + nonce_s)
+    answer = _recv_exact(sock, _NONCE_SIZE + _MAC_SIZE, deadline)
+    if len(answer) != _NONCE_SIZE + _MAC_SIZE:
+        raise AuthenticationError(_Text.DROP_SHORT % len(answer))
+    nonce_c, mac = answer[:_NONCE_SIZE], answer[_NONCE_SIZE:]
+    if not hmac.compare_digest(mac, _mac(key, b"client", nonce_s, nonce_c)):
+        raise AuthenticationError(_Text.DROP_BAD_MAC)
+    sock.sendall(_mac(key, b"server", nonce_c, nonce_s))
+
+
+def _read_key_file(path):
+    """The key in path; refuses a file that others may read or write."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise AuthenticationError(_Text.KEY_UNREADABLE % (path, exc.strerror or exc))
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            raise AuthenticationError(_Text.KEY_UNSAFE % (path, mode, path))
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    return _check_key(data.strip(), path)
+
+
+def _check_key(key, where):
+    if len(key) < 16:
+        raise AuthenticationError(_Text.KEY_TOO_SHORT % (where, len(key)))
+    return key
+
+
+def _env_key():
+    """The key from $EXECNET_SINGLE_KEY, or None."""
+    value = os.environ.get(_KEY_ENV)
+    if not value:
+        return None
+    return _check_key(value.strip().encode("utf-8"), "$" + _KEY_ENV)
+
+
+def _write_new_key(path, force=False):
+    """Write a fresh random key to path (mode 0600, directory 0700); return path."""
+    import binascii
+    import secrets
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, 0o700)
+    if force and os.path.lexists(path):
+        os.remove(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise AuthenticationError(_Text.KEY_EXISTS % path) from None
+    try:
+        os.write(fd, binascii.hexlify(secrets.token_bytes(32)) + b"\n")
+    finally:
+        os.close(fd)
+    return path
+
+
+def _default_key_path():
+    """The per-user key file: $XDG_CONFIG_HOME (or ~/.config)/execnet_single/server.key."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(
+        os.path.expanduser("~"), ".config")
+    return os.path.join(base, "execnet_single", "server.key")
+
+
+class _SocketIO(_IO):
+    """A connected TCP socket (maybe TLS) to an execnet_single socket server."""
+
+    def __init__(self, sock, remoteaddress, key=None, allow_open=False,
+                 timeout=_HANDSHAKE_TIMEOUT):
+        self.sock = sock
+        self.remoteaddress = remoteaddress
+        self._key = key
+        self._allow_open = allow_open
+        self._timeout = timeout
+        self._write_closed = False
+        self._killed = False
+
+    def handshake(self):
+        """Prove we hold the key and check that the server does."""
+        _client_auth(self.sock, self._key, self._timeout, self.remoteaddress,
+                     self._allow_open)
+        self._key = None
+        self.sock.settimeout(None)
+
+    def read(self):
+        """The next bytes; b'' at end of stream or once killed."""
+        try:
+            return self.sock.recv(_READ_SIZE)
+        except OSError as exc:
+            import errno
+
+            if not self._killed and getattr(exc, "errno", None) not in (
+                    errno.ECONNRESET, errno.EPIPE, errno.EBADF):
+                self._read_error = exc
+                _log(40, "read from %s failed: %s" % (self.remoteaddress, exc))
+            return b""
+
+    def write(self, data):
+        """Send all of data (OSError once the peer is gone or we closed)."""
+        if self._write_closed:
+            raise BrokenPipeError("connection to %s closed for writing" % self.remoteaddress)
+        self.sock.sendall(data)
+
+    def close_write(self):
+        """End of stream for the server (TLS has no half-close: the remote ends
+        on _MSG_TERMINATE, and kill() closes the connection)."""
+        if self._write_closed:
+            return
+        self._write_closed = True
+        import socket
+        import ssl
+
+        if not isinstance(self.sock, ssl.SSLSocket):
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close_read(self):
+        """Release the socket."""
+        self._close()
+
+    def kill(self):
+        """Cut the connection: the server's session sees it and ends."""
+        self._killed = True
+        self._write_closed = True
+        self._close()
+
+    def _close(self):
+        import socket
+
+        try:
+            # a raw shutdown wakes threads blocked in recv/sendall (also under TLS)
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def death_reason(self):
+        if self._read_error is not None:
+            return "read from %s failed: %s" % (self.remoteaddress, self._read_error)
+        return "socket server %s closed the connection" % self.remoteaddress
+
+
+def _split_hostport(value, specstr):
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(_Text.BAD_SPEC_VALUE % ("socket", specstr, _Text.BAD_HOSTPORT))
+    return host, int(port)
+
+
+def _client_tls_context(spec):
+    """An ssl context for spec's tls keys, or None for plain TCP."""
+    if not (spec.tls or spec.tls_ca or spec.tls_cert):
+        return None
+    import ssl
+
+    context = ssl.create_default_context(
+        cafile=spec.tls_ca if isinstance(spec.tls_ca, str) else None)
+    if isinstance(spec.tls_cert, str):
+        context.load_cert_chain(spec.tls_cert,
+                                spec.tls_key if isinstance(spec.tls_key, str) else None)
+    return context
+
+
+def _start_socket(spec, params, group=None):
+    """Connect to a socket server, authenticate and bootstrap; returns (io, rinfo, leftover)."""
+    import socket
+
+    if not isinstance(spec.socket, str):
+        raise ValueError(_Text.BAD_SPEC_VALUE % ("socket", spec._spec, _Text.BAD_HOSTPORT))
+    host, port = _split_hostport(spec.socket, spec._spec)
+    where = "%s:%d" % (host, port)
+    if isinstance(spec.keyfile, str):
+        key = _read_key_file(spec.keyfile)
+    else:
+        key = _env_key()
+    if key is None and not spec.insecure:
+        raise AuthenticationError(_Text.NO_KEY % spec.id)
+    timeout = float(spec.handshake_timeout or _HANDSHAKE_TIMEOUT)
+    try:
+        context = _client_tls_context(spec)
+        sock = socket.create_connection((host, port), timeout)
+    except OSError as exc:
+        raise HostNotFound(_Text.CONNECT_FAILED % (spec.id, where, exc))
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname=host)
+    except OSError as exc:
+        sock.close()
+        raise HostNotFound(_Text.CONNECT_FAILED % (spec.id, where, exc))
+    io = _SocketIO(sock, where, key, bool(spec.insecure), timeout)
+    return _start_io(io, spec, params, "socket server " + where)
+
+
 # The transports: the xspec key that selects each and its start function,
 # start(spec, params, group) -> (io, rinfo, leftover).  via= comes first: it
 # names the gateway in whose process the transport of the other key starts.
 _TRANSPORTS = (
     ("via", _start_via),
     ("popen", _start_popen),
+    ("socket", _start_socket),
 )
 
 
@@ -2962,6 +3298,15 @@ def _write_stderr_bytes(data):
 def PopenGateway(python=None, output=None):
     """A gateway to a Python subprocess (the seed's name)."""
     spec = "popen" if python is None else "popen//python=%s" % python
+    return default_group.makegateway(spec, output=output)
+
+
+def SocketGateway(host, port, keyfile=None, output=None):
+    """A gateway to a running socket server (the seed's name); the key comes
+    from keyfile or $EXECNET_SINGLE_KEY."""
+    spec = "socket=%s:%d" % (host, int(port))
+    if keyfile is not None:
+        spec += "//keyfile=%s" % keyfile
     return default_group.makegateway(spec, output=output)
 
 
@@ -3052,6 +3397,11 @@ _SPEC_CHECKS = (
     ("chdir", str.strip),
     ("via", str.strip),
     ("id", str.strip),
+    ("keyfile", str.strip),
+    ("tls_ca", str.strip),
+    ("tls_cert", str.strip),
+    ("tls_key", str.strip),
+    ("handshake_timeout", _positive_number),
 )
 
 
@@ -3680,24 +4030,466 @@ def _rsync_receive(channel):
     channel.send("done")
 
 
-# === 11. CLI ===
+# === 11. Socket server ===
+#
+# `python -m execnet_single serve`.  Each accepted connection gets a thread
+# for the handshake of section 9 (at most max_handshakes at once, each done
+# within handshake_timeout or dropped).  An authenticated connection becomes
+# the stdin and stdout of a fresh `python -c _STAGE1`, which the client then
+# bootstraps like a popen gateway: every client has an interpreter of its
+# own, so its crash or os._exit ends only its session.  Under TLS the
+# interpreter gets pipes instead, relayed to the TLS socket by two threads.
+
+_MAX_HANDSHAKES = 32
+
+
+def _is_loopback(host):
+    if host == "localhost":
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _log_stderr(msg):
+    try:
+        sys.stderr.write("execnet_single serve: %s\n" % (msg,))
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+class _SocketServer:
+    """A listening socket and its accept loop; stop() ends serve_forever()."""
+
+    def __init__(self, host="127.0.0.1", port=0, key=None, once=False, tls_context=None,
+                 handshake_timeout=_HANDSHAKE_TIMEOUT, max_handshakes=_MAX_HANDSHAKES,
+                 log=_log_stderr):
+        import socket
+
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+            sock.settimeout(0.5)   # how often the loop looks at stop()
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self.host, self.port = sock.getsockname()[:2]
+        self._key = key
+        self._once = once
+        self._tls = tls_context
+        self._timeout = handshake_timeout
+        self._max = max_handshakes
+        self._slots = threading.BoundedSemaphore(max_handshakes)
+        self._log = log
+        self._lock = threading.Lock()
+        self._sessions = set()
+        self._served = False
+        self._stop = threading.Event()
+        self._done = threading.Event()   # --once: the one session has started
+
+    def stop(self):
+        """Make serve_forever() return (sessions still running are ended)."""
+        self._stop.set()
+
+    def serve_forever(self):
+        """Accept and serve clients until stop() (or, with once, one session ended)."""
+        import socket
+        import time
+
+        try:
+            while not (self._stop.is_set() or self._done.is_set()):
+                try:
+                    conn, addr = self._sock.accept()
+                except socket.timeout:
+                    continue
+                except OSError as exc:  # e.g. out of fds during a flood
+                    self._log("accept failed: %s" % (exc,))
+                    time.sleep(0.1)
+                    continue
+                peer = "%s:%s" % tuple(addr[:2])
+                if not self._slots.acquire(False):
+                    self._log("dropped %s: %s" % (peer, _Text.DROP_BUSY % self._max))
+                    conn.close()
+                    continue
+                thread = threading.Thread(target=self._handle, args=(conn, peer),
+                                          name="execnet_single-serve-%s" % peer)
+                thread.daemon = True
+                thread.start()
+        finally:
+            self._sock.close()
+        while self._sessions and not self._stop.wait(0.2):
+            pass   # --once: the session ends by itself, or stop() ends it
+        self._end_sessions()
+
+    def _handle(self, conn, peer):
+        """Authenticate one connection, then run its session (in this thread)."""
+        import socket
+        import time
+
+        try:
+            try:
+                deadline = time.time() + self._timeout
+                conn.settimeout(self._timeout)
+                if self._tls is not None:
+                    conn = self._tls.wrap_socket(conn, server_side=True)
+                if self._key is None:
+                    conn.sendall(_OPEN_MAGIC)
+                else:
+                    _server_auth(conn, self._key, deadline)
+                conn.settimeout(None)
+                with self._lock:
+                    if self._once and self._served:
+                        raise AuthenticationError("this server serves one client only (--once)")
+                    self._served = True
+            finally:
+                self._slots.release()
+        except socket.timeout:
+            self._drop(conn, peer, _Text.DROP_TIMEOUT % self._timeout)
+            return
+        except AuthenticationError as exc:
+            self._drop(conn, peer, exc)
+            return
+        except Exception as exc:  # OSError, ssl.SSLError, anything: keep serving
+            self._drop(conn, peer, "%s: %s" % (type(exc).__name__, exc))
+            return
+        try:
+            self._session(conn, peer)
+        except Exception as exc:
+            self._log("session %s failed: %s: %s" % (peer, type(exc).__name__, exc))
+        finally:
+            if self._once:
+                self._done.set()
+
+    def _drop(self, conn, peer, reason):
+        self._log("dropped %s: %s" % (peer, reason))
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    def _session(self, conn, peer):
+        """A fresh interpreter for an authenticated client; returns when it ends."""
+        import subprocess
+
+        env = dict(os.environ)
+        env.pop(_KEY_ENV, None)   # the session gets no copy of the server's key
+        args = [sys.executable, "-c", _STAGE1]
+        if self._tls is None:
+            try:
+                child = subprocess.Popen(args, stdin=conn.fileno(), stdout=conn.fileno(),
+                                         env=env, start_new_session=True)
+            finally:
+                conn.close()
+            relay = None
+        else:
+            try:
+                child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         bufsize=0, env=env, start_new_session=True)
+            except OSError:
+                conn.close()
+                raise
+            relay = threading.Thread(target=self._relay_to_child, args=(conn, child),
+                                     name="execnet_single-relay-%s" % peer)
+            relay.daemon = True
+            relay.start()
+        with self._lock:
+            self._sessions.add(child)
+        self._log("session %s: started pid %d" % (peer, child.pid))
+        try:
+            if relay is not None:
+                self._relay_from_child(conn, child)
+                relay.join()
+            status = child.wait()
+        finally:
+            with self._lock:
+                self._sessions.discard(child)
+        self._log("session %s: ended (pid %d, status %s)" % (peer, child.pid, status))
+
+    @staticmethod
+    def _relay_to_child(conn, child):
+        fd = child.stdin.fileno()
+        try:
+            while True:
+                data = conn.recv(_READ_SIZE)
+                if not data:
+                    break
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+        except (OSError, ValueError):
+            pass
+        child.stdin.close()
+
+    @staticmethod
+    def _relay_from_child(conn, child):
+        import socket
+
+        try:
+            while True:
+                data = os.read(child.stdout.fileno(), _READ_SIZE)
+                if not data:
+                    break
+                conn.sendall(data)
+        except OSError:
+            pass
+        try:
+            socket.socket.shutdown(conn, socket.SHUT_RDWR)   # wakes the other relay
+        except OSError:
+            pass
+        conn.close()
+        child.stdout.close()
+
+    def _end_sessions(self):
+        """Stop every session still running (SIGTERM, then SIGKILL)."""
+        import signal
+        import time
+
+        with self._lock:
+            children = list(self._sessions)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for child in children:
+                if child.poll() is None:
+                    try:
+                        os.killpg(child.pid, sig)
+                    except OSError:
+                        pass
+            deadline = time.time() + 2.0
+            while time.time() < deadline and any(c.poll() is None for c in children):
+                time.sleep(0.05)
+
+
+def _server_tls_context(cert, key=None, client_ca=None):
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    if client_ca:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _server_key(key_file=None, insecure=False):
+    """(key or None, what to tell clients about it): the file, else the
+    environment, else the per-user key file (created if missing)."""
+    if insecure:
+        return None, None
+    if key_file:
+        return _read_key_file(key_file), key_file
+    key = _env_key()
+    if key is not None:
+        return key, None
+    path = _default_key_path()
+    if not os.path.exists(path):
+        _write_new_key(path)
+        _log_stderr("created key file %s" % path)
+    return _read_key_file(path), path
+
+
+def _make_server(host="127.0.0.1", port=0, key_file=None, insecure=False, once=False,
+                 tls_cert=None, tls_key=None, tls_client_ca=None,
+                 handshake_timeout=_HANDSHAKE_TIMEOUT, max_handshakes=_MAX_HANDSHAKES,
+                 log=_log_stderr):
+    """(server, key file path or None) for serve() and the CLI."""
+    if insecure and not _is_loopback(host):
+        raise ValueError(_Text.INSECURE_NOT_LOOPBACK % (host,))
+    key, key_path = _server_key(key_file, insecure)
+    context = _server_tls_context(tls_cert, tls_key, tls_client_ca) if tls_cert else None
+    server = _SocketServer(host, port, key, once, context, handshake_timeout,
+                           max_handshakes, log)
+    return server, key_path
+
+
+def serve(host="127.0.0.1", port=0, key_file=None, insecure=False, once=False,
+          tls_cert=None, tls_key=None, tls_client_ca=None,
+          handshake_timeout=_HANDSHAKE_TIMEOUT, max_handshakes=_MAX_HANDSHAKES):
+    """Run the authenticated socket server until interrupted (or, with once,
+    until its one client is done).  The key: key_file, else
+    $EXECNET_SINGLE_KEY, else the per-user key file (created if missing)."""
+    server, key_path = _make_server(host, port, key_file, insecure, once, tls_cert, tls_key,
+                                    tls_client_ca, handshake_timeout, max_handshakes)
+    _log_stderr(_banner(server, key_path, insecure, bool(tls_cert)))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server._end_sessions()
+
+
+def _banner(server, key_path, insecure, tls):
+    host = server.host if ":" not in server.host else "[%s]" % server.host
+    spec = "socket=%s:%d" % (host, server.port)
+    if key_path:
+        spec += "//keyfile=%s" % key_path
+        keyinfo = "key file %s" % key_path
+    elif insecure:
+        spec += "//insecure"
+        keyinfo = "NO authentication (--insecure)"
+    else:
+        keyinfo = "key from $%s" % _KEY_ENV
+    if tls:
+        spec += "//tls_ca=CA_FILE"
+    return "execnet_single %s: listening on %s:%d%s, %s; connect with: %s" % (
+        __version__, host, server.port, " (TLS)" if tls else "", keyinfo, spec)
+
+
+# === 12. CLI ===
+
+
+def _cli_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="execnet_single",
+        description="execnet_single %s: the socket server (default), key files, "
+                    "and running code on gateways." % __version__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,keygen,run}")
+    serve_p = sub.add_parser(
+        "serve", help="run the authenticated socket server (the default)",
+        description="Serve execnet_single clients: each authenticated client gets a fresh "
+                    "Python interpreter of its own.  The key comes from --key-file, else "
+                    "$%s, else the per-user key file %s (created if missing)."
+                    % (_KEY_ENV, _default_key_path()))
+    serve_p.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default 127.0.0.1)")
+    serve_p.add_argument("--port", type=int, default=8888,
+                         help="port to listen on; 0 picks a free one (default 8888)")
+    serve_p.add_argument("--once", action="store_true",
+                         help="serve one client, then exit")
+    serve_p.add_argument("--key-file", metavar="PATH",
+                         help="file holding the shared key (must be mode 0600)")
+    serve_p.add_argument("--insecure", action="store_true",
+                         help="no authentication at all; only allowed on a loopback address")
+    serve_p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
+    serve_p.add_argument("--tls-key", metavar="PEM",
+                         help="private key of --tls-cert (if not in that file)")
+    serve_p.add_argument("--tls-client-ca", metavar="PEM",
+                         help="require client certificates signed by this CA")
+    serve_p.add_argument("--handshake-timeout", type=float, default=_HANDSHAKE_TIMEOUT,
+                         metavar="SECONDS",
+                         help="drop clients not authenticated within this time (default %s)"
+                         % _HANDSHAKE_TIMEOUT)
+    serve_p.add_argument("--max-handshakes", type=int, default=_MAX_HANDSHAKES, metavar="N",
+                         help="connections beyond N authenticating at once are dropped "
+                              "(default %d)" % _MAX_HANDSHAKES)
+    serve_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+    keygen_p = sub.add_parser("keygen", help="write a new key file (mode 0600)")
+    keygen_p.add_argument("path", nargs="?",
+                          help="where to write it (default %s)" % _default_key_path())
+    keygen_p.add_argument("--force", action="store_true", help="replace an existing file")
+    keygen_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help=argparse.SUPPRESS)
+    run_p = sub.add_parser(
+        "run", help="run code on gateways and print what each sends back",
+        description="Run code on one or more gateways at once; print each item it sends "
+                    "on `channel`, prefixed with the gateway id.")
+    source = run_p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", dest="code", metavar="CODE", help="the code to run")
+    source.add_argument("-f", dest="file", metavar="FILE", help="a file with the code to run")
+    run_p.add_argument("specs", nargs="+", metavar="SPEC",
+                       help="gateway xspecs, e.g. popen//python=python3.6")
+    run_p.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds each gateway may take (default 60)")
+    run_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
+    return parser
 
 
 def main(argv=None):
-    """`python -m execnet_single`: for now a self-check that starts one gateway.
-
-    (The authenticated socket server will live here.)
-    """
+    """`python -m execnet_single [serve|keygen|run] ...`; returns the exit status."""
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    commands = ("serve", "keygen", "run")
+    if not any(arg in commands or arg in ("-h", "--help") for arg in argv):
+        argv = [a for a in argv if a == "--debug"] + ["serve"] + [
+            a for a in argv if a != "--debug"]
+    args = _cli_parser().parse_args(argv)
     try:
-        gw = makegateway("popen")
-        info = gw._rinfo()
-        print("execnet_single %s: gateway %s to pid %s, Python %s" % (
-            __version__, gw.id, info.pid, ".".join(map(str, info.version_info[:3]))))
-        gw.exit()
-    except ExecnetError as exc:
-        sys.stderr.write("execnet_single: error: %s\n" % (str(exc).splitlines() or [exc])[0])
+        if args.command == "keygen":
+            path = _write_new_key(args.path or _default_key_path(), args.force)
+            print("execnet_single: wrote a new key to %s" % path)
+            return 0
+        if args.command == "run":
+            return _cli_run(args)
+        return _cli_serve(args)
+    except Exception as exc:
+        if args.debug:
+            raise
+        text = (str(exc).splitlines() or [type(exc).__name__])[0]
+        sys.stderr.write("execnet_single: error: %s\n" % text)
         return 1
+
+
+def _cli_serve(args):
+    import signal
+
+    server, key_path = _make_server(
+        args.host, args.port, args.key_file, args.insecure, args.once, args.tls_cert,
+        args.tls_key, args.tls_client_ca, args.handshake_timeout, args.max_handshakes)
+    if args.insecure:
+        _log_stderr(_Text.INSECURE_WARNING % ("%s:%d" % (server.host, server.port)))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: server.stop())
+    print(_banner(server, key_path, args.insecure, bool(args.tls_cert)))
+    sys.stdout.flush()
+    server.serve_forever()
     return 0
+
+
+def _cli_run(args):
+    if args.file:
+        with open(args.file) as f:
+            code = f.read()
+    else:
+        code = args.code
+    group = Group()
+    specs = []
+    for index, text in enumerate(args.specs):
+        spec = XSpec(text)
+        if spec.id is None:
+            spec.id = "gw%d" % index
+        specs.append(spec)
+    failures = []
+    lock = threading.Lock()
+
+    def run_one(spec):
+        try:
+            gateway = group.makegateway(spec)
+            channel = gateway.remote_exec(code)
+            while True:
+                try:
+                    item = channel.receive(args.timeout)
+                except EOFError:
+                    break
+                with lock:
+                    print("[%s] %s" % (spec.id, item))
+                    sys.stdout.flush()
+        except Exception as exc:
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])
+            with lock:
+                failures.append(spec.id)
+                sys.stderr.write("execnet_single: error: [%s] %s\n" % (spec.id, text[-1]))
+
+    threads = [threading.Thread(target=run_one, args=(spec,)) for spec in specs]
+    for thread in threads:
+        thread.daemon = True
+        thread.start()
+    for thread in threads:
+        thread.join()
+    group.terminate(10.0)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -3958,17 +3958,578 @@ class TestPytestXdist:
         assert "RESULT 1 execnet_single" in out
 
 
-# ================================================================ CLI
+# ====================================================== socket server and CLI
+
+
+# ------------------------------------------------------ socket server helpers
+
+SERVER_RE = r"listening on (\S+?):(\d+)\b.*connect with: (\S+)"
+
+
+def write_key(path, mode=0o600):
+    """A fresh key file; returns the key as the server reads it."""
+    key = hashlib.sha256(os.urandom(32)).hexdigest().encode()
+    with open(str(path), "wb") as f:
+        f.write(key + b"\n")
+    os.chmod(str(path), mode)
+    return key
+
+
+def server_env(tmp_path):
+    """An environment that keeps the real home and key out of reach."""
+    env = dict(os.environ, HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "cfg"),
+               PYTHONPATH=HERE)
+    env.pop("EXECNET_SINGLE_KEY", None)
+    return env
+
+
+class ServerProcess:
+    """`python -m execnet_single serve --port 0 ...` in a subprocess."""
+
+    def __init__(self, tmp_path, *args):
+        self.logpath = str(tmp_path / ("server-%d.log" % next(_ids)))
+        self.log = open(self.logpath, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "execnet_single", "serve", "--port", "0"] + list(args),
+            stdout=subprocess.PIPE, stderr=self.log, env=server_env(tmp_path),
+            cwd=str(tmp_path))
+        try:
+            self.banner = call_with_timeout(self.proc.stdout.readline, 60).decode()
+            import re
+
+            match = re.search(SERVER_RE, self.banner)
+            assert match, (self.banner, self.logtext())
+            self.host, self.port, self.spec = match.group(1), int(match.group(2)), match.group(3)
+        except BaseException:
+            self.stop()
+            raise
+
+    def logtext(self):
+        with open(self.logpath, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self):
+        """SIGTERM; returns the exit status (kills after a bound)."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+                raise
+        finally:
+            self.proc.stdout.close()
+            self.log.close()
+
+
+@contextmanager
+def socket_server(tmp_path, *args, **kwargs):
+    """A running server with a fresh key file; stopped (status 0) at the end."""
+    keyfile = tmp_path / "server.key"
+    key = write_key(keyfile)
+    server = ServerProcess(tmp_path, "--key-file", str(keyfile), *args)
+    server.keyfile = str(keyfile)
+    server.key = key
+    try:
+        yield server
+    finally:
+        status = server.stop()
+    assert status == 0, server.logtext()
+
+
+def connect(port, timeout=10.0):
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def recv_exact(sock, size):
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def raw_auth(sock, key):
+    """The client side of the documented handshake, written independently."""
+    import hmac
+
+    magic = recv_exact(sock, 23)
+    assert magic == b"execnet_single-auth v1\n"
+    nonce_s = recv_exact(sock, 32)
+    nonce_c = os.urandom(32)
+    sock.sendall(nonce_c + hmac.new(key, b"client" + nonce_s + nonce_c, "sha256").digest())
+    proof = recv_exact(sock, 32)
+    assert proof == hmac.new(key, b"server" + nonce_c + nonce_s, "sha256").digest()
+
+
+def attack_payload(marker):
+    """What would create marker if a server evaluated it: a line for our
+    stage 1 (which evals a repr) and a plain line like execnet's server execs."""
+    code = "open(%r, 'w').close()" % str(marker)
+    return (repr(code) + "\n" + code + "\n").encode()
+
+
+def send_and_drain(sock, data):
+    """Send data (the server may cut us off) and read until it closes."""
+    try:
+        sock.sendall(data)
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+class RecordingProxy:
+    """A TCP relay for one connection that records what the client sent."""
+
+    def __init__(self, port):
+        import socket
+
+        self.target = port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.sent = []
+        self.thread = threading.Thread(target=self._run)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _run(self):
+        import socket
+
+        client, _ = self.listener.accept()
+        server = connect(self.target)
+        client.settimeout(60)
+        server.settimeout(60)
+
+        def pump(src, dst, record):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    if record is not None:
+                        record.append(data)
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        back = threading.Thread(target=pump, args=(server, client, None))
+        back.daemon = True
+        back.start()
+        pump(client, server, self.sent)
+        back.join(60)
+        client.close()
+        server.close()
+        self.listener.close()
+
+
+@single_only
+class TestSocketServer:
+    def test_round_trip_in_a_child_of_the_server(self, tmp_path, group):
+        with socket_server(tmp_path) as server:
+            assert server.spec == "socket=127.0.0.1:%d//keyfile=%s" % (
+                server.port, server.keyfile)
+            gw = mkgw(group, server.spec)
+            channel = gw.remote_exec("import os\nchannel.send(os.getpid())\n"
+                                     "channel.send(channel.receive() * 2)")
+            pid = channel.receive(30)
+            channel.send(21)
+            assert channel.receive(30) == 42
+            # a fresh interpreter for this client, started by the server
+            assert psutil.Process(pid).ppid() == server.proc.pid
+            assert rinfo(gw).pid == pid
+            exit_and_join(gw)
+            assert wait_for(lambda: pid_gone(pid))
+
+    def test_key_from_environment_and_socket_gateway(self, tmp_path, monkeypatch):
+        with socket_server(tmp_path) as server:
+            monkeypatch.setenv("EXECNET_SINGLE_KEY", server.key.decode())
+            gw = call_with_timeout(execnet.SocketGateway, 60, "127.0.0.1", server.port)
+            assert gw.remote_exec("channel.send(1 + 1)").receive(30) == 2
+            exit_and_join(gw)
+
+    def test_positive_control_payload_runs_after_a_real_handshake(self, tmp_path):
+        # shows that the attack payload below would be noticed if it ran
+        marker = tmp_path / "ran"
+        with socket_server(tmp_path) as server:
+            sock = connect(server.port)
+            raw_auth(sock, server.key)
+            sock.sendall(attack_payload(marker))
+            assert wait_for(marker.exists, timeout=30)
+            sock.close()
+
+    def test_no_key_nothing_runs(self, tmp_path, group, monkeypatch):
+        monkeypatch.delenv("EXECNET_SINGLE_KEY", raising=False)
+        marker = tmp_path / "ran"
+        with socket_server(tmp_path) as server:
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, "socket=127.0.0.1:%d" % server.port)
+            assert "EXECNET_SINGLE_KEY" in str(info.value)
+            # without the key: nothing but the payload, after the server's challenge
+            sock = connect(server.port)
+            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+            send_and_drain(sock, b"\0" * 64 + attack_payload(marker))
+            assert wait_for(lambda: "wrong key" in server.logtext())
+            assert not marker.exists()
+
+    def test_wrong_key_nothing_runs(self, tmp_path, group):
+        marker = tmp_path / "ran"
+        wrong = tmp_path / "wrong.key"
+        wrong_key = write_key(wrong)
+        with socket_server(tmp_path) as server:
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (server.port, wrong))
+            assert "wrong key?" in str(info.value)
+            sock = connect(server.port)
+            with pytest.raises(AssertionError):
+                raw_auth(sock, wrong_key)   # the server sends no proof
+            send_and_drain(sock, attack_payload(marker))
+            assert wait_for(lambda: server.logtext().count("wrong key") >= 2)
+            assert not marker.exists()
+
+    def test_replayed_session_nothing_runs(self, tmp_path, group):
+        marker = tmp_path / "ran"
+        with socket_server(tmp_path) as server:
+            proxy = RecordingProxy(server.port)
+            gw = mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (proxy.port, server.keyfile))
+            gw.remote_exec("open(%r, 'w').close()" % str(marker)).waitclose(30)
+            assert marker.exists()
+            exit_and_join(gw)
+            proxy.thread.join(30)
+            recorded = b"".join(proxy.sent)
+            assert len(recorded) > 64 + len(b"open(")
+            marker.unlink()
+            sock = connect(server.port)
+            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+            send_and_drain(sock, recorded)
+            assert wait_for(lambda: "wrong key" in server.logtext())
+            assert not marker.exists()
+
+    def test_client_skipping_the_handshake_nothing_runs(self, tmp_path):
+        marker = tmp_path / "ran"
+        with socket_server(tmp_path) as server:
+            # like execnet's client: send a bootstrap line right away
+            send_and_drain(connect(server.port), attack_payload(marker) * 4)
+            assert wait_for(lambda: "dropped" in server.logtext())
+            assert not marker.exists()
+
+    def test_fake_server_is_detected(self, tmp_path, group):
+        import socket
+
+        keyfile = tmp_path / "k"
+        write_key(keyfile)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(30)
+        got = []
+
+        def fake():
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            conn.sendall(b"execnet_single-auth v1\n" + os.urandom(32))
+            got.append(recv_exact(conn, 64))
+            conn.sendall(os.urandom(32))
+            try:
+                got.append(conn.recv(65536))   # the client must not go on
+            except OSError:
+                got.append(b"")
+            conn.close()
+
+        thread = threading.Thread(target=fake)
+        thread.daemon = True
+        thread.start()
+        try:
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (
+                    listener.getsockname()[1], keyfile))
+            assert "failed to prove it holds the key" in str(info.value)
+            thread.join(30)
+            assert len(got[0]) == 64 and got[1] == b""
+        finally:
+            listener.close()
+
+    def test_key_file_readable_by_others_is_refused(self, tmp_path, group):
+        keyfile = tmp_path / "open.key"
+        write_key(keyfile, 0o644)
+        proc = subprocess.run(
+            [sys.executable, "-m", "execnet_single", "serve", "--port", "0",
+             "--key-file", str(keyfile)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=server_env(tmp_path), timeout=60)
+        assert proc.returncode == 1
+        err = proc.stderr.decode()
+        assert err.startswith("execnet_single: error: key file %s is readable" % keyfile)
+        assert "Traceback" not in err and proc.stdout == b""
+        with pytest.raises(execnet.AuthenticationError, match="readable or writable by others"):
+            mkgw(group, "socket=127.0.0.1:1//keyfile=%s" % keyfile)
+
+    def test_insecure_only_on_loopback(self, tmp_path, group):
+        proc = subprocess.run(
+            [sys.executable, "-m", "execnet_single", "serve", "--insecure", "--host",
+             "0.0.0.0", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=server_env(tmp_path), timeout=60)
+        assert proc.returncode == 1 and proc.stdout == b""
+        assert proc.stderr.decode() == (
+            "execnet_single: error: --insecure is only allowed on a loopback address "
+            "(127.0.0.1, ::1, localhost), not '0.0.0.0'\n")
+        keyfile = tmp_path / "client.key"
+        write_key(keyfile)
+        server = ServerProcess(tmp_path, "--insecure")
+        try:
+            assert "NO authentication" in server.banner
+            # a client refuses an open server unless it asks for one
+            with pytest.raises(execnet.AuthenticationError, match="without authentication"):
+                mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (server.port, keyfile))
+            gw = mkgw(group, server.spec)
+            assert gw.remote_exec("channel.send(3)").receive(30) == 3
+            exit_and_join(gw)
+        finally:
+            assert server.stop() == 0
+        assert "WARNING: running WITHOUT authentication" in server.logtext()
+
+    def test_creates_a_private_key_when_given_none(self, tmp_path, group):
+        server = ServerProcess(tmp_path)
+        try:
+            path = tmp_path / "cfg" / "execnet_single" / "server.key"
+            assert "key file %s" % path in server.banner
+            assert os.stat(str(path)).st_mode & 0o777 == 0o600
+            gw = mkgw(group, server.spec)
+            assert gw.remote_exec("channel.send(4)").receive(30) == 4
+            exit_and_join(gw)
+        finally:
+            assert server.stop() == 0
+
+    def test_hostile_clients_then_a_normal_one(self, tmp_path, group):
+        import socket
+
+        marker = tmp_path / "ran"
+        with socket_server(tmp_path, "--handshake-timeout", "1",
+                           "--max-handshakes", "8") as server:
+            me = psutil.Process(server.proc.pid)
+            # a first normal session, so everything lazily opened is open
+            gw = mkgw(group, server.spec)
+            gw.remote_exec("channel.send(0)").receive(30)
+            exit_and_join(gw)
+            assert wait_for(lambda: "ended" in server.logtext())
+            fds_before = me.num_fds()
+            wrong = hashlib.sha256(b"wrong").hexdigest().encode()
+
+            def garbage(sock):
+                send_and_drain(sock, os.urandom(200))
+
+            def half(sock):
+                recv_exact(sock, 55)
+                sock.sendall(os.urandom(20))
+                sock.close()
+
+            def wrong_key(sock):
+                try:
+                    raw_auth(sock, wrong)
+                except (AssertionError, OSError):
+                    pass
+                send_and_drain(sock, attack_payload(marker))
+
+            def huge(sock):
+                send_and_drain(sock, struct.pack("!BII", 3, 1, 2 ** 32 - 1) + b"\xff" * 65536)
+
+            def skip(sock):
+                send_and_drain(sock, attack_payload(marker))
+
+            def tls_garbage(sock):
+                # a TLS ClientHello start to a plain server
+                send_and_drain(sock, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(100))
+
+            def nothing(sock):
+                sock.close()
+
+            kinds = [garbage, half, wrong_key, huge, skip, tls_garbage, nothing]
+            for i in range(500):
+                kinds[i % len(kinds)](connect(server.port))
+            # silent and half-finished clients are cut off by the handshake timeout
+            silent = [connect(server.port) for i in range(5)]
+            for sock in silent[:2]:
+                recv_exact(sock, 55)
+                sock.sendall(os.urandom(20))
+            for sock in silent:
+                sock.settimeout(15)
+                assert recv_exact(sock, 100)[:23] in (b"execnet_single-auth v1\n", b"")
+                sock.close()
+            # a flood: more connections at once than handshakes allowed
+            flood = [connect(server.port) for i in range(40)]
+            assert wait_for(lambda: "too many handshakes" in server.logtext())
+            for sock in flood:
+                sock.close()
+            assert "no complete handshake within 1.0 seconds" in server.logtext()
+            gw = mkgw(group, server.spec)
+            assert gw.remote_exec("channel.send(5)").receive(30) == 5
+            exit_and_join(gw)
+            assert not marker.exists()
+            assert wait_for(lambda: me.num_fds() <= fds_before, timeout=30), (
+                me.num_fds(), fds_before)
+            assert me.num_threads() < 10
+
+    def test_client_os_exit_ends_only_its_session(self, tmp_path, group):
+        with socket_server(tmp_path) as server:
+            gw = mkgw(group, server.spec)
+            channel = gw.remote_exec("import os\nos._exit(3)")
+            with pytest.raises((EOFError, execnet.RemoteError)):
+                channel.waitclose(30)
+            assert wait_for(lambda: "status 3" in server.logtext())
+            exit_and_join(gw)
+            gw2 = mkgw(group, server.spec)
+            assert gw2.remote_exec("channel.send(6)").receive(30) == 6
+            exit_and_join(gw2)
+            assert server.proc.poll() is None
+
+
+# ------------------------------------------------------------------- CLI
 
 
 @single_only
 class TestCLI:
-    def test_script_self_check(self, tmp_path):
+    def test_script_run_from_elsewhere(self, tmp_path):
         # run as a script (no __cached__, module named __main__) from elsewhere
         proc = subprocess.run(
-            [sys.executable, LIBRARY_PATH], cwd=str(tmp_path),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+            [sys.executable, LIBRARY_PATH, "run", "-c",
+             "import sys; channel.send('Python %d.%d' % sys.version_info[:2])", "popen"],
+            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        out = proc.stdout.decode()
-        assert out.startswith("execnet_single ") and "Python %d.%d" % sys.version_info[:2] in out
+        assert proc.stdout.decode() == "[gw0] Python %d.%d\n" % sys.version_info[:2]
         assert proc.stderr == b""
+
+    def test_run_on_several_gateways_reports_each_failure(self, tmp_path):
+        other = next((find_interpreters().get(v) for v in ("3.6", "3.13", "3.8")
+                      if find_interpreters().get(v)), sys.executable)
+        proc = subprocess.run(
+            [sys.executable, "-m", "execnet_single", "run", "-c",
+             "import sys; channel.send(sys.version_info[:2])", "popen",
+             "popen//python=%s//id=other" % other, "popen//python=/nonexistent/python//id=bad"],
+            cwd=str(tmp_path), env=server_env(tmp_path), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=120)
+        assert proc.returncode == 1
+        out = sorted(proc.stdout.decode().splitlines())
+        version = subprocess.run([other, "-c", "import sys; print(tuple(sys.version_info[:2]))"],
+                                 stdout=subprocess.PIPE, timeout=60).stdout.decode().strip()
+        assert out == sorted(["[gw0] %s" % (tuple(sys.version_info[:2]),),
+                              "[other] %s" % version])
+        err = proc.stderr.decode().splitlines()
+        assert len(err) == 1 and err[0].startswith("execnet_single: error: [bad] ")
+
+    def test_help_documents_every_option(self, tmp_path):
+        proc = subprocess.run([sys.executable, "-m", "execnet_single", "serve", "--help"],
+                              env=server_env(tmp_path), stdout=subprocess.PIPE, timeout=60)
+        assert proc.returncode == 0
+        text = proc.stdout.decode()
+        for option in ("--host", "--port", "--once", "--key-file", "--insecure", "--tls-cert",
+                       "--tls-key", "--tls-client-ca", "--handshake-timeout"):
+            assert option in text
+
+    def test_errors_are_one_line_traceback_with_debug(self, tmp_path):
+        args = [sys.executable, "-m", "execnet_single", "serve", "--port", "0",
+                "--key-file", str(tmp_path / "missing")]
+        proc = subprocess.run(args, env=server_env(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        assert proc.returncode == 1
+        assert proc.stderr.decode() == (
+            "execnet_single: error: cannot read key file %s: No such file or directory\n"
+            % (tmp_path / "missing"))
+        proc = subprocess.run(args[:3] + ["--debug"] + args[3:], env=server_env(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        assert proc.returncode == 1 and b"Traceback" in proc.stderr
+
+    def test_keygen_writes_a_private_key_once(self, tmp_path):
+        path = tmp_path / "new.key"
+        cmd = [sys.executable, "-m", "execnet_single", "keygen", str(path)]
+        proc = subprocess.run(cmd, env=server_env(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert os.stat(str(path)).st_mode & 0o777 == 0o600
+        assert len(path.read_bytes().strip()) == 64
+        proc = subprocess.run(cmd, env=server_env(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        assert proc.returncode == 1 and b"exists already" in proc.stderr
+
+    def test_serve_once_and_sigint(self, tmp_path, group):
+        with socket_server(tmp_path, "--once") as server:
+            gw = mkgw(group, server.spec)
+            gw.remote_exec("channel.send(7)").receive(30)
+            exit_and_join(gw)
+            assert server.proc.wait(timeout=30) == 0
+        keyfile = tmp_path / "server.key"
+        server = ServerProcess(tmp_path, "--key-file", str(keyfile))
+        server.proc.send_signal(signal.SIGINT)
+        assert server.stop() == 0
+        assert "Traceback" not in server.logtext()
+
+
+def make_certificates(directory, name):
+    """A CA and a certificate for 127.0.0.1 signed by it, made by `openssl`."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        if IN_CI:
+            pytest.fail("the openssl binary is needed for the TLS tests")
+        pytest.skip("no openssl binary")
+    d = str(directory)
+    ca, ca_key = os.path.join(d, name + "-ca.pem"), os.path.join(d, name + "-ca.key")
+    cert, key = os.path.join(d, name + "-cert.pem"), os.path.join(d, name + "-cert.key")
+    csr, ext = os.path.join(d, name + ".csr"), os.path.join(d, name + ".ext")
+    with open(ext, "w") as f:
+        # what 3.13's strict verification wants of a certificate
+        f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                "authorityKeyIdentifier=keyid,issuer\n")
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (
+            ["req", "-x509"] + curve + ["-keyout", ca_key, "-out", ca, "-days", "2",
+                                        "-subj", "/CN=%s test CA" % name,
+                                        "-addext", "basicConstraints=critical,CA:TRUE",
+                                        "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ["req"] + curve + ["-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", ext]):
+        subprocess.run([openssl] + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=60, check=True)
+    return ca, cert, key
+
+
+@single_only
+class TestSocketTLS:
+    def test_tls_round_trip_wrong_ca_and_plain_client(self, tmp_path, group):
+        ca, cert, key = make_certificates(tmp_path, "good")
+        other_ca = make_certificates(tmp_path, "other")[0]
+        with socket_server(tmp_path, "--tls-cert", cert, "--tls-key", key,
+                           "--handshake-timeout", "2") as server:
+            assert "(TLS)" in server.banner and server.spec.endswith("//tls_ca=CA_FILE")
+            gw = mkgw(group, server.spec.replace("CA_FILE", ca))
+            channel = gw.remote_exec(
+                "for item in channel:\n    channel.send(item[::-1])")
+            items = [os.urandom(n) for n in (0, 1, 100000, 3 * 1024 * 1024)]
+            for item in items:
+                channel.send(item)
+            assert [channel.receive(60) for item in items] == [i[::-1] for i in items]
+            channel.close()
+            exit_and_join(gw)
+            with pytest.raises(execnet.HostNotFound, match="CERTIFICATE_VERIFY_FAILED"):
+                mkgw(group, server.spec.replace("CA_FILE", other_ca))
+            plain = "socket=127.0.0.1:%d//keyfile=%s" % (server.port, server.keyfile)
+            with pytest.raises(execnet.AuthenticationError, match="a TLS server?"):
+                mkgw(group, plain)
+            assert wait_for(lambda: "dropped" in server.logtext())
