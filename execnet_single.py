@@ -239,6 +239,7 @@ class _Text:
                    "it is not the server you meant (or has another key)")
     AUTH_TIMEOUT = "socket server %s: authentication did not complete within %s seconds"
     CONNECT_FAILED = "gateway %s: could not connect to socket server %s: %s"
+    INSTALL_FAILED = "gateway %s: could not start a socket server in gateway %s: %s"
     BAD_HOSTPORT = "expected host:port"
     INSECURE_NOT_LOOPBACK = ("--insecure is only allowed on a loopback address "
                              "(127.0.0.1, ::1, localhost), not %r")
@@ -3238,14 +3239,26 @@ def _client_tls_context(spec):
 
 
 def _start_socket(spec, params, group=None):
-    """Connect to a socket server, authenticate and bootstrap; returns (io, rinfo, leftover)."""
+    """Connect to a socket server, authenticate and bootstrap; returns (io, rinfo, leftover).
+
+    With installvia=ID the server is first started inside gateway ID's
+    process, for this one client, with a one-time key handed over on that
+    gateway's channel (the seed's triangle); socket=HOST:PORT then says
+    where it listens (default 127.0.0.1, a free port).
+    """
     import socket
 
-    if not isinstance(spec.socket, str):
+    key = None
+    if spec.installvia:
+        host, port, key = _install_server(group[spec.installvia], spec)
+    elif not isinstance(spec.socket, str):
         raise ValueError(_Text.BAD_SPEC_VALUE % ("socket", spec._spec, _Text.BAD_HOSTPORT))
-    host, port = _split_hostport(spec.socket, spec._spec)
+    else:
+        host, port = _split_hostport(spec.socket, spec._spec)
     where = "%s:%d" % (host, port)
-    if isinstance(spec.keyfile, str):
+    if key is not None:
+        pass
+    elif isinstance(spec.keyfile, str):
         key = _read_key_file(spec.keyfile)
     else:
         key = _env_key()
@@ -3266,6 +3279,28 @@ def _start_socket(spec, params, group=None):
         raise HostNotFound(_Text.CONNECT_FAILED % (spec.id, where, exc))
     io = _SocketIO(sock, where, key, bool(spec.insecure), timeout)
     return _start_io(io, spec, params, "socket server " + where)
+
+
+def _install_server(proxy, spec):
+    """Start a one-client socket server in proxy's process: (host, port, key)."""
+    import binascii
+    import secrets
+
+    bind = ("127.0.0.1", 0)
+    if isinstance(spec.socket, str):
+        bind = _split_hostport(spec.socket, spec._spec) if ":" in spec.socket else (
+            spec.socket, 0)
+    key = binascii.hexlify(secrets.token_bytes(32))
+    channel = proxy.remote_exec("import execnet_single\n"
+                                "execnet_single._serve_installed(channel)")
+    channel.send((bind[0], bind[1], key))
+    try:
+        host, port = channel.receive(timeout=float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT))
+    except (EOFError, RemoteError, TimeoutError) as exc:
+        raise HostNotFound(_Text.INSTALL_FAILED % (spec.id, proxy.id, exc))
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return host, port, key
 
 
 # The transports: the xspec key that selects each and its start function,
@@ -3301,13 +3336,27 @@ def PopenGateway(python=None, output=None):
     return default_group.makegateway(spec, output=output)
 
 
-def SocketGateway(host, port, keyfile=None, output=None):
-    """A gateway to a running socket server (the seed's name); the key comes
-    from keyfile or $EXECNET_SINGLE_KEY."""
-    spec = "socket=%s:%d" % (host, int(port))
-    if keyfile is not None:
-        spec += "//keyfile=%s" % keyfile
-    return default_group.makegateway(spec, output=output)
+class SocketGateway:
+    """A gateway to a socket server (the seed's name): SocketGateway(host,
+    port) connects to a running one; the key comes from keyfile or
+    $EXECNET_SINGLE_KEY."""
+
+    def __new__(cls, host, port, keyfile=None, output=None):
+        spec = "socket=%s:%d" % (host, int(port))
+        if keyfile is not None:
+            spec += "//keyfile=%s" % keyfile
+        return default_group.makegateway(spec, output=output)
+
+    @staticmethod
+    def new_remote(gateway, hostport=None, output=None):
+        """Start a socket server inside gateway's process and connect to it
+        (the seed's triangle); hostport: where it listens (host, port)."""
+        spec = "socket"
+        if hostport is not None:
+            spec += "=%s:%d" % (hostport[0] or "127.0.0.1", int(hostport[1]))
+        spec += "//installvia=%s" % gateway.id
+        group = gateway._group if gateway._group is not None else default_group
+        return group.makegateway(spec, output=output)
 
 
 # === 10. XSpec, exec models, Group, MultiChannel, RSync ===
@@ -3396,6 +3445,7 @@ _SPEC_CHECKS = (
     ("python", str.strip),
     ("chdir", str.strip),
     ("via", str.strip),
+    ("installvia", str.strip),
     ("id", str.strip),
     ("keyfile", str.strip),
     ("tls_ca", str.strip),
@@ -3585,7 +3635,8 @@ class Group:
 
         # gateways started via= others in this batch must wait for them
         ids = {spec.id for spec in specs}
-        direct = [i for i, spec in enumerate(specs) if spec.via not in ids]
+        direct = [i for i, spec in enumerate(specs)
+                  if spec.via not in ids and spec.installvia not in ids]
         threads = []
         for i in direct[1:]:
             thread = threading.Thread(target=start, args=(i,), name="execnet_single-start")
@@ -3656,7 +3707,8 @@ class Group:
         gateways = list(self._gateways) + self._gateways_to_join
         self._gateways[:] = []
         self._gateways_to_join = []
-        proxies = {gw.spec.via for gw in gateways if gw.spec.via}
+        proxies = {gw.spec.via or gw.spec.installvia for gw in gateways
+                   if gw.spec.via or gw.spec.installvia}
         limit = _EXIT_TIMEOUT if timeout is None else timeout
         # those that others run through go last
         for batch in ([gw for gw in gateways if gw.id not in proxies],
@@ -4265,6 +4317,20 @@ class _SocketServer:
             deadline = time.time() + 2.0
             while time.time() < deadline and any(c.poll() is None for c in children):
                 time.sleep(0.05)
+
+
+def _serve_installed(channel):
+    """In the installing gateway's process: serve one client in a thread.
+
+    The remote_exec returns at once, so this works through a
+    main_thread_only gateway too.
+    """
+    host, port, key = channel.receive()
+    server = _SocketServer(host, port, key, once=True, log=_trace)
+    channel.send((server.host, server.port))
+    thread = threading.Thread(target=server.serve_forever, name="execnet_single-installed")
+    thread.daemon = True
+    thread.start()
 
 
 def _server_tls_context(cert, key=None, client_ca=None):
