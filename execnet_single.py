@@ -3195,9 +3195,19 @@ class _SocketIO(_IO):
         self._close()
 
     def kill(self):
-        """Cut the connection: the server's session sees it and ends."""
+        """Cut the connection: the server's session sees it and ends.
+
+        An abortive close (RST): a graceful one would queue behind unsent
+        data that a remote which stopped reading never takes.
+        """
+        import socket
+
         self._killed = True
         self._write_closed = True
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
         self._close()
 
     def _close(self):
@@ -4239,8 +4249,9 @@ class _SocketServer:
             try:
                 child = subprocess.Popen(args, stdin=conn.fileno(), stdout=conn.fileno(),
                                          env=env, start_new_session=True)
-            finally:
+            except OSError:
                 conn.close()
+                raise
             relay = None
         else:
             try:
@@ -4260,11 +4271,42 @@ class _SocketServer:
             if relay is not None:
                 self._relay_from_child(conn, child)
                 relay.join()
+            else:
+                self._watch_client(conn, child)
+                conn.close()
             status = child.wait()
         finally:
             with self._lock:
                 self._sessions.discard(child)
         self._log("session %s: ended (pid %d, status %s)" % (peer, child.pid, status))
+
+    @staticmethod
+    def _watch_client(conn, child):
+        """Plain TCP: the child owns the connection; look for the client's
+        close without reading (POLLRDHUP), then end the session."""
+        import select
+
+        poller = select.poll()
+        poller.register(conn.fileno(), getattr(select, "POLLRDHUP", 0x2000))
+        while child.poll() is None:
+            if poller.poll(500):
+                break
+        _SocketServer._end_child(child)
+
+    @staticmethod
+    def _end_child(child):
+        """The client is gone: the session may finish (exit grace), then
+        it is killed, stopped or busy as it may be."""
+        import signal
+        import subprocess
+
+        try:
+            child.wait(_EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     @staticmethod
     def _relay_to_child(conn, child):
@@ -4280,6 +4322,7 @@ class _SocketServer:
         except (OSError, ValueError):
             pass
         child.stdin.close()
+        _SocketServer._end_child(child)
 
     @staticmethod
     def _relay_from_child(conn, child):

@@ -233,13 +233,28 @@ def exit_and_join(gw, timeout=30):
 _ids = itertools.count()
 
 
+# Every transport the gateway fixture knows; EXECNET_SINGLE_TRANSPORTS (tox
+# sets it for the middle Pythons) narrows the matrix to keep CI short.
+ALL_TRANSPORTS = ["popen", "via", "socket", "socket-tls"]
+TRANSPORTS = [t for t in os.environ.get(
+    "EXECNET_SINGLE_TRANSPORTS", ",".join(ALL_TRANSPORTS)).split(",") if t]
+_tls_server = {}   # the TLS socket server the socket-tls transport connects to
+
+
 def make_transport_gateway(group, transport, extra=""):
-    """A gateway of the given kind: "popen", or "via" a popen proxy."""
+    """A gateway of the given kind: "popen"; "via" a popen proxy; "socket",
+    a server installed in a popen proxy (installvia); "socket-tls", the
+    session's TLS socket server."""
     if transport == "popen":
         return mkgw(group, "popen" + extra)
-    assert transport == "via", transport
+    if transport == "socket-tls":
+        server = _tls_server["server"]
+        return mkgw(group, server.spec.replace("CA_FILE", _tls_server["ca"]) + extra)
+    assert transport in ("via", "socket"), transport
     proxy = "proxy-%d" % next(_ids)
     mkgw(group, "popen//id=" + proxy)
+    if transport == "socket":
+        return mkgw(group, "socket//installvia=%s%s" % (proxy, extra))
     return mkgw(group, "popen//via=%s%s" % (proxy, extra))
 
 
@@ -382,9 +397,33 @@ def group():
     call_with_timeout(g.terminate, 60, timeout=10)
 
 
-@pytest.fixture(params=["popen", "via"])
-def transport(request):
-    return request.param
+def pytest_generate_tests(metafunc):
+    """Parametrize `transport` over the enabled transports, narrowed by a
+    test's @pytest.mark.transports(...) to those its question applies to."""
+    explicit = any("transport" in str(m.args[0]).replace(" ", "").split(",")
+                   for m in metafunc.definition.iter_markers("parametrize"))
+    if "transport" in metafunc.fixturenames and not explicit:
+        marker = metafunc.definition.get_closest_marker("transports")
+        kinds = marker.args if marker else ALL_TRANSPORTS
+        metafunc.parametrize("transport", [k for k in kinds if k in TRANSPORTS])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tls_socket_server(tmp_path_factory):
+    """The TLS socket server of the socket-tls transport (if enabled)."""
+    if "socket-tls" not in TRANSPORTS or not SINGLE:
+        yield None
+        return
+    tmp = tmp_path_factory.mktemp("tls-server")
+    ca, cert, key = make_certificates(tmp, "fixture")
+    keyfile = tmp / "server.key"
+    write_key(keyfile)
+    server = ServerProcess(tmp, "--key-file", str(keyfile), "--tls-cert", cert,
+                           "--tls-key", key)
+    _tls_server.update(server=server, ca=ca)
+    yield server
+    _tls_server.clear()
+    server.stop()
 
 
 @pytest.fixture
@@ -1808,19 +1847,22 @@ class TestGateway:
         assert os.path.samefile(info.executable, sys.executable) or (
             os.path.realpath(info.executable) == os.path.realpath(sys.executable))
         assert info.platform == sys.platform
-        assert info.cwd == os.getcwd()
         parent = psutil.Process(info.pid).ppid()
         if transport == "popen":
             assert parent == os.getpid()
+        elif transport == "socket-tls":  # a session of the TLS server
+            assert parent == _tls_server["server"].proc.pid
         else:
-            proxy = group[gw.spec.via]
+            proxy = group[gw.spec.via or gw.spec.installvia]
             assert parent == rinfo(proxy).pid
+        if transport != "socket-tls":  # (the server runs elsewhere)
+            assert info.cwd == os.getcwd()
         assert rinfo(gw) is info  # cached
 
     def test_attributes(self, gw):
         assert isinstance(gw.id, str) and gw.id
         assert isinstance(gw.spec, execnet.XSpec)
-        assert gw.spec.popen
+        assert gw.spec.popen or gw.spec.socket
         assert gw.execmodel.backend == "thread"
         getattr(gw, "remoteaddress")
         gw.my_custom_attribute = 123
@@ -2026,6 +2068,7 @@ _thread.start()
 
 
 class TestBootstrap:
+    @pytest.mark.transports("popen", "via")  # the server picks its Python
     def test_python_is_shell_split(self, group, transport):
         spec = "//python=env EXECNET_TEST_FOO=bar-1 %s" % sys.executable
         gw = make_transport_gateway(group, transport, spec)
@@ -2050,6 +2093,7 @@ class TestBootstrap:
     @pytest.mark.parametrize("python", [
         "/nonexistent/python3", "definitely-not-a-python-command-xyz",
     ])
+    @pytest.mark.transports("popen", "via")  # the server picks its Python
     def test_missing_interpreter(self, group, transport, python):
         with pytest.raises(execnet.InterpreterNotFound) as excinfo:
             make_transport_gateway(group, transport, "//python=" + python)
