@@ -4264,6 +4264,11 @@ class _SocketServer:
                                      name="execnet_single-relay-%s" % peer)
             relay.daemon = True
             relay.start()
+            # the relay may be stuck writing to a child that stopped reading
+            watcher = threading.Thread(target=self._watch_client, args=(conn, child),
+                                       name="execnet_single-watch-%s" % peer)
+            watcher.daemon = True
+            watcher.start()
         with self._lock:
             self._sessions.add(child)
         self._log("session %s: started pid %d" % (peer, child.pid))

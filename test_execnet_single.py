@@ -4448,6 +4448,48 @@ class TestSocketServer:
 
 
 @single_only
+class TestInstallvia:
+    """The seed's triangle: a socket server started inside a gateway."""
+
+    @pytest.mark.parametrize("model", ["thread", "main_thread_only"])
+    def test_installvia_with_each_execmodel(self, group, model):
+        proxy = mkgw(group, "popen//id=iv-%s//execmodel=%s" % (model, model))
+        gw = mkgw(group, "socket//installvia=iv-%s//execmodel=%s" % (model, model))
+        ch = gw.remote_exec(
+            "import os, threading\n"
+            "channel.send((channel.gateway.execmodel.backend, os.getppid(),\n"
+            "              threading.current_thread() is threading.main_thread()))")
+        assert ch.receive(timeout=30) == (model, rinfo(proxy).pid, model == "main_thread_only")
+        # the proxy still serves: the remote_exec that installed the server returned
+        assert call_with_timeout(proxy.remote_exec("channel.send(7)").receive, 30) == 7
+
+    def test_new_remote_and_its_server_demands_the_key(self, group):
+        import socket
+
+        proxy = mkgw(group, "popen//id=nr-p")
+        gw = call_with_timeout(execnet.SocketGateway.new_remote, 60, proxy)
+        assert gw in group and gw.spec.installvia == "nr-p"
+        assert psutil.Process(rinfo(gw).pid).ppid() == rinfo(proxy).pid
+        host, port = gw.remoteaddress.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), 10)
+        try:
+            sock.settimeout(10)
+            assert recv_exact(sock, len(execnet._AUTH_MAGIC)) == execnet._AUTH_MAGIC
+        finally:
+            sock.close()
+        ch = gw.remote_exec("channel.send(channel.receive() * 2)")
+        ch.send(21)
+        assert ch.receive(timeout=30) == 42
+
+    def test_installvia_proxies_end_last(self, group):
+        proxy = mkgw(group, "popen//id=last-p")
+        gw = mkgw(group, "socket//installvia=last-p")
+        pids = [rinfo(proxy).pid, rinfo(gw).pid]
+        call_with_timeout(group.terminate, 30, timeout=5)
+        assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=15)
+
+
+@single_only
 class TestCLI:
     def test_script_run_from_elsewhere(self, tmp_path):
         # run as a script (no __cached__, module named __main__) from elsewhere
