@@ -4374,6 +4374,7 @@ class TestSocketServer:
             exit_and_join(gw)
             assert wait_for(lambda: "ended" in server.logtext())
             fds_before = me.num_fds()
+            rss_before = me.memory_info().rss
             wrong = hashlib.sha256(b"wrong").hexdigest().encode()
 
             def garbage(sock):
@@ -4429,6 +4430,9 @@ class TestSocketServer:
             assert wait_for(lambda: me.num_fds() <= fds_before, timeout=30), (
                 me.num_fds(), fds_before)
             assert me.num_threads() < 10
+            # memory is back too: a leak of 8 KiB per connection would show
+            grown = me.memory_info().rss - rss_before
+            assert grown < 4 * 1024 * 1024, grown  # (seen: 64 KiB)
 
     def test_client_os_exit_ends_only_its_session(self, tmp_path, group):
         with socket_server(tmp_path) as server:
