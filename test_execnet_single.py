@@ -4570,7 +4570,7 @@ class TestCLI:
         assert "Traceback" not in server.logtext()
 
 
-def make_certificates(directory, name):
+def make_certificates(directory, name, usage="serverAuth"):
     """A CA and a certificate for 127.0.0.1 signed by it, made by `openssl`."""
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -4584,8 +4584,8 @@ def make_certificates(directory, name):
     with open(ext, "w") as f:
         # what 3.13's strict verification wants of a certificate
         f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
-                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-                "authorityKeyIdentifier=keyid,issuer\n")
+                "keyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n"
+                "authorityKeyIdentifier=keyid,issuer\n" % usage)
     curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     for cmd in (
             ["req", "-x509"] + curve + ["-keyout", ca_key, "-out", ca, "-days", "2",
@@ -4602,6 +4602,18 @@ def make_certificates(directory, name):
 
 @single_only
 class TestSocketTLS:
+    def test_client_certificate_required(self, tmp_path, group):
+        ca, cert, key = make_certificates(tmp_path, "srv")
+        client_ca, client_cert, client_key = make_certificates(tmp_path, "cli", "clientAuth")
+        with socket_server(tmp_path, "--tls-cert", cert, "--tls-key", key,
+                           "--tls-client-ca", client_ca, "--handshake-timeout", "2") as server:
+            spec = server.spec.replace("CA_FILE", ca)
+            with pytest.raises(execnet.HostNotFound):
+                mkgw(group, spec)  # no client certificate
+            gw = mkgw(group, spec + "//tls_cert=%s//tls_key=%s" % (client_cert, client_key))
+            assert gw.remote_exec("channel.send(3)").receive(30) == 3
+            exit_and_join(gw)
+
     def test_tls_round_trip_wrong_ca_and_plain_client(self, tmp_path, group):
         ca, cert, key = make_certificates(tmp_path, "good")
         other_ca = make_certificates(tmp_path, "other")[0]
