@@ -4349,6 +4349,20 @@ class TestSocketServer:
             assert server.stop() == 0
         assert "WARNING: running WITHOUT authentication" in server.logtext()
 
+    def test_no_arguments_runs_the_server(self, tmp_path):
+        proc = subprocess.Popen([sys.executable, "-m", "execnet_single"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=server_env(tmp_path), cwd=str(tmp_path))
+        try:
+            banner = call_with_timeout(proc.stdout.readline, 60).decode()
+            assert "listening on 127.0.0.1:8888" in banner, (banner, proc.stderr.read1(4096)
+                                                             if proc.poll() is not None else "")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            proc.stdout.close()
+            proc.stderr.close()
+
     def test_creates_a_private_key_when_given_none(self, tmp_path, group):
         server = ServerProcess(tmp_path)
         try:
