@@ -2639,6 +2639,160 @@ class RInfo:
 RemoteStatus = RInfo
 
 
+_OUTPUT_DELAY = 0.15          # seconds an unfinished line waits before it is shown
+_OUTPUT_HOLD = 64 * 1024      # characters of it held at most; more are shown at once
+_LINE_START, _IN_LINE, _AFTER_CR = range(3)
+
+
+class _PrefixedStderr:
+    """The default output path: what the remote writes to fds 1 and 2 goes to
+    the local stderr with "[gw0] " at the start of each line, where a line
+    starts after "\n" and after "\r" (a progress redraw keeps the prefix).
+
+    A "\r" is written only once the next text comes, as "\r[gw0] text",
+    so the terminal's cursor rests after the text shown ("\r\n" stays a
+    line end); the end of the stream ends an unfinished line with "\n".
+
+    Complete lines are written as they arrive; the rest, the unfinished line,
+    waits until its line ends, _OUTPUT_DELAY passes (a daemon thread, started
+    when first needed, writes it then: the receiver never waits for it), it
+    holds _OUTPUT_HOLD characters, or the stream ends.  Holding it keeps
+    lines whole on a stderr that several gateways share.
+
+    Each chunk is decoded once and prefixed with str.replace: the cost is
+    linear in the bytes received, whatever the line endings.
+    """
+
+    def __init__(self, gateway_id):
+        import codecs
+
+        self._id = gateway_id
+        self._prefix = "[%s] " % (gateway_id,)
+        self._decoders = dict((fd, codecs.getincrementaldecoder("utf-8")("replace"))
+                              for fd in (1, 2))
+        self._state = {1: _LINE_START, 2: _LINE_START}
+        self._held = {1: [], 2: []}
+        self._held_size = {1: 0, 2: 0}
+        self._due = {}       # fd: when its held text is to be shown
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
+        self._closed = False
+
+    def feed(self, fd, data):
+        """Show data, bytes from the remote's fd (1 or 2)."""
+        with self._cond:
+            text = self._prefixed(fd, self._decoders[fd].decode(data))
+            if self._closed:  # late stderr of the process: nothing waits now
+                self._write(self._take(fd) + text + self._ended(fd))
+                return
+            cut = text.rfind("\n") + 1
+            if cut:
+                self._write(self._take(fd) + text[:cut])
+                text = text[cut:]
+            if not text:
+                return
+            self._held[fd].append(text)
+            self._held_size[fd] += len(text)
+            if self._held_size[fd] > _OUTPUT_HOLD:
+                self._write(self._take(fd))
+            elif fd not in self._due:
+                import time
+
+                self._due[fd] = time.monotonic() + _OUTPUT_DELAY
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._show_when_due, name="execnet_single-output-%s" % self._id)
+                    self._thread.daemon = True
+                    self._thread.start()
+                else:
+                    self._cond.notify()
+
+    def close(self):
+        """The stream ended: show everything, end an unfinished line."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (1, 2):
+                rest = self._prefixed(fd, self._decoders[fd].decode(b"", True))
+                self._write(self._take(fd) + rest + self._ended(fd))
+            self._cond.notify()
+
+    def _prefixed(self, fd, text):
+        """text as shown (see the class doc); updates the state of fd."""
+        if not text:
+            return ""
+        prefix = self._prefix
+        state = self._state[fd]
+        head = ""
+        if state == _AFTER_CR:  # the held "\r": a line end or a redraw
+            if text[0] == "\n":
+                head, text = "\r\n", text[1:]
+            else:
+                head = "\r"
+            state = _LINE_START
+        if not text:
+            self._state[fd] = state
+            return head
+        if state == _LINE_START:
+            head += prefix
+        if text.endswith("\r\n"):
+            body, tail, state = text[:-2], "\r\n", _LINE_START
+        elif text.endswith("\n"):
+            body, tail, state = text[:-1], "\n", _LINE_START
+        elif text.endswith("\r"):
+            body, tail, state = text[:-1], "", _AFTER_CR
+        else:
+            body, tail, state = text, "", _IN_LINE
+        self._state[fd] = state
+        body = body.replace("\n", "\n" + prefix)
+        if "\r" in body:
+            body = body.replace("\r", "\r" + prefix).replace("\r" + prefix + "\n", "\r\n")
+        return head + body + tail
+
+    def _ended(self, fd):
+        """What ends fd's unfinished line (the held "\r" becomes "\n")."""
+        state, self._state[fd] = self._state[fd], _LINE_START
+        return "" if state == _LINE_START else "\n"
+
+    def _take(self, fd):
+        """fd's held text, no longer held (lock held)."""
+        self._due.pop(fd, None)
+        held = self._held[fd]
+        if not held:
+            return ""
+        self._held[fd] = []
+        self._held_size[fd] = 0
+        return "".join(held)
+
+    def _show_when_due(self):
+        import time
+
+        with self._cond:
+            while not self._closed:
+                if not self._due:
+                    self._cond.wait()
+                    continue
+                wait = min(self._due.values()) - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                now = time.monotonic()
+                for fd in [fd for fd, due in self._due.items() if due <= now]:
+                    self._write(self._take(fd))
+
+    @staticmethod
+    def _write(text):
+        """Write to the stderr of the moment (lock held, so in order)."""
+        if not text:
+            return
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except Exception:
+            pass  # no stderr (interpreter shutdown): nothing to do
+
+
 class Gateway(_GatewayBase):
     """The local end of a connection to a remote Python interpreter."""
 
@@ -2652,8 +2806,7 @@ class Gateway(_GatewayBase):
         self.spec = spec
         self._cache_rinfo = RInfo(rinfo)
         self._output = output
-        self._partial = {1: b"", 2: b""}
-        self._outlock = threading.Lock()
+        self._console = _PrefixedStderr(spec.id) if output is None else None
         io.set_output_handler(lambda data: self._emit_output(2, data))
         self._start_receiver(initial)
 
@@ -2678,28 +2831,12 @@ class Gateway(_GatewayBase):
             except Exception as exc:
                 _log(40, "gateway %s: output handler failed: %r" % (self.id, exc))
             return
-        with self._outlock:
-            lines = (self._partial.get(fd, b"") + data).split(b"\n")
-            self._partial[fd] = lines.pop()
-        if lines:
-            self._write_prefixed(lines)
-
-    def _write_prefixed(self, lines):
-        prefix = "[%s] " % (self.id,)
-        text = "".join(prefix + line.decode("utf-8", "replace") + "\n" for line in lines)
-        try:
-            sys.stderr.write(text)
-            sys.stderr.flush()
-        except Exception:
-            pass  # no stderr (interpreter shutdown): nothing to do
+        self._console.feed(fd, data)
 
     def _finished_receiving(self, error=None):
         _GatewayBase._finished_receiving(self, error)
-        with self._outlock:
-            rest = [self._partial[fd] for fd in (1, 2) if self._partial.get(fd)]
-            self._partial = {}
-        if rest:
-            self._write_prefixed(rest)
+        if self._console is not None:
+            self._console.close()
 
     def _connection_error(self, error):
         if self._exit_requested:

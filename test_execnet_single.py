@@ -2271,6 +2271,136 @@ def _check_burst(got, count):
     assert err == b"".join(b"err %06d\n" % i for i in range(count)), (len(err), err[-30:])
 
 
+# A host that forwards PROGRESS_BLOCKS * 10000 records of 8 digits, each
+# ended by the `end` it is given ("\r": progress text, no "\n" at all), from
+# its remote's stderr through the default output path; its own stderr is a
+# file.  It prints the peak growth of its memory and the seconds the
+# forwarding took.  With a `limit`, the growth is that of traced memory, and
+# once it passes the limit the host gives up at once (exit status 3), so
+# buffering that grows with the text fails within seconds; without, it is
+# the growth of the peak RSS (tracemalloc would slow the timing down).
+PROGRESS_BLOCKS = 445   # 40.05 MB of records
+PROGRESS_HOST_SCRIPT = """
+{import_line}
+import os, resource, sys, threading, time, tracemalloc
+gw = execnet.makegateway("popen//id=gw0")
+limit = {limit!r}
+
+
+def peak_growth():
+    if limit is None:
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) * 1024
+    return tracemalloc.get_traced_memory()[1] - base
+
+
+def watch():
+    while True:
+        peak = peak_growth()
+        if peak > limit:
+            sys.stdout.write("over the limit: %d bytes\\n" % peak)
+            sys.stdout.flush()
+            os._exit(3)
+        time.sleep(0.02)
+
+
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if limit is not None:
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    thread = threading.Thread(target=watch)
+    thread.daemon = True
+    thread.start()
+start = time.perf_counter()
+ch = gw.remote_exec('''
+import sys
+end = channel.receive()
+digits = ["%04d" % j for j in range(10000)]
+for block in range({blocks}):
+    head = "%04d" % block
+    sys.stderr.write(head + (end + head).join(digits) + end)
+    sys.stderr.flush()
+channel.send("done")
+''')
+ch.send({end!r})
+assert ch.receive(timeout=600) == "done"
+elapsed = time.perf_counter() - start
+peak = peak_growth()
+gw.exit()
+print(peak, elapsed)
+"""
+
+
+def _expected_progress_digest(end, blocks):
+    """(size, sha256) of what the local stderr shows for that host's text."""
+    digits = ["%04d" % j for j in range(10000)]
+    digest = hashlib.sha256()
+    size = 0
+    for block in range(blocks):
+        head = "%04d" % block
+        text = (("" if block == 0 else end) + "[gw0] " + head
+                + (end + "[gw0] " + head).join(digits)).encode()
+        digest.update(text)
+        size += len(text)
+    digest.update(b"\n")  # the end of the stream ends the last line
+    return size + 1, digest.hexdigest()
+
+
+def _run_progress_host(tmp_path, end, limit=8 * 1024 * 1024, timeout=300):
+    """Run PROGRESS_HOST_SCRIPT; return (peak bytes, seconds, stderr path)."""
+    errpath = str(tmp_path / ("stderr-%d" % next(_ids)))
+    script = PROGRESS_HOST_SCRIPT.format(import_line=IMPORT_LINE, limit=limit,
+                                         blocks=PROGRESS_BLOCKS, end=end)
+    with open(errpath, "wb") as err:
+        proc = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=err, timeout=timeout)
+    out = proc.stdout.decode("utf-8", "replace")
+    with open(errpath, "rb") as err:
+        err.seek(max(0, os.path.getsize(errpath) - 2000))
+        tail = err.read()
+    assert proc.returncode == 0, (proc.returncode, out, tail)
+    peak, elapsed = out.split()
+    return int(peak), float(elapsed), errpath
+
+
+def _file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1024 * 1024), b""):
+            digest.update(block)
+    return os.path.getsize(path), digest.hexdigest()
+
+
+# Remote code mixing print(), partial writes, os.write and a subprocess on
+# fd 1, with "\n", "\r" and "\r\n"; once the gateway exits, a last burst of
+# progress text bigger than a pipe, ended by an unfinished line.
+MIXED_OUTPUT_SOURCE = r"""
+import os, subprocess, sys
+print("one")
+sys.stdout.write("two-a")
+sys.stdout.flush()
+os.write(1, b"-b\n")
+sys.stdout.write("10%\r20%\r")
+sys.stdout.flush()
+subprocess.call([sys.executable, "-c",
+                 "import os; os.write(1, b'30%\\r40%'); os.write(1, b'\\r50%\\r\\n')"],
+                timeout=60)
+print("three\r\nfour")
+os.write(1, b"\n\nfive\rsix")
+channel.send("ready")
+try:
+    channel.receive()
+except EOFError:
+    pass  # the gateway is exiting
+sys.stdout.write("\r" + "".join("%06d\r" % i for i in range(30000)) + "end")
+sys.stdout.flush()
+"""
+
+MIXED_OUTPUT_SHOWN = (
+    "[{id}] one\n[{id}] two-a-b\n[{id}] 10%\r[{id}] 20%\r[{id}] 30%\r[{id}] 40%\r"
+    "[{id}] 50%\r\n[{id}] three\r\n[{id}] four\n[{id}] \n[{id}] \n[{id}] five\r[{id}] six"
+    + "".join("\r[{id}] %06d" % i for i in range(30000)) + "\r[{id}] end\n")
+
+
 @single_only
 class TestOutput:
     def test_default_output_goes_to_local_stderr(self, gw, capsys):
@@ -2400,6 +2530,46 @@ class TestOutput:
         exit_and_join(gw)
         assert b"child-out\n" in b"".join(d for fd, d in got if fd == 1)
         assert b"child-err\n" in b"".join(d for fd, d in got if fd == 2)
+
+    def test_progress_text_is_forwarded_in_small_memory(self, tmp_path):
+        # 40 MB of "\r"-separated text and not one "\n" (tqdm, pip) reaches
+        # the local stderr whole, with every redraw prefixed, while the host
+        # holds little of it (`tox -e bench` prints the time it takes)
+        peak, _, errpath = _run_progress_host(tmp_path, "\r", limit=8 * 1024 * 1024)
+        assert peak < 8 * 1024 * 1024
+        assert _file_digest(errpath) == _expected_progress_digest("\r", PROGRESS_BLOCKS)
+
+    def test_unfinished_line_shows_while_the_remote_waits(self, gw, capsys):
+        ch = gw.remote_exec(
+            "import sys\n"
+            "sys.stdout.write('50%\\r')\n"
+            "sys.stdout.flush()\n"
+            "channel.send('written')\n"
+            "channel.receive(timeout=30)\n"  # the remote waits for the test
+            "print('done')\n")
+        assert ch.receive(timeout=30) == "written"
+        seen = []
+
+        def shown():
+            seen.append(capsys.readouterr().err)
+            return "[%s] 50%%" % gw.id in "".join(seen)
+
+        assert wait_for(shown, timeout=5), seen
+        assert not ch.isclosed(), "the remote no longer waits"
+        ch.send("go")
+        ch.waitclose(timeout=30)
+        exit_and_join(gw)
+        seen.append(capsys.readouterr().err)
+        # the redraw after the "\r" starts with it and keeps the prefix
+        assert "[{0}] 50%\r[{0}] done\n".format(gw.id) in "".join(seen), seen
+
+    def test_mixed_output_keeps_its_order_to_the_end(self, gw, capsys):
+        ch = gw.remote_exec(MIXED_OUTPUT_SOURCE)
+        assert ch.receive(timeout=60) == "ready"
+        exit_and_join(gw)
+        err = capsys.readouterr().err
+        shown = MIXED_OUTPUT_SHOWN.format(id=gw.id)
+        assert shown in err, (len(err), err[:300], err[-300:])
 
 
 # ========================================================= termination
@@ -3657,6 +3827,24 @@ class TestBenchmarks:
         def make(module):
             return lambda: [module.loads(data) for _ in range(50)]
         self._compare(other, "loads", make, 5, "<= 0.5")
+
+    def test_progress_output(self, tmp_path):
+        # execnet_single only (execnet's default output path is another
+        # thing): forwarding 40 MB of "\r"-separated progress text through
+        # the default output path, beside the same records as "\n" lines
+        times = {}
+        for end in ("\n", "\r"):
+            runs = []
+            for _ in range(2):
+                peak, elapsed, errpath = _run_progress_host(tmp_path, end, limit=None)
+                assert _file_digest(errpath) == _expected_progress_digest(end, PROGRESS_BLOCKS)
+                os.remove(errpath)
+                runs.append((elapsed, peak))
+            times[end] = min(runs)
+        print("\nBENCH progress output 40 MB: \\r text %.2f s (peak RSS +%.1f MiB), "
+              "\\n lines %.2f s (peak RSS +%.1f MiB), ratio %.2f (target about 1)"
+              % (times["\r"][0], times["\r"][1] / 1048576.0, times["\n"][0],
+                 times["\n"][1] / 1048576.0, times["\r"][0] / times["\n"][0]))
 
 
 # ============================================================== RSync
