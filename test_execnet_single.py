@@ -2235,10 +2235,14 @@ def _output_gateway(transport, output):
     """A gateway in the default group created by makegateway(..., output=)."""
     if transport == "popen":
         return call_with_timeout(execnet.makegateway, 60, "popen", output=output)
+    if transport == "socket-tls":
+        server = _tls_server["server"]
+        return call_with_timeout(execnet.makegateway, 60, server.spec.replace(
+            "CA_FILE", _tls_server["ca"]), output=output)
     proxy = "oproxy-%d" % next(_ids)
     call_with_timeout(execnet.makegateway, 60, "popen//id=" + proxy)
-    return call_with_timeout(
-        execnet.makegateway, 60, "popen//via=" + proxy, output=output)
+    spec = ("socket//installvia=" if transport == "socket" else "popen//via=") + proxy
+    return call_with_timeout(execnet.makegateway, 60, spec, output=output)
 
 
 # Remote code that, once the gateway is exiting, writes a burst of numbered
