@@ -1159,10 +1159,16 @@ class _Flow:
 
     def piece_arrived(self, size):
         with self.lock:
-            if self.eager or self._caught_up():
-                return size
-            self.partial += size
-            return 0
+            if not (self.eager or self._caught_up()):
+                self.partial += size
+                return 0
+            # acknowledged as if read, in batches (a large item's pieces
+            # would otherwise cost an acknowledgement each)
+            self.consumed += size
+            if self.consumed < self.threshold:
+                return 0
+            size, self.consumed = self.consumed, 0
+            return size
 
     def item_arrived(self, size):
         """Returns (bytes to acknowledge now, the item's size for item_read)."""
