@@ -4734,12 +4734,16 @@ def keygen(path):
 
 
 class SshServer:
-    """sshd -D -e in a temporary directory; log in as the current user."""
+    """sshd -D -e in a temporary directory; log in as the current user.
+    address: where it listens; prefix: the command it runs under (e.g.
+    ip netns exec NAME); alias: the Host name of its ssh_config."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, address="127.0.0.1", prefix=(), port=None, alias=None):
         import getpass
 
         self.dir = directory
+        self.address = address
+        self.alias = alias or SSH_ALIAS
         self.user = getpass.getuser()
         if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
             os.makedirs("/run/sshd", 0o755)   # sshd's privilege separation directory
@@ -4748,10 +4752,10 @@ class SshServer:
         with open(self.path("authorized_keys"), "w") as f:
             f.write(keygen(self.client_key) + "\n")
         for attempt in range(5):
-            self.port = free_port()
+            self.port = port or free_port()
             with open(self.path("sshd_config"), "w") as f:
                 f.write(textwrap.dedent("""\
-                    ListenAddress 127.0.0.1:{port}
+                    ListenAddress {address}:{port}
                     HostKey {dir}/host_key
                     PidFile none
                     PermitRootLogin prohibit-password
@@ -4763,9 +4767,10 @@ class SshServer:
                     MaxStartups 100
                     MaxSessions 100
                     LogLevel INFO
-                    """).format(port=self.port, dir=self.dir))
+                    """).format(address=address, port=self.port, dir=self.dir))
             self.log = open(self.path("sshd.log"), "ab")
-            self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", self.path("sshd_config")],
+            self.proc = subprocess.Popen(list(prefix) + [SSHD, "-D", "-e", "-f",
+                                                         self.path("sshd_config")],
                                          stdin=subprocess.DEVNULL, stdout=self.log,
                                          stderr=subprocess.STDOUT)
             if wait_for(lambda: "Server listening" in self.logtext()
@@ -4775,7 +4780,7 @@ class SshServer:
         else:
             raise RuntimeError("sshd did not start:\n" + self.logtext())
         with open(self.path("known_hosts"), "w") as f:
-            f.write("[127.0.0.1]:%d %s\n" % (self.port, self.host_key))
+            f.write("[%s]:%d %s\n" % (address, self.port, self.host_key))
         self.config = self.write_config("ssh_config")
 
     def path(self, name):
@@ -4783,7 +4788,7 @@ class SshServer:
 
     def write_config(self, name, **changes):
         """An ssh_config file for the alias; changes replace options."""
-        options = dict(HostName="127.0.0.1", Port=str(self.port), User=self.user,
+        options = dict(HostName=self.address, Port=str(self.port), User=self.user,
                        IdentityFile=self.client_key, IdentitiesOnly="yes",
                        UserKnownHostsFile=self.path("known_hosts"),
                        GlobalKnownHostsFile="/dev/null", StrictHostKeyChecking="yes",
@@ -4791,13 +4796,13 @@ class SshServer:
         options.update(changes)
         path = self.path(name)
         with open(path, "w") as f:
-            f.write("Host %s\n" % SSH_ALIAS)
+            f.write("Host %s\n" % self.alias)
             for key, value in options.items():
                 f.write("    %s %s\n" % (key, value))
         return path
 
     def spec(self, extra="", config=None):
-        return "ssh=%s//ssh_config=%s%s" % (SSH_ALIAS, config or self.config, extra)
+        return "ssh=%s//ssh_config=%s%s" % (self.alias, config or self.config, extra)
 
     def logtext(self):
         with open(self.path("sshd.log"), "rb") as f:
@@ -4817,6 +4822,51 @@ class SshServer:
         self.log.close()
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def netns_host(directory, index):
+    """Another "host": network namespace joined to ours by a veth pair, with
+    198.18.INDEX.2 inside (its own sshd on port 2222, ssh_config alias
+    hostINDEX) and 198.18.INDEX.1 here.  Yields (SshServer, the veth end
+    here: `ip link set END down` cuts the host off).  Removes everything."""
+    ip = shutil.which("ip")
+    if not ip or os.geteuid() != 0:
+        message = "network namespaces need root and iproute2"
+        if IN_CI:
+            pytest.fail(message + " (required when CI=true)")
+        pytest.skip(message)
+    tag = "%d%d" % (os.getpid() % 100000, index)
+    name, outer, inner = "execnet-ns" + tag, "xs%sa" % tag, "xs%sb" % tag
+    undo = []
+
+    def run(*args):
+        subprocess.run([ip] + list(args), check=True, timeout=30,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    try:
+        run("netns", "add", name)
+        undo.append(("netns", "delete", name))
+        run("link", "add", outer, "type", "veth", "peer", "name", inner)
+        undo.append(("link", "delete", outer))
+        run("link", "set", inner, "netns", name)
+        run("addr", "add", "198.18.%d.1/24" % index, "dev", outer)
+        run("link", "set", outer, "up")
+        inside = ("netns", "exec", name, ip)
+        run(*inside + ("addr", "add", "198.18.%d.2/24" % index, "dev", inner))
+        run(*inside + ("link", "set", inner, "up"))
+        run(*inside + ("link", "set", "lo", "up"))
+        os.makedirs(directory)
+        server = SshServer(directory, address="198.18.%d.2" % index, port=2222,
+                           prefix=[ip, "netns", "exec", name], alias="host%d" % index)
+        try:
+            yield server, outer
+        finally:
+            server.stop()
+    finally:
+        for args in reversed(undo):
+            subprocess.run([ip] + list(args), timeout=30,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def ssh_processes():
@@ -4973,3 +5023,40 @@ class TestSsh:
     def test_bad_env_name_is_refused(self, server, group):
         with pytest.raises(ValueError, match="env:A-B"):
             mkgw(group, server.spec("//env:A-B=1"))
+
+    def test_dead_link_wakes_receivers_other_hosts_carry_on(self, server, group, tmp_path):
+        with netns_host(str(tmp_path / "far"), 1) as (far, link):
+            near = mkgw(group, server.spec("//id=near"))
+            gateways = call_with_timeout(group.makegateways, 60,
+                                         [far.spec("//id=far%d" % i) for i in range(3)])
+            assert rinfo(gateways[0]).pid != rinfo(near).pid
+            receiving = gateways[0].remote_exec("channel.receive()")
+            closing = gateways[1].remote_exec("channel.receive()")
+            each = execnet.MultiChannel([gateways[2].remote_exec("channel.receive()")])
+            subprocess.run(["ip", "link", "set", link, "down"], check=True, timeout=30)
+            start = time.time()
+            # keepalives: 3 unanswered probes 5 s apart (README: about 20 s)
+            with pytest.raises(EOFError):
+                call_with_timeout(receiving.receive, 45)
+            elapsed = time.time() - start
+            with pytest.raises(EOFError):
+                call_with_timeout(closing.waitclose, 10)
+            with pytest.raises(EOFError):
+                call_with_timeout(each.receive_each, 10)
+            print("dead link noticed after %.1f s" % elapsed)
+            assert near.remote_exec("channel.send(7)").receive(30) == 7
+            call_with_timeout(group.terminate, 30, timeout=5)
+            assert wait_for(lambda: not ssh_processes(), timeout=10), ssh_processes()
+
+    def test_via_chain_across_hosts(self, server, group, tmp_path):
+        with netns_host(str(tmp_path / "far"), 2) as (far, link):
+            first = mkgw(group, server.spec("//id=first"))
+            # the ssh to the far host runs in first's process (on the near host)
+            second = mkgw(group, far.spec("//id=second//via=first"))
+            pids = group.remote_exec("import os; channel.send(os.getpid())").receive_each()
+            assert len(set(pids)) == 2
+            parents = [p.pid for p in psutil.Process(rinfo(second).pid).parents()]
+            assert far.proc.pid in parents and server.proc.pid not in parents
+            clients = [p for p in psutil.Process(rinfo(first).pid).children() if p.name() == "ssh"]
+            assert len(clients) == 1 and "host2" in clients[0].cmdline()
+            call_with_timeout(group.terminate, 30, timeout=5)
