@@ -3438,17 +3438,23 @@ def _ssh_remote_command(spec):
 
 
 def _ssh_control_dir():
-    """The private directory of the control sockets (made once, removed at exit)."""
+    """The private directory of the control sockets (made once; the exit
+    handler removes it after the groups, and so the masters, have ended)."""
     with _ssh_lock:
         if _ssh_state["dir"] is None:
-            import atexit
-            import shutil
             import tempfile
 
-            path = tempfile.mkdtemp(prefix="execnet_single-ssh-")  # mode 0700
-            _ssh_state["dir"] = path
-            atexit.register(shutil.rmtree, path, True)
+            _ssh_state["dir"] = tempfile.mkdtemp(prefix="execnet_single-ssh-")  # mode 0700
         return _ssh_state["dir"]
+
+
+def _remove_ssh_control_dir():
+    import shutil
+
+    with _ssh_lock:
+        path, _ssh_state["dir"] = _ssh_state["dir"], None
+    if path is not None:
+        shutil.rmtree(path, True)
 
 
 class _SshMaster:
@@ -3496,6 +3502,10 @@ class _SshMaster:
                     self.error = _ssh_error(spec, status, output)
                 raise self.error
             time.sleep(0.005)
+        try:   # only a failed start reads it; ssh keeps its open file
+            os.unlink(self.log)
+        except OSError:
+            pass
 
     @property
     def stderr(self):
@@ -4095,6 +4105,7 @@ def _terminate_all_groups(pid):
                 group._cleanup_atexit()
             except Exception:
                 pass
+    _remove_ssh_control_dir()
 
 
 class MultiChannel:

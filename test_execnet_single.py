@@ -4766,6 +4766,8 @@ class SshServer:
                     KbdInteractiveAuthentication no
                     MaxStartups 100
                     MaxSessions 100
+                    ClientAliveInterval 2
+                    ClientAliveCountMax 3
                     LogLevel INFO
                     """).format(address=address, port=self.port, dir=self.dir))
             self.log = open(self.path("sshd.log"), "ab")
@@ -4813,7 +4815,18 @@ class SshServer:
         return self.logtext().count("Accepted publickey")
 
     def stop(self, remove=True):
+        """Stop sshd and its sessions (a session behind a cut link would
+        outlive the listener until its ClientAlive probes fail)."""
+        try:
+            sessions = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            sessions = []
         self.proc.terminate()
+        for session in sessions:
+            try:
+                session.kill()
+            except psutil.Error:
+                pass
         try:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -5007,12 +5020,14 @@ class TestSsh:
         assert len(set(mc.receive_each())) == 8
         assert wait_for(lambda: server.accepted() > before, timeout=10)
         assert server.accepted() == before + 1       # one authentication for eight
-        dirs = control_dirs()
-        assert dirs and all(os.stat(d).st_mode & 0o777 == 0o700 for d in dirs)
+        directory = execnet._ssh_state["dir"]
+        assert directory in control_dirs()
+        assert os.stat(directory).st_mode & 0o777 == 0o700
+        assert any(name.startswith("m") for name in os.listdir(directory))  # the socket
         assert gateways[0].remoteaddress == SSH_ALIAS
         call_with_timeout(group.terminate, 60, timeout=10)
         assert wait_for(lambda: not ssh_processes(), timeout=10), ssh_processes()
-        assert not os.listdir(dirs[0])   # the control socket is gone too
+        assert not os.listdir(directory)   # the control socket is gone too
 
     def test_master_closes_with_its_last_gateway(self, server):
         gw = call_with_timeout(execnet.makegateway, 60, server.spec())
@@ -5060,3 +5075,43 @@ class TestSsh:
             clients = [p for p in psutil.Process(rinfo(first).pid).children() if p.name() == "ssh"]
             assert len(clients) == 1 and "host2" in clients[0].cmdline()
             call_with_timeout(group.terminate, 30, timeout=5)
+
+    @pytest.mark.parametrize("ending", ["exit", "kill"])
+    def test_no_master_outlives_its_process(self, server, ending):
+        script = textwrap.dedent("""\
+            import sys, time
+            %s
+            gw = execnet.makegateway(%r)
+            assert gw.remote_exec("channel.send(1)").receive(30) == 1
+            print(execnet._ssh_state["dir"], flush=True)
+            if sys.argv[1] == "kill":
+                time.sleep(600)
+            """) % (IMPORT_LINE, server.spec())
+        proc = subprocess.Popen([sys.executable, "-c", script, ending], stdout=subprocess.PIPE)
+        try:
+            directory = call_with_timeout(proc.stdout.readline, 60).decode().strip()
+            if ending == "kill":
+                assert directory in control_dirs()
+                proc.kill()
+            proc.wait(60)
+        finally:
+            proc.kill()
+            proc.stdout.close()
+            proc.wait(60)
+
+        def users():   # processes with the control socket on their command line
+            found = []
+            for p in psutil.process_iter():
+                try:
+                    if any(directory in arg for arg in p.cmdline()):
+                        found.append(p.pid)
+                except psutil.Error:
+                    pass
+            return found
+
+        assert wait_for(lambda: not users(), timeout=15), users()
+        if ending == "exit":   # the exit handler removed it
+            assert not os.path.exists(directory)
+        else:   # nobody could: it is empty (ssh removed its socket)
+            assert os.listdir(directory) == []
+            os.rmdir(directory)
