@@ -4840,8 +4840,9 @@ class SshServer:
 @contextmanager
 def netns_host(directory, index):
     """Another "host": network namespace joined to ours by a veth pair, with
-    198.18.INDEX.2 inside (its own sshd on port 2222, ssh_config alias
-    hostINDEX) and 198.18.INDEX.1 here.  Yields (SshServer, the veth end
+    NET.2 inside (its own sshd on port 2222, ssh_config alias hostINDEX)
+    and NET.1 here, NET a /24 of 198.18.0.0/15 chosen by pid and index (so
+    concurrent sessions do not collide).  Yields (SshServer, the veth end
     here: `ip link set END down` cuts the host off).  Removes everything."""
     ip = shutil.which("ip")
     if not ip or os.geteuid() != 0:
@@ -4851,6 +4852,8 @@ def netns_host(directory, index):
         pytest.skip(message)
     tag = "%d%d" % (os.getpid() % 100000, index)
     name, outer, inner = "execnet-ns" + tag, "xs%sa" % tag, "xs%sb" % tag
+    n = (os.getpid() % 128) * 4 + index % 4
+    net = "198.%d.%d" % (18 + n // 256, n % 256)
     undo = []
 
     def run(*args):
@@ -4863,14 +4866,14 @@ def netns_host(directory, index):
         run("link", "add", outer, "type", "veth", "peer", "name", inner)
         undo.append(("link", "delete", outer))
         run("link", "set", inner, "netns", name)
-        run("addr", "add", "198.18.%d.1/24" % index, "dev", outer)
+        run("addr", "add", net + ".1/24", "dev", outer)
         run("link", "set", outer, "up")
         inside = ("netns", "exec", name, ip)
-        run(*inside + ("addr", "add", "198.18.%d.2/24" % index, "dev", inner))
+        run(*inside + ("addr", "add", net + ".2/24", "dev", inner))
         run(*inside + ("link", "set", inner, "up"))
         run(*inside + ("link", "set", "lo", "up"))
         os.makedirs(directory)
-        server = SshServer(directory, address="198.18.%d.2" % index, port=2222,
+        server = SshServer(directory, address=net + ".2", port=2222,
                            prefix=[ip, "netns", "exec", name], alias="host%d" % index)
         try:
             yield server, outer
@@ -5115,3 +5118,46 @@ class TestSsh:
         else:   # nobody could: it is empty (ssh removed its socket)
             assert os.listdir(directory) == []
             os.rmdir(directory)
+
+    def test_many_hosts_start_concurrently(self, server, group, tmp_path):
+        with netns_host(str(tmp_path / "a"), 3) as (host_a, link_a):
+            with netns_host(str(tmp_path / "b"), 4) as (host_b, link_b):
+                servers = [server, host_a, host_b]
+                before = [s.accepted() for s in servers]
+                specs = [s.spec("//id=%s-%d" % (s.alias, i)) for s in servers for i in range(4)]
+                gateways = call_with_timeout(group.makegateways, 120, specs)
+                assert [gw.id for gw in gateways] == [execnet.XSpec(s).id for s in specs]
+                addresses = group.remote_exec(
+                    "import os; channel.send(os.getpid())").receive_each()
+                assert len(set(addresses)) == 12
+                # one login per host, whatever the order the threads ran in
+                assert wait_for(lambda: [s.accepted() for s in servers] == [
+                    b + 1 for b in before], timeout=10), [s.accepted() for s in servers]
+                call_with_timeout(group.terminate, 30, timeout=5)
+                assert wait_for(lambda: not ssh_processes(), timeout=10), ssh_processes()
+
+    @pytest.mark.bench
+    @pytest.mark.parametrize("count,target", [(1, "<= 0.8"), (8, "<= 0.3")])
+    def test_bench_start_against_execnet(self, server, count, target):
+        other = real_execnet()
+        spec = server.spec("//python=" + sys.executable)
+
+        def run(module):
+            group = module.Group()
+            for spec_ in [spec] * count:   # execnet's Group starts one after another
+                group.makegateway(spec_)
+            assert group.remote_exec("channel.send(1)").receive_each() == [1] * count
+            group.terminate(timeout=30)
+
+        def run_ours():
+            group = execnet.Group([spec] * count)   # concurrently, one shared login
+            assert group.remote_exec("channel.send(1)").receive_each() == [1] * count
+            group.terminate(timeout=30)
+
+        times = {"ours": [], "theirs": []}
+        for _ in range(3):  # alternate, so both see the same machine load
+            times["theirs"].append(_best(lambda: run(other), 2))
+            times["ours"].append(_best(run_ours, 2))
+        ours, theirs = min(times["ours"]), min(times["theirs"])
+        print("\nBENCH ssh start of %d: execnet_single %.3f s, execnet %.3f s, ratio %.2f "
+              "(target %s)" % (count, ours, theirs, ours / theirs, target))
