@@ -3526,18 +3526,24 @@ class _SshMaster:
         if last:
             self.close()
 
+    def end_session(self):
+        """Close the master's stdin: its session ends, then the master."""
+        popen = self.popen   # (close() may clear it meanwhile)
+        if popen is not None:
+            try:
+                popen.stdin.close()
+            except OSError:
+                pass
+
     def close(self):
-        """End the master's session (its stdin) and wait; kill if it lingers."""
+        """End the master's session and wait; kill it if it lingers (a cut link)."""
         import signal
         import subprocess
 
+        self.end_session()
         popen, self.popen = self.popen, None
         if popen is None:
             return
-        try:
-            popen.stdin.close()
-        except OSError:
-            pass
         try:
             popen.wait(2.0)
         except subprocess.TimeoutExpired:
@@ -3584,6 +3590,8 @@ def _close_ssh_masters(group):
     """Close every ssh master of group (its gateways have ended)."""
     with _ssh_lock:
         masters = list(group.__dict__.pop("_ssh_masters", {}).values())
+    for master in masters:   # all at once: a stuck one costs its 2 s once
+        master.end_session()
     for master in masters:
         master.close()
 
