@@ -45,6 +45,12 @@ __all__ = [
     "RemoteError",
     "RemoteTooOld",
     "SocketGateway",
+    "SshAuthenticationFailed",
+    "SshConnectionFailed",
+    "SshError",
+    "SshGateway",
+    "SshHostKeyError",
+    "SshNameNotResolved",
     "TimeoutError",
     "XSpec",
     "default_group",
@@ -189,6 +195,26 @@ class AuthenticationError(HostNotFound):
     """A socket peer did not prove it holds the key, or there is no usable key."""
 
 
+class SshError(HostNotFound):
+    """ssh could not give us a shell on the host; ``output`` is ssh's stderr."""
+
+
+class SshNameNotResolved(SshError):
+    """ssh could not resolve the host name."""
+
+
+class SshConnectionFailed(SshError):
+    """ssh resolved the host but could not connect (refused, timed out, unreachable)."""
+
+
+class SshAuthenticationFailed(SshError, AuthenticationError):
+    """The ssh server refused every credential ssh offered."""
+
+
+class SshHostKeyError(SshError):
+    """The host's key is unknown or differs from the recorded one."""
+
+
 class _Text:
     """Message texts, kept in one place so tests and users can rely on them."""
 
@@ -247,6 +273,10 @@ class _Text:
     DROP_BAD_MAC = "wrong key (or not an execnet_single client)"
     DROP_TIMEOUT = "no complete handshake within %s seconds"
     DROP_BUSY = "too many handshakes in progress (%d)"
+    # ssh transport
+    SSH_FAILED = "gateway %s: ssh %s failed (exit status %s): %s"
+    SSH_NO_PYTHON = "no python3 or python on the PATH of the remote shell"
+    SSH_BAD_ENV_NAME = "not a shell variable name (ssh passes env: through the remote shell)"
     INSECURE_WARNING = ("WARNING: running WITHOUT authentication (--insecure): every local "
                         "user can run code as you through %s")
 
@@ -3456,12 +3486,313 @@ def _install_server(proxy, spec):
     return host, port, key
 
 
+# --- ssh transport ---
+#
+# The system `ssh` client (never prompting: BatchMode) runs the remote
+# interpreter as `python -c _STAGE1`; the bootstrap sends the source over
+# ssh's stdin, so nothing is written on the remote disk.  env: is exported by
+# the remote shell before the interpreter starts; chdir= and nice= are
+# applied by _remote_main, as for popen.
+#
+# Gateways of one Group to the same ssh destination share one connection
+# (OpenSSH multiplexing): the first starts a master, `ssh -M`, whose control
+# socket lives in a private 0700 directory made on first use and removed at
+# exit; each gateway's ssh is a client of that socket, so N gateways cost one
+# TCP connection and one authentication.  The master's own session is
+# `cat >/dev/null` reading a pipe from us, so it ends when we close that pipe
+# (the master's last gateway ends, Group.terminate, the exit handler) and
+# also when this process dies: no master outlives us.  Inside a via= proxy
+# (no group) each ssh connects on its own.
+#
+# Dead links: the ssh that holds the connection sends a keepalive every
+# _SSH_ALIVE_INTERVAL seconds and gives up after _SSH_ALIVE_COUNT unanswered
+# ones; then every gateway on that connection sees the end of its stream.
+
+_SSH_ALIVE_INTERVAL = 5     # seconds: a cut link is noticed in 15-20 seconds
+_SSH_ALIVE_COUNT = 3
+_SSH_CONNECT_TIMEOUT = 10   # seconds for TCP connect and banner
+_ssh_state = {"dir": None, "masters": 0}
+_ssh_lock = threading.Lock()
+
+# What ssh printed -> which error (first match wins: a host key error also
+# mentions the connection, an authentication error is no connection error).
+_SSH_ERRORS = (
+    ("Could not resolve hostname", "SshNameNotResolved"),
+    ("Host key verification failed", "SshHostKeyError"),
+    ("REMOTE HOST IDENTIFICATION HAS CHANGED", "SshHostKeyError"),
+    ("host key is known", "SshHostKeyError"),
+    ("Permission denied", "SshAuthenticationFailed"),
+    ("Too many authentication failures", "SshAuthenticationFailed"),
+    ("Connection refused", "SshConnectionFailed"),
+    ("timed out", "SshConnectionFailed"),
+    ("No route to host", "SshConnectionFailed"),
+    ("Network is unreachable", "SshConnectionFailed"),
+    ("Connection reset", "SshConnectionFailed"),
+    ("Connection closed", "SshConnectionFailed"),
+    ("kex_exchange_identification", "SshConnectionFailed"),
+)
+
+
+def _ssh_error(spec, status, stderr):
+    """The exception for an ssh that exited with status (255: ssh's own failure)."""
+    kind = SshError
+    for marker, name in _SSH_ERRORS:
+        if marker in stderr:
+            kind = globals()[name]
+            break
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    last = lines[-1] if lines else "no message"
+    return kind(_Text.SSH_FAILED % (spec.id, spec.ssh, status, last), stderr)
+
+
+def _ssh_options(spec):
+    """ssh options for every connection of spec (ssh takes the first value it
+    sees for an option, so the user's own -o in ssh= comes before these)."""
+    args = ["-T", "-o", "BatchMode=yes",
+            "-o", "ServerAliveInterval=%d" % _SSH_ALIVE_INTERVAL,
+            "-o", "ServerAliveCountMax=%d" % _SSH_ALIVE_COUNT,
+            "-o", "ConnectTimeout=%d" % _SSH_CONNECT_TIMEOUT]
+    if isinstance(spec.ssh_config, str):
+        args += ["-F", spec.ssh_config]
+    return args
+
+
+def _ssh_remote_command(spec):
+    """The command line the remote shell runs: exports, then the interpreter."""
+    import re
+    import shlex
+
+    parts = []
+    for name, value in sorted(spec.env.items()):
+        if not re.match(r"[A-Za-z_][A-Za-z0-9_]*\Z", name):
+            raise ValueError(_Text.BAD_SPEC_VALUE % ("env:" + name, spec._spec,
+                                                     _Text.SSH_BAD_ENV_NAME))
+        parts.append("export %s=%s;" % (name, shlex.quote(value)))
+    stage1 = shlex.quote(_STAGE1)
+    if spec.python in (None, True):
+        # a modern host may have python3 only, an old one python only
+        parts.append("for p in python3 python; do command -v $p >/dev/null 2>&1 && "
+                     "exec $p -c %s; done; echo %s >&2; exit 127"
+                     % (stage1, shlex.quote("execnet_single: " + _Text.SSH_NO_PYTHON)))
+    else:
+        # a command line for the remote shell, e.g. `ip netns exec NAME python3`
+        parts.append("%s -c %s" % (spec.python, stage1))
+    return " ".join(parts)
+
+
+def _ssh_control_dir():
+    """The private directory of the control sockets (made once; the exit
+    handler removes it after the groups, and so the masters, have ended)."""
+    with _ssh_lock:
+        if _ssh_state["dir"] is None:
+            import tempfile
+
+            _ssh_state["dir"] = tempfile.mkdtemp(prefix="execnet_single-ssh-")  # mode 0700
+        return _ssh_state["dir"]
+
+
+def _remove_ssh_control_dir():
+    import shutil
+
+    with _ssh_lock:
+        path, _ssh_state["dir"] = _ssh_state["dir"], None
+    if path is not None:
+        shutil.rmtree(path, True)
+
+
+class _SshMaster:
+    """One shared, authenticated ssh connection; gateways attach to it."""
+
+    def __init__(self, key):
+        self.key = key
+        self.users = 0
+        self.popen = None
+        self.error = None   # why the last start failed, for those who waited on it
+        self.lock = threading.Lock()   # held while the master starts
+
+    def start(self, spec, destination, options):
+        """Start the master and wait until its control socket is up."""
+        import subprocess
+        import time
+
+        directory = _ssh_control_dir()
+        with _ssh_lock:
+            _ssh_state["masters"] += 1
+            name = "m%d" % _ssh_state["masters"]
+        self.path = os.path.join(directory, name)
+        self.log = self.path + ".log"
+        args = (["ssh"] + destination + options
+                + ["-o", "ControlMaster=yes", "-o", "ControlPersist=no",
+                   "-o", "ControlPath=" + self.path, "cat >/dev/null"])
+        try:
+            with open(self.log, "wb") as err:
+                self.popen = subprocess.Popen(args, stdin=subprocess.PIPE,
+                                              stdout=subprocess.DEVNULL, stderr=err,
+                                              start_new_session=True)
+        except OSError as exc:
+            raise SshError(_Text.SSH_FAILED % (spec.id, spec.ssh, None, exc))
+        timeout = float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT)
+        deadline = time.time() + timeout
+        while not os.path.exists(self.path):
+            status = self.popen.poll()
+            if status is not None or time.time() > deadline:
+                output = self.stderr
+                self.close()
+                if status is None:
+                    self.error = SshError(
+                        _Text.NO_ANSWER % ("ssh " + spec.ssh, spec.id, timeout), output)
+                else:
+                    self.error = _ssh_error(spec, status, output)
+                raise self.error
+            time.sleep(0.005)
+        try:   # only a failed start reads it; ssh keeps its open file
+            os.unlink(self.log)
+        except OSError:
+            pass
+
+    @property
+    def stderr(self):
+        try:
+            with open(self.log, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def alive(self):
+        return self.popen is not None and self.popen.poll() is None
+
+    def release(self):
+        """A gateway is done with the master; the last one closes it."""
+        with _ssh_lock:
+            self.users -= 1
+            last = self.users <= 0
+        if last:
+            self.close()
+
+    def end_session(self):
+        """Close the master's stdin: its session ends, then the master."""
+        popen = self.popen   # (close() may clear it meanwhile)
+        if popen is not None:
+            try:
+                popen.stdin.close()
+            except OSError:
+                pass
+
+    def close(self):
+        """End the master's session and wait; kill it if it lingers (a cut link)."""
+        import signal
+        import subprocess
+
+        self.end_session()
+        popen, self.popen = self.popen, None
+        if popen is None:
+            return
+        try:
+            popen.wait(2.0)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            popen.wait()
+        for path in (self.path, self.log):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _ssh_master(group, spec, destination, options):
+    """The running master of group for this destination (started if needed)."""
+    key = tuple(destination + options)
+    with _ssh_lock:
+        masters = group.__dict__.setdefault("_ssh_masters", {})
+        master = masters.get(key)
+        if master is None:
+            master = masters[key] = _SshMaster(key)
+        master.users += 1
+    try:
+        with master.lock:
+            if master.error is not None:
+                error = master.error
+                raise type(error)(error.message, error.output)
+            if not master.alive():
+                if master.popen is not None:
+                    master.close()   # died (link cut): a fresh one
+                master.start(spec, destination, options)
+    except BaseException:
+        with _ssh_lock:
+            master.users -= 1
+            if masters.get(key) is master and master.users <= 0:
+                del masters[key]
+        raise
+    return master
+
+
+def _close_ssh_masters(group):
+    """Close every ssh master of group (its gateways have ended)."""
+    with _ssh_lock:
+        masters = list(group.__dict__.pop("_ssh_masters", {}).values())
+    for master in masters:   # all at once: a stuck one costs its 2 s once
+        master.end_session()
+    for master in masters:
+        master.close()
+
+
+class _SshIO(_PopenIO):
+    """The local ssh client; the protocol runs on its stdin/stdout."""
+
+    def __init__(self, args, master, destination):
+        _PopenIO.__init__(self, args)
+        self.master = master
+        self.remoteaddress = destination
+
+    def close_read(self):
+        _PopenIO.close_read(self)
+        master, self.master = self.master, None
+        if master is not None:
+            master.release()
+
+
+def _start_ssh(spec, params, group=None):
+    """Start and bootstrap a Python over ssh; returns (io, rinfo, leftover)."""
+    import shlex
+
+    if not isinstance(spec.ssh, str) or not spec.ssh.strip():
+        raise ValueError(_Text.BAD_SPEC_VALUE % ("ssh", spec._spec, "a value is needed (ssh=...)"))
+    destination = shlex.split(spec.ssh)
+    options = _ssh_options(spec)
+    command = _ssh_remote_command(spec)
+    describe = "%s on ssh %s" % (spec.python if isinstance(spec.python, str) else "python3",
+                                 spec.ssh)
+    master = None
+    if group is not None:
+        master = _ssh_master(group, spec, destination, options)
+        share = ["-o", "ControlMaster=no", "-o", "ControlPath=" + master.path]
+    else:
+        share = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    try:
+        io = _SshIO(["ssh"] + destination + options + share + [command], master, spec.ssh)
+    except OSError as exc:
+        if master is not None:
+            master.release()
+        raise SshError(_Text.SSH_FAILED % (spec.id, spec.ssh, None, exc))
+    try:
+        return _start_io(io, spec, params, describe)
+    except HostNotFound as exc:
+        status = io.wait(0.0)
+        if status == 255 and not isinstance(exc, SshError):
+            raise _ssh_error(spec, status, exc.output) from None
+        raise
+
+
 # The transports: the xspec key that selects each and its start function,
 # start(spec, params, group) -> (io, rinfo, leftover).  via= comes first: it
 # names the gateway in whose process the transport of the other key starts.
 _TRANSPORTS = (
     ("via", _start_via),
     ("popen", _start_popen),
+    ("ssh", _start_ssh),
     ("socket", _start_socket),
 )
 
@@ -3486,6 +3817,18 @@ def _write_stderr_bytes(data):
 def PopenGateway(python=None, output=None):
     """A gateway to a Python subprocess (the seed's name)."""
     spec = "popen" if python is None else "popen//python=%s" % python
+    return default_group.makegateway(spec, output=output)
+
+
+def SshGateway(sshaddress, remotepython=None, ssh_config=None, output=None):
+    """A gateway to a Python on another host, over the system ssh (the
+    seed's name): sshaddress is what you would give ssh (``user@host``,
+    ``-p 2222 host``), remotepython the remote command starting Python."""
+    spec = "ssh=%s" % sshaddress
+    if remotepython is not None:
+        spec += "//python=%s" % remotepython
+    if ssh_config is not None:
+        spec += "//ssh_config=%s" % ssh_config
     return default_group.makegateway(spec, output=output)
 
 
@@ -3596,6 +3939,8 @@ _SPEC_CHECKS = (
     ("nice", _integer),
     ("execmodel", _execmodel_name),
     ("python", str.strip),
+    ("ssh", str.strip),
+    ("ssh_config", str.strip),
     ("chdir", str.strip),
     ("via", str.strip),
     ("installvia", str.strip),
@@ -3876,6 +4221,7 @@ class Group:
             deadline = time.time() + 1.0
             for gw in batch:
                 gw._finish_exit(deadline)
+        _close_ssh_masters(self)
 
     def _cleanup_atexit(self):
         self.terminate(timeout=_EXIT_TIMEOUT)
@@ -3910,6 +4256,7 @@ def _terminate_all_groups(pid):
                 group._cleanup_atexit()
             except Exception:
                 pass
+    _remove_ssh_control_dir()
 
 
 class MultiChannel:
