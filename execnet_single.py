@@ -15,7 +15,7 @@ Sections (each uses only the ones above it):
   6. Gateway core                         (both ends)
   7. Remote side                          (remote only)
   8. Bootstrap                            (wherever a process is started)
-  9. Local gateways: popen, via, socket   (local side)
+  9. Local gateways: popen, via, socket, ssh  (local side)
  10. XSpec, exec models, Group, MultiChannel, RSync
  11. Socket server                        (python -m execnet_single serve)
  12. CLI
@@ -2656,7 +2656,7 @@ def _start_popen(spec, params, group=None):
     return _start_io(io, spec, params, describe)
 
 
-# === 9. Local gateways: popen, via, socket ===
+# === 9. Local gateways: popen, via, socket, ssh ===
 
 _EXIT_TIMEOUT = _EXIT_GRACE + 1.0   # local: wait this long, then kill
 
