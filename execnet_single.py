@@ -116,6 +116,14 @@ def _setup_trace():
     _trace = trace
 
 
+def _daemon(target, args=(), name="execnet_single"):
+    """Start target(*args) in a daemon thread (none may keep a process alive)."""
+    thread = threading.Thread(target=target, args=args, name=name)
+    thread.daemon = True
+    thread.start()
+    return thread
+
+
 def _log(level, msg):
     """Send a diagnostic to the 'execnet_single' logger if logging is in use.
 
@@ -1310,10 +1318,7 @@ class Channel:
         if not lock.acquire(False):
             if threading.get_ident() == gateway._receiver_ident:
                 # a callback must not wait for a sender that may wait for it
-                thread = threading.Thread(target=self._send_in_thread, args=(data,),
-                                          name="execnet_single-send-%d" % self.id)
-                thread.daemon = True
-                thread.start()
+                _daemon(self._send_in_thread, (data,), "execnet_single-send-%d" % self.id)
                 return
             lock.acquire()
         try:
@@ -1808,15 +1813,9 @@ class _GatewayBase:
     # -- receiving --
 
     def _start_receiver(self, initial=b""):
-        self._flusher = threading.Thread(target=self._flush_loop,
-                                         name="execnet_single-writer-%s" % (self.id,))
-        self._flusher.daemon = True
-        self._flusher.start()
-        self._receiver = threading.Thread(
-            target=self._receive_loop, args=(initial,),
-            name="execnet_single-receiver-%s" % (self.id,))
-        self._receiver.daemon = True
-        self._receiver.start()
+        self._flusher = _daemon(self._flush_loop, (), "execnet_single-writer-%s" % (self.id,))
+        self._receiver = _daemon(self._receive_loop, (initial,),
+                                 "execnet_single-receiver-%s" % (self.id,))
 
     def hasreceiver(self):
         """True while the receiver thread runs."""
@@ -2086,10 +2085,7 @@ class _RemoteGateway(_GatewayBase):
             pass
 
     def _start_thread(self, target, channel, task):
-        thread = threading.Thread(target=target, args=(channel, task),
-                                  name="execnet_single-exec-%d" % channel.id)
-        thread.daemon = True
-        thread.start()
+        _daemon(target, (channel, task), "execnet_single-exec-%d" % channel.id)
 
     def _execute(self, channel, task):
         """Run one remote_exec task; close its channel with the outcome."""
@@ -2191,9 +2187,7 @@ class _OutputForwarder:
             os.close(wfd)
             self._pipes[target] = rfd
             self._locks[target] = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="execnet_single-output")
-        self._thread.daemon = True
-        self._thread.start()
+        self._thread = _daemon(self._run, (), "execnet_single-output")
 
     def _run(self):
         import select
@@ -2561,10 +2555,7 @@ class _PopenIO(_FdIO):
         self._stderr = []
         self._stderr_lock = threading.Lock()
         self._on_stderr = None   # set once the gateway exists
-        self._stderr_thread = threading.Thread(target=self._read_stderr,
-                                               name="execnet_single-stderr")
-        self._stderr_thread.daemon = True
-        self._stderr_thread.start()
+        self._stderr_thread = _daemon(self._read_stderr, (), "execnet_single-stderr")
 
     def _read_stderr(self):
         fd = self.popen.stderr.fileno()
@@ -2736,10 +2727,8 @@ class _PrefixedStderr:
 
                 self._due[fd] = time.monotonic() + _OUTPUT_DELAY
                 if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._show_when_due, name="execnet_single-output-%s" % self._id)
-                    self._thread.daemon = True
-                    self._thread.start()
+                    self._thread = _daemon(self._show_when_due, (),
+                                           "execnet_single-output-%s" % self._id)
                 else:
                     self._cond.notify()
 
@@ -3137,9 +3126,7 @@ def _serve_via(channel):
             pass
 
     for target in (to_child, from_child):
-        thread = threading.Thread(target=target, name="execnet_single-via-%s" % spec.id)
-        thread.daemon = True
-        thread.start()
+        _daemon(target, (), "execnet_single-via-%s" % spec.id)
     channel.send(("ok", rinfo, leftover))
 
 
@@ -4015,10 +4002,7 @@ class _ExecModel:
         return os.fdopen(fd, mode, bufsize, closefd=closefd)
 
     def start(self, func, args=()):
-        thread = threading.Thread(target=func, args=args)
-        thread.daemon = True
-        thread.start()
-        return thread
+        return _daemon(func, args)
 
 
 _EXECMODELS = {}
@@ -4137,10 +4121,7 @@ class Group:
                   if spec.via not in ids and spec.installvia not in ids]
         threads = []
         for i in direct[1:]:
-            thread = threading.Thread(target=start, args=(i,), name="execnet_single-start")
-            thread.daemon = True
-            thread.start()
-            threads.append(thread)
+            threads.append(_daemon(start, (i,), "execnet_single-start"))
         if direct:
             start(direct[0])
         for thread in threads:
@@ -4672,10 +4653,7 @@ class _SocketServer:
                     self._log("dropped %s: %s" % (peer, _Text.DROP_BUSY % self._max))
                     conn.close()
                     continue
-                thread = threading.Thread(target=self._handle, args=(conn, peer),
-                                          name="execnet_single-serve-%s" % peer)
-                thread.daemon = True
-                thread.start()
+                _daemon(self._handle, (conn, peer), "execnet_single-serve-%s" % peer)
         finally:
             self._sock.close()
         while self._sessions and not self._stop.wait(0.2):
@@ -4750,15 +4728,10 @@ class _SocketServer:
             except OSError:
                 conn.close()
                 raise
-            relay = threading.Thread(target=self._relay_to_child, args=(conn, child),
-                                     name="execnet_single-relay-%s" % peer)
-            relay.daemon = True
-            relay.start()
+            relay = _daemon(self._relay_to_child, (conn, child),
+                            "execnet_single-relay-%s" % peer)
             # the relay may be stuck writing to a child that stopped reading
-            watcher = threading.Thread(target=self._watch_client, args=(conn, child),
-                                       name="execnet_single-watch-%s" % peer)
-            watcher.daemon = True
-            watcher.start()
+            _daemon(self._watch_client, (conn, child), "execnet_single-watch-%s" % peer)
         with self._lock:
             self._sessions.add(child)
         self._log("session %s: started pid %d" % (peer, child.pid))
@@ -4866,9 +4839,7 @@ def _serve_installed(channel):
     host, port, key = channel.receive()
     server = _SocketServer(host, port, key, once=True, log=_trace)
     channel.send((server.host, server.port))
-    thread = threading.Thread(target=server.serve_forever, name="execnet_single-installed")
-    thread.daemon = True
-    thread.start()
+    _daemon(server.serve_forever, (), "execnet_single-installed")
 
 
 def _server_tls_context(cert, key=None, client_ca=None):
