@@ -1218,7 +1218,9 @@ def _feed_in_pieces(stream, cuts):
     for cut in cuts + [len(stream)]:
         got.extend(reader.feed(stream[start:cut]))
         start = cut
-    return [(c, i, bytes(p)) for c, i, p in got]
+    # payloads are bytes, never views into the reader's buffers
+    assert [type(p) for c, i, p in got] == [bytes] * len(got)
+    return got
 
 
 def _msg_codes():
@@ -1795,10 +1797,44 @@ if __name__ == "__channelexec__":
 '''
 
 
+def remote_pipe_sizes(channel):
+    import fcntl
+    io = channel.gateway._io
+    before = fcntl.fcntl(io.wfd, 1032)   # F_GETPIPE_SZ
+    channel.send(b"x" * (1024 * 1024))
+    channel.send((before, fcntl.fcntl(io.wfd, 1032), fcntl.fcntl(io.rfd, 1032)))
+
+
 class TestGateway:
     def test_remote_exec_string_dedented(self, gw):
         ch = gw.remote_exec("\n    x = 20\n    channel.send(x + 1)\n")
         assert ch.receive(timeout=30) == 21
+
+    @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux's")
+    @pytest.mark.transports("popen")  # the question is about popen's own pipes
+    def test_pipes_widen_once_a_large_item_passes(self, group):
+        import fcntl
+
+        quiet = mkgw(group, "popen")
+        busy = mkgw(group, "popen")
+        default = fcntl.fcntl(quiet._io.wfd, 1032)   # F_GETPIPE_SZ
+        assert default < execnet._PIPE_SIZE
+        for gw in (quiet, busy):
+            ch = gw.remote_exec("channel.send(channel.receive())")
+            ch.send(7)
+            assert ch.receive(timeout=30) == 7
+        ch = busy.remote_exec(remote_pipe_sizes)
+        assert len(ch.receive(timeout=30)) == 1024 * 1024
+        before, after, remote_read = ch.receive(timeout=30)
+        # small messages left every pipe as it was; a 1 MiB item widened
+        # the pipe it went through, and only that one
+        assert (before, after, remote_read) == (default, execnet._PIPE_SIZE, default)
+        ch = busy.remote_exec("channel.send(len(channel.receive()))")
+        ch.send(b"y" * (1024 * 1024))
+        assert ch.receive(timeout=30) == 1024 * 1024
+        assert fcntl.fcntl(busy._io.wfd, 1032) == execnet._PIPE_SIZE
+        assert (fcntl.fcntl(quiet._io.wfd, 1032), fcntl.fcntl(quiet._io.rfd, 1032)) == (
+            default, default)
 
     def test_remote_namespace(self, gw):
         ch = gw.remote_exec("channel.send((__name__, 'channel' in globals()))")
