@@ -76,6 +76,21 @@ except ImportError:  # 3.6: no SimpleQueue yet
     from queue import Empty as _Empty, Queue as _Queue
 _builtin_TimeoutError = TimeoutError
 
+# This process's pid, kept right across os.fork() by an at-fork hook that
+# the first gateway installs, so the per-frame fork check costs no system
+# call.  None on 3.6 (no hooks there): the check calls os.getpid().
+_PID = [None]
+
+
+def _watch_forks():
+    if _PID[0] is None and hasattr(os, "register_at_fork"):
+        _PID[0] = os.getpid()
+        os.register_at_fork(after_in_child=_forked)
+
+
+def _forked():
+    _PID[0] = os.getpid()
+
 
 def _trace_off(*msg):
     """Tracing is off: do nothing."""
@@ -1670,6 +1685,7 @@ class _GatewayBase:
         from _collections import deque
 
         self._io = io
+        _watch_forks()
         self._pid = os.getpid()
         self.id = id
         self.execmodel = get_execmodel(execmodel)
@@ -1714,7 +1730,7 @@ class _GatewayBase:
     # -- writing --
 
     def _send(self, msgcode, channelid=0, payload=b""):
-        if os.getpid() != self._pid:
+        if (_PID[0] or os.getpid()) != self._pid:
             # a fork (multiprocessing, say) must not write into our stream,
             # nor wait for a lock some vanished thread held at the fork
             raise OSError("gateway %s: %s" % (self.id, _Text.FORKED))
@@ -1751,7 +1767,7 @@ class _GatewayBase:
 
     def _queue_frame(self, frame):
         """Queue a frame for the writer; never blocks (receiver, finalizers)."""
-        if os.getpid() != self._pid:
+        if (_PID[0] or os.getpid()) != self._pid:
             return  # a fork: nothing of ours may reach the parent's stream
         self._outq.append(frame)
         self._kick()
@@ -1767,7 +1783,7 @@ class _GatewayBase:
         queue = self._outq
         while queue:
             frame = queue.popleft()
-            if os.getpid() != self._pid:
+            if (_PID[0] or os.getpid()) != self._pid:
                 return
             self._io.write(frame)
 
@@ -2271,7 +2287,7 @@ class _OutputForwarder:
 
     def write(self, target, data):
         """Send text-level output, after what the fd already holds."""
-        if os.getpid() != self._pid:  # in a fork: the pipe, which we forward
+        if (_PID[0] or os.getpid()) != self._pid:  # in a fork: the pipe, which we forward
             os.write(target, data)
             return
         with self._locks[target]:
