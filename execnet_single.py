@@ -1014,8 +1014,25 @@ def _encode_frame(msgcode, channelid, payload=b""):
     return _HEADER.pack(msgcode, channelid, len(payload)) + payload
 
 
+class _Pieces(list):
+    """A large frame's item data: views of the reads it arrived in."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, views, size):
+        list.__init__(self, views)
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+
 class _FrameReader:
-    """Turns a byte stream, fed in pieces of any size, into frames."""
+    """Turns a byte stream, fed in pieces of any size, into frames.
+
+    A frame's payload is bytes, except that of a large _MSG_DATA or
+    _MSG_DATA_PART frame: _Pieces, whose len() is the payload's size.
+    """
 
     def __init__(self):
         self._buf = b""
@@ -1037,7 +1054,7 @@ class _FrameReader:
                 return frames
             view = memoryview(data)
             self._pending.append(view[:missing])
-            frames.append(self._head + (b"".join(self._pending),))
+            frames.append(self._head + (self._payload(),))
             self._head = None
             self._pending = []
             if len(data) == missing:
@@ -1068,6 +1085,13 @@ class _FrameReader:
         self._buf = bytes(buf[pos:]) if pos < size else b""
         return frames
 
+    def _payload(self):
+        """The large payload just completed: item data stays in pieces (the
+        item is joined from them once, by _join_pieces), the rest is joined."""
+        if self._head[0] in (_MSG_DATA, _MSG_DATA_PART):
+            return _Pieces(self._pending, self._need)
+        return b"".join(self._pending)
+
     def leftover(self):
         """Bytes fed but not yet returned as frames."""
         if self._head is None:
@@ -1081,6 +1105,7 @@ class _IO:
 
     read()           next bytes; b"" once the stream ended (never raises)
     write(data)      all of data; OSError once the peer is gone
+    writev(buffers)  all of the buffers, in order (one call where possible)
     close_write()    end of stream for the peer (idempotent)
     close_read()     release the read side, once nobody reads any more
     kill()           make the remote go now; unblocks read() and write()
@@ -1102,6 +1127,10 @@ class _IO:
 
     def widen(self):
         """Nothing to enlarge."""
+
+    def writev(self, buffers):
+        for data in buffers:
+            self.write(data)
 
     def set_output_handler(self, handler):
         """Nothing arrives beside the stream."""
@@ -1171,6 +1200,18 @@ class _FdIO(_IO):
         while view:
             view = view[os.write(self.wfd, view):]
 
+    def writev(self, buffers):
+        """Write all of buffers, in one system call if the pipe takes them."""
+        if not hasattr(os, "writev"):
+            return _IO.writev(self, buffers)
+        views = [memoryview(data) for data in buffers]
+        while views:
+            written = os.writev(self.wfd, views)
+            while views and written >= len(views[0]):
+                written -= len(views.pop(0))
+            if written:
+                views[0] = views[0][written:]
+
     def widen(self):
         """Widen the pipe we write to (once)."""
         if not self._widened:
@@ -1204,6 +1245,9 @@ class _FdIO(_IO):
 
 _ENDMARKER = object()
 _NO_ENDMARKER_WANTED = object()
+# A bytes item's serialized head (then a 4-byte length) and its last byte.
+_BYTES_HEAD = _DUMPFORMAT_VERSION + bytes([_OP_BYTES])
+_STOP_BYTE = bytes([_OP_STOP])
 
 
 class _Flow:
@@ -1367,20 +1411,26 @@ class Channel:
         """Send item to the other side; blocks while the peer's window is full."""
         if self._closed:
             raise OSError(_Text.SEND_CLOSED % (self,))
-        data = dumps(item)
         gateway = self.gateway
-        if len(data) > gateway._max_item:
-            raise DumpError(_Text.ITEM_TOO_LARGE_TO_SEND % (len(data), gateway.id, gateway._max_item))
+        raw = (type(item) is bytes and _READ_SIZE < len(item) <= gateway._max_item - 7
+               and len(item) < 0x7FFFFFF0)   # (the length field is 4 bytes, signed)
+        if raw:
+            data = item   # sent from the caller's object (see _send_data)
+        else:
+            data = dumps(item)
+            if len(data) > gateway._max_item:
+                raise DumpError(_Text.ITEM_TOO_LARGE_TO_SEND % (
+                    len(data), gateway.id, gateway._max_item))
         # one item at a time per channel: its pieces must not interleave
         lock = self._sendlock
         if not lock.acquire(False):
             if threading.get_ident() == gateway._receiver_ident:
                 # a callback must not wait for a sender that may wait for it
-                _daemon(self._send_in_thread, (data,), "execnet_single-send-%d" % self.id)
+                _daemon(self._send_in_thread, (data, raw), "execnet_single-send-%d" % self.id)
                 return
             lock.acquire()
         try:
-            self._send_data(data)
+            self._send_data(data, raw)
         finally:
             lock.release()
 
@@ -1492,27 +1542,32 @@ class Channel:
 
     # -- sending and flow control --
 
-    def _send_in_thread(self, data):
+    def _send_in_thread(self, data, raw):
         try:
             with self._sendlock:
-                self._send_data(data)
+                self._send_data(data, raw)
         except OSError as exc:
             _log(30, "gateway %s: a callback's send on channel %d failed: %s" % (
                 self.gateway.id, self.id, exc))
 
-    def _send_data(self, data):
+    def _send_data(self, data, raw=False):
+        """Send a serialized item, or (raw) a large bytes item itself: then
+        its serialized head and stop byte travel as pieces of their own, so
+        the item's bytes go out without a copy."""
         gateway = self.gateway
         chunk = gateway._chunk
-        if len(data) <= chunk:
+        if len(data) <= chunk and not raw:
             self._take_credit(len(data))
             gateway._send(_MSG_DATA, self.id, data)
             return
         view = memoryview(data)
-        last = len(data) - chunk
-        for start in range(0, len(data), chunk):
-            piece = view[start:start + chunk]
+        pieces = [view[start:start + chunk] for start in range(0, len(data), chunk)]
+        if raw:
+            pieces = [_BYTES_HEAD + _pack_i4(len(data))] + pieces + [_STOP_BYTE]
+        last = len(pieces) - 1
+        for index, piece in enumerate(pieces):
             self._take_credit(len(piece))
-            gateway._send(_MSG_DATA if start >= last else _MSG_DATA_PART, self.id, piece)
+            gateway._send(_MSG_DATA if index == last else _MSG_DATA_PART, self.id, piece)
             gateway._yield_writer()
 
     def _take_credit(self, size):
@@ -1748,8 +1803,7 @@ class _GatewayBase:
                 self._io.write(header + payload)
             else:
                 self._io.widen()
-                self._io.write(header)
-                self._io.write(payload)
+                self._io.writev((header, payload))
         except (OSError, ValueError) as exc:
             raise OSError("gateway %s: cannot send (%s)" % (self.id, exc)) from None
         finally:
@@ -1961,7 +2015,10 @@ class _GatewayBase:
         elif flow.parts_size + size > self._max_item:
             self._too_large(cid, flow, size)
         else:
-            flow.parts.append(payload)
+            if type(payload) is _Pieces:
+                flow.parts.extend(payload)
+            else:
+                flow.parts.append(payload)
             flow.parts_size += size
             self._send_ack(cid, flow.piece_arrived(size))
 
@@ -1979,10 +2036,15 @@ class _GatewayBase:
             if flow.parts_size + size > self._max_item:
                 self._too_large(cid, flow, size)
                 return
-            flow.parts.append(payload)
+            if type(payload) is _Pieces:
+                flow.parts.extend(payload)
+            else:
+                flow.parts.append(payload)
             payload = _join_pieces(flow.parts)
             flow.parts = []
             flow.parts_size = 0
+        elif type(payload) is _Pieces:
+            payload = _join_pieces(payload)
         try:
             if type(payload) is _BigBytes:
                 item = payload.value
@@ -2053,14 +2115,16 @@ class _BigBytes:
 
 
 def _join_pieces(pieces):
-    """The serialized item from its pieces, or _BigBytes for a plain bytes item."""
+    """The serialized item from its pieces (bytes or views), or _BigBytes
+    for a plain bytes item (joined without its serialized head and tail:
+    the item's only copy)."""
     first, last = pieces[0], pieces[-1]
-    if first[:2] == b"\x02A" and last[-1:] == b"Q" and len(first) > 6 and len(last) > 1:
-        size = _unpack_i4(first, 2)[0]
-        if size == sum(map(len, pieces)) - 7:
-            # views: the join is the item's only copy
-            return _BigBytes(b"".join(
-                [memoryview(first)[6:]] + pieces[1:-1] + [memoryview(last)[:-1]]))
+    if (len(first) >= 6 and first[:2] == _BYTES_HEAD and last[-1:] == _STOP_BYTE
+            and _unpack_i4(first, 2)[0] == sum(map(len, pieces)) - 7):
+        views = [memoryview(piece) for piece in pieces]
+        views[0] = views[0][6:]
+        views[-1] = views[-1][:-1]   # (the same view, if there is one piece)
+        return _BigBytes(b"".join(views))
     return b"".join(pieces)
 
 
@@ -2526,12 +2590,14 @@ def _bootstrap(io, params, describe):
         except LoadError:
             raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, data[:200]),
                                _join_output(noise, io.output_text(2.0)))
-    code_, cid, payload = frames[0]
+    code_, cid, ready = frames[0]
     if code_ != _MSG_READY:
         raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, frames[0][:2]),
                            _join_output(noise, io.output_text(2.0)))
-    leftover = b"".join(_encode_frame(*frame) for frame in frames[1:]) + reader.leftover()
-    return _loads(payload), leftover
+    leftover = b"".join(
+        _encode_frame(code_, cid, b"".join(payload) if type(payload) is _Pieces else payload)
+        for code_, cid, payload in frames[1:]) + reader.leftover()
+    return _loads(ready), leftover
 
 
 def _join_output(noise, text):

@@ -1218,9 +1218,19 @@ def _feed_in_pieces(stream, cuts):
     for cut in cuts + [len(stream)]:
         got.extend(reader.feed(stream[start:cut]))
         start = cut
-    # payloads are bytes, never views into the reader's buffers
-    assert [type(p) for c, i, p in got] == [bytes] * len(got)
-    return got
+    frames = []
+    for code, cid, payload in got:
+        if type(payload) is execnet._Pieces:
+            # only a large item frame stays in pieces (views of the reads)
+            assert code in (execnet._MSG_DATA, execnet._MSG_DATA_PART)
+            assert len(payload) > execnet._READ_SIZE
+            joined = b"".join(payload)
+            assert len(joined) == len(payload)
+            payload = joined
+        # never a view into the reader's buffers
+        assert type(payload) is bytes
+        frames.append((code, cid, payload))
+    return frames
 
 
 def _msg_codes():
@@ -1261,7 +1271,11 @@ class TestFraming:
         sizes = data.draw(st.lists(
             st.sampled_from([0, 1, 65535, 65536, 65537, 300000, biggest]),
             min_size=1, max_size=4))
-        frames = [(execnet._MSG_DATA, n, os.urandom(size)) for n, size in enumerate(sizes)]
+        codes = data.draw(st.lists(st.sampled_from([
+            execnet._MSG_DATA, execnet._MSG_DATA_PART, execnet._MSG_EXEC, execnet._MSG_OUTPUT]),
+            min_size=len(sizes), max_size=len(sizes)))
+        frames = [(code, n, os.urandom(size))
+                  for n, (code, size) in enumerate(zip(codes, sizes))]
         stream = b"".join(execnet._encode_frame(*frame) for frame in frames)
         cuts = sorted(data.draw(st.lists(
             st.integers(min_value=0, max_value=len(stream)), max_size=12)))
@@ -1756,6 +1770,28 @@ class TestChannel:
         data = os.urandom(8 * 1024 * 1024)
         ch.send(data)
         assert ch.receive(timeout=60) == data[::-1]
+
+    def test_bytes_items_around_the_piece_sizes(self, gw):
+        # large bytes items go out as pieces of the caller's object: any
+        # content (also one that looks serialized) and any size near the
+        # read, chunk and window sizes round-trips, beside other items
+        chunk, read = gw._chunk, execnet._READ_SIZE
+        sizes = [read - 1, read, read + 1, chunk - 1, chunk, chunk + 1, 3 * chunk + 5,
+                 2 * 1024 * 1024 + 3]
+        items = []
+        for n, size in enumerate(sizes):
+            head = [b"\x02A", b"\x02", b"Q", b""][n % 4]
+            items.append(head + os.urandom(size - len(head)))
+            items.append([n, items[-1][:100]])
+        ch = gw.remote_exec(
+            "for item in channel:\n"
+            "    channel.send(item if isinstance(item, list) else item[::-1])\n")
+        for item in items:
+            ch.send(item)
+            back = ch.receive(timeout=60)
+            assert back == (item if isinstance(item, list) else item[::-1])
+            assert type(back) is type(item)
+        ch.close()
 
     def test_remote_receive_timeout(self, gw):
         ch = gw.remote_exec(
