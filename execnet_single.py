@@ -792,6 +792,283 @@ def _tuple_at(data, pos, end, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT, TUPLE=_
             return None
 
 
+
+
+class _Refuse(Exception):
+    """Internal: the fast loader leaves this input to the general loop."""
+
+
+_SIZE = struct.Struct("!I").unpack_from  # huge lengths run past the end: an IndexError
+_OP_I4 = struct.Struct("!Bi").unpack_from  # an opcode and its 4-byte int
+# what can stand where a dict's next key would, once the dict is complete
+_ENDS_DICT = frozenset([_OP_SETITEM, _OP_STOP, _OP_TUPLE, _OP_SET, _OP_FROZENSET,
+                        _OP_DICT, _OP_LIST])
+
+
+def _fast_list(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
+               DICT=_OP_DICT, LIST=_OP_LIST, BYTES=_OP_BYTES, SETITEM=_OP_SETITEM,
+               TUPLE=_OP_TUPLE, MAX_DEPTH=_MAX_DEPTH, CONSTANTS=_CONSTANTS,
+               op_i4=_OP_I4, unpack_i4=_unpack_i4, unpack_size=_SIZE,
+               unpack_double=_DOUBLE.unpack_from):
+    """The list whose 'K' is just before pos: (list, position after it, depth)."""
+    size = unpack_i4(data, pos)[0]
+    pos += 4
+    # every element costs at least 7 bytes ('F' index, value, 'P')
+    if size < 0 or size * 7 > len(data) - pos or level > MAX_DEPTH:
+        raise _Refuse
+    result = [None] * size
+    depth = 1
+    for _ in range(size):
+        op, index = op_i4(data, pos)
+        if op != INT:
+            raise _Refuse
+        start = pos = pos + 5
+        op = data[pos]
+        if op == INT:
+            value = unpack_i4(data, pos + 1)[0]
+            pos += 5
+        elif op == STR:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            value = data[pos - size:pos].decode()
+        elif op == DICT or op == LIST:
+            if op == DICT:
+                value, pos, inner = _fast_dict(data, pos + 1, level + 1)
+            else:
+                value, pos, inner = _fast_list(data, pos + 1, level + 1)
+            if data[pos] != SETITEM:  # the first item of a tuple, set...
+                value, pos, inner = _fast_slot(data, pos, level + 1, 1, [value], [inner])
+            if inner >= depth:
+                depth = inner + 1
+        elif op == FLOAT:
+            value = unpack_double(data, pos + 1)[0]
+            pos += 9
+        elif op == BYTES:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            value = data[pos - size:pos]
+        elif op in CONSTANTS:
+            value = CONSTANTS[op]
+            pos += 1
+        else:
+            value, pos, inner = _fast_slot(data, pos, level + 1, 1, [], [])
+            if inner >= depth:
+                depth = inner + 1
+        if data[pos] != SETITEM:  # a scalar starts a tuple, most likely of scalars
+            items = [value]
+            while True:
+                op = data[pos]
+                if op == INT:
+                    items.append(unpack_i4(data, pos + 1)[0])
+                    pos += 5
+                elif op == STR:
+                    size = unpack_size(data, pos + 1)[0]
+                    pos += 5 + size
+                    items.append(data[pos - size:pos].decode())
+                elif op == FLOAT:
+                    items.append(unpack_double(data, pos + 1)[0])
+                    pos += 9
+                elif op in CONSTANTS:
+                    items.append(CONSTANTS[op])
+                    pos += 1
+                else:
+                    break
+            if op == TUPLE and data[pos + 5] == SETITEM and (
+                    unpack_i4(data, pos + 1)[0] == len(items)):
+                value = tuple(items)
+                pos += 5
+                if depth == 1:
+                    depth = 2
+            else:  # read again from the start, by the general slot
+                value, pos, inner = _fast_slot(data, start, level + 1, 1, [], [])
+                if inner >= depth:
+                    depth = inner + 1
+        result[index] = value
+        pos += 1
+    if depth > MAX_DEPTH:
+        raise _Refuse
+    return result, pos, depth
+
+
+def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
+               DICT=_OP_DICT, LIST=_OP_LIST, BYTES=_OP_BYTES, SETITEM=_OP_SETITEM,
+               TUPLE=_OP_TUPLE, MAX_DEPTH=_MAX_DEPTH, CONSTANTS=_CONSTANTS,
+               ENDS_DICT=_ENDS_DICT, unpack_i4=_unpack_i4, unpack_size=_SIZE,
+               unpack_double=_DOUBLE.unpack_from):
+    """The dict whose 'J' is just before pos: (dict, position after it, depth)."""
+    # The value cases repeat _fast_list's on purpose: a shared function
+    # would cost a call per item on the loader's hottest path.
+    if level > MAX_DEPTH:
+        raise _Refuse
+    result = {}
+    depth = 1
+    while True:
+        op = data[pos]
+        if op == STR:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            key = data[pos - size:pos].decode()
+        elif op == INT:
+            key = unpack_i4(data, pos + 1)[0]
+            pos += 5
+        elif op in ENDS_DICT:
+            if depth > MAX_DEPTH:
+                raise _Refuse
+            return result, pos, depth
+        else:
+            (key, value), pos, inner = _fast_slot(data, pos, level + 1, 2, [], [])
+            if inner >= depth:
+                depth = inner + 1
+            result[key] = value
+            pos += 1
+            continue
+        start = pos
+        op = data[pos]
+        if op == INT:
+            value = unpack_i4(data, pos + 1)[0]
+            pos += 5
+        elif op == STR:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            value = data[pos - size:pos].decode()
+        elif op == DICT or op == LIST:
+            if op == DICT:
+                value, pos, inner = _fast_dict(data, pos + 1, level + 1)
+            else:
+                value, pos, inner = _fast_list(data, pos + 1, level + 1)
+            if data[pos] != SETITEM:
+                (key, value), pos, inner = _fast_slot(
+                    data, pos, level + 1, 2, [key, value], [0, inner])
+            if inner >= depth:
+                depth = inner + 1
+        elif op == FLOAT:
+            value = unpack_double(data, pos + 1)[0]
+            pos += 9
+        elif op == BYTES:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            value = data[pos - size:pos]
+        elif op in CONSTANTS:
+            value = CONSTANTS[op]
+            pos += 1
+        else:
+            (key, value), pos, inner = _fast_slot(data, pos, level + 1, 2, [key], [0])
+            if inner >= depth:
+                depth = inner + 1
+        if data[pos] != SETITEM:
+            items = [value]
+            while True:
+                op = data[pos]
+                if op == INT:
+                    items.append(unpack_i4(data, pos + 1)[0])
+                    pos += 5
+                elif op == STR:
+                    size = unpack_size(data, pos + 1)[0]
+                    pos += 5 + size
+                    items.append(data[pos - size:pos].decode())
+                elif op == FLOAT:
+                    items.append(unpack_double(data, pos + 1)[0])
+                    pos += 9
+                elif op in CONSTANTS:
+                    items.append(CONSTANTS[op])
+                    pos += 1
+                else:
+                    break
+            if op == TUPLE and data[pos + 5] == SETITEM and (
+                    unpack_i4(data, pos + 1)[0] == len(items)):
+                value = tuple(items)
+                pos += 5
+                if depth == 1:
+                    depth = 2
+            else:
+                (key, value), pos, inner = _fast_slot(data, start, level + 1, 2, [key], [0])
+                if inner >= depth:
+                    depth = inner + 1
+        result[key] = value
+        pos += 1
+
+
+def _fast_slot(data, pos, level, count, items, depths, INT=_OP_INT, STR=_OP_STR,
+               FLOAT=_OP_FLOAT, DICT=_OP_DICT, LIST=_OP_LIST, BYTES=_OP_BYTES,
+               SETITEM=_OP_SETITEM, STOP=_OP_STOP, TUPLE=_OP_TUPLE, SET=_OP_SET,
+               FROZENSET=_OP_FROZENSET, COMPLEX=_OP_COMPLEX, BIGINT=_OP_BIGINT,
+               MAX_DEPTH=_MAX_DEPTH):
+    """Run the program from pos on, items and depths (of the items) being on
+    the stack, to the 'P' that ends a list element (count 1) or a dict item
+    (count 2), or to the final 'Q' (count 0).  Returns (the value, or [key,
+    value]; the position of that 'P' or 'Q'; the largest depth in it)."""
+    push = items.append
+    while True:
+        op = data[pos]
+        if op == INT:
+            push(_unpack_i4(data, pos + 1)[0])
+            depths.append(0)
+            pos += 5
+        elif op == STR or op == BYTES:
+            size = _SIZE(data, pos + 1)[0]
+            pos += 5 + size
+            push(data[pos - size:pos].decode() if op == STR else data[pos - size:pos])
+            depths.append(0)
+        elif op == TUPLE or op == SET or op == FROZENSET:
+            size = _unpack_i4(data, pos + 1)[0]
+            pos += 5
+            if size < 0 or size > len(items):
+                raise _Refuse
+            kind = tuple if op == TUPLE else set if op == SET else frozenset
+            if size:
+                depth = max(depths[-size:]) + 1
+                if depth > MAX_DEPTH:  # before set() and frozenset() hash the items
+                    raise _Refuse
+                value = kind(items[-size:])
+                del items[-size:]
+                del depths[-size:]
+            else:
+                depth = 1
+                value = kind()
+            push(value)
+            depths.append(depth)
+        elif op in _CONSTANTS:
+            push(_CONSTANTS[op])
+            depths.append(0)
+            pos += 1
+        elif op == FLOAT:
+            push(_DOUBLE.unpack_from(data, pos + 1)[0])
+            depths.append(0)
+            pos += 9
+        elif op == DICT or op == LIST:
+            if op == DICT:
+                value, pos, depth = _fast_dict(data, pos + 1, level)
+            else:
+                value, pos, depth = _fast_list(data, pos + 1, level)
+            push(value)
+            depths.append(depth)
+        elif op == SETITEM or op == STOP:
+            if len(items) != (count or 1) or (op == STOP) != (count == 0):
+                raise _Refuse
+            return (items if count == 2 else items[0]), pos, max(depths)
+        elif op == COMPLEX:
+            real, imag = _COMPLEX.unpack_from(data, pos + 1)
+            push(complex(real, imag))
+            depths.append(0)
+            pos += 17
+        elif op == BIGINT:
+            size = _SIZE(data, pos + 1)[0]
+            if size > _MAX_INT_DIGITS:  # the general loop says why
+                raise _Refuse
+            pos += 5 + size
+            push(_ascii_to_int(data[pos - size:pos]))
+            depths.append(0)
+        else:
+            raise _Refuse
+
+
+def _load_fast(data):
+    value, pos, depth = _fast_slot(data, 1, 1, 0, [], [])
+    if pos + 1 != len(data):
+        raise _Refuse
+    return value
+
+
 def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=False,
            INT=_OP_INT, INT_LEGACY=_OP_INT_LEGACY, SETITEM=_OP_SETITEM, STR=_OP_STR,
            BYTES=_OP_BYTES, FLOAT=_OP_FLOAT, TUPLE=_OP_TUPLE, SET=_OP_SET,
@@ -805,6 +1082,11 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
     if data[:1] != _DUMPFORMAT_VERSION:
         raise LoadError("not serialized data: version byte is %r, expected %r" % (
             data[:1], _DUMPFORMAT_VERSION))
+    if not py3str_as_py2str:
+        try:
+            return _load_fast(data)
+        except Exception:
+            pass  # the general loop loads it, or says what is wrong
     end = len(data)
     pos = 1
     stack = []
