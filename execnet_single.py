@@ -794,6 +794,9 @@ def _tuple_at(data, pos, end, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT, TUPLE=_
 
 
 
+_NOTHING = object()
+
+
 class _Refuse(Exception):
     """Internal: the fast loader leaves this input to the general loop."""
 
@@ -809,7 +812,7 @@ def _fast_list(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
                DICT=_OP_DICT, LIST=_OP_LIST, BYTES=_OP_BYTES, SETITEM=_OP_SETITEM,
                TUPLE=_OP_TUPLE, MAX_DEPTH=_MAX_DEPTH, CONSTANTS=_CONSTANTS,
                op_i4=_OP_I4, unpack_i4=_unpack_i4, unpack_size=_SIZE,
-               unpack_double=_DOUBLE.unpack_from):
+               unpack_double=_DOUBLE.unpack_from, NOTHING=_NOTHING, PAIR_END=b"@\x00\x00\x00\x02P"):
     """The list whose 'K' is just before pos: (list, position after it, depth)."""
     size = unpack_i4(data, pos)[0]
     pos += 4
@@ -854,28 +857,19 @@ def _fast_list(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
             value, pos, inner = _fast_slot(data, pos, level + 1, 1, [], [])
             if inner >= depth:
                 depth = inner + 1
-        if data[pos] != SETITEM:  # a scalar starts a tuple, most likely of scalars
-            items = [value]
-            while True:
-                op = data[pos]
-                if op == INT:
-                    items.append(unpack_i4(data, pos + 1)[0])
-                    pos += 5
-                elif op == STR:
-                    size = unpack_size(data, pos + 1)[0]
-                    pos += 5 + size
-                    items.append(data[pos - size:pos].decode())
-                elif op == FLOAT:
-                    items.append(unpack_double(data, pos + 1)[0])
-                    pos += 9
-                elif op in CONSTANTS:
-                    items.append(CONSTANTS[op])
-                    pos += 1
-                else:
-                    break
-            if op == TUPLE and data[pos + 5] == SETITEM and (
-                    unpack_i4(data, pos + 1)[0] == len(items)):
-                value = tuple(items)
+        if data[pos] != SETITEM:  # a scalar starts a tuple: most often a pair
+            op = data[pos]
+            if op == INT:
+                second = unpack_i4(data, pos + 1)[0]
+                pos += 5
+            elif op == STR:
+                size = unpack_size(data, pos + 1)[0]
+                pos += 5 + size
+                second = data[pos - size:pos].decode()
+            else:
+                second = NOTHING
+            if data[pos:pos + 6] == PAIR_END and second is not NOTHING:
+                value = (value, second)
                 pos += 5
                 if depth == 1:
                     depth = 2
@@ -894,7 +888,7 @@ def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
                DICT=_OP_DICT, LIST=_OP_LIST, BYTES=_OP_BYTES, SETITEM=_OP_SETITEM,
                TUPLE=_OP_TUPLE, MAX_DEPTH=_MAX_DEPTH, CONSTANTS=_CONSTANTS,
                ENDS_DICT=_ENDS_DICT, unpack_i4=_unpack_i4, unpack_size=_SIZE,
-               unpack_double=_DOUBLE.unpack_from):
+               unpack_double=_DOUBLE.unpack_from, NOTHING=_NOTHING, PAIR_END=b"@\x00\x00\x00\x02P"):
     """The dict whose 'J' is just before pos: (dict, position after it, depth)."""
     # The value cases repeat _fast_list's on purpose: a shared function
     # would cost a call per item on the loader's hottest path.
@@ -955,32 +949,23 @@ def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
             (key, value), pos, inner = _fast_slot(data, pos, level + 1, 2, [key], [0])
             if inner >= depth:
                 depth = inner + 1
-        if data[pos] != SETITEM:
-            items = [value]
-            while True:
-                op = data[pos]
-                if op == INT:
-                    items.append(unpack_i4(data, pos + 1)[0])
-                    pos += 5
-                elif op == STR:
-                    size = unpack_size(data, pos + 1)[0]
-                    pos += 5 + size
-                    items.append(data[pos - size:pos].decode())
-                elif op == FLOAT:
-                    items.append(unpack_double(data, pos + 1)[0])
-                    pos += 9
-                elif op in CONSTANTS:
-                    items.append(CONSTANTS[op])
-                    pos += 1
-                else:
-                    break
-            if op == TUPLE and data[pos + 5] == SETITEM and (
-                    unpack_i4(data, pos + 1)[0] == len(items)):
-                value = tuple(items)
+        if data[pos] != SETITEM:  # a scalar starts a tuple: most often a pair
+            op = data[pos]
+            if op == INT:
+                second = unpack_i4(data, pos + 1)[0]
+                pos += 5
+            elif op == STR:
+                size = unpack_size(data, pos + 1)[0]
+                pos += 5 + size
+                second = data[pos - size:pos].decode()
+            else:
+                second = NOTHING
+            if data[pos:pos + 6] == PAIR_END and second is not NOTHING:
+                value = (value, second)
                 pos += 5
                 if depth == 1:
                     depth = 2
-            else:
+            else:  # read again from the start, by the general slot
                 (key, value), pos, inner = _fast_slot(data, start, level + 1, 2, [key], [0])
                 if inner >= depth:
                     depth = inner + 1
