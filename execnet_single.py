@@ -873,10 +873,15 @@ def _fast_list(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
                 pos += 5
                 if depth == 1:
                     depth = 2
-            else:  # read again from the start, by the general slot
-                value, pos, inner = _fast_slot(data, start, level + 1, 1, [], [])
-                if inner >= depth:
-                    depth = inner + 1
+            else:  # read again from the start: a longer tuple, or anything
+                value, pos = _scalar_tuple(
+                    data, pos, [value] if second is NOTHING else [value, second])
+                if value is NOTHING or data[pos] != SETITEM:
+                    value, pos, inner = _fast_slot(data, start, level + 1, 1, [], [])
+                    if inner >= depth:
+                        depth = inner + 1
+                elif depth == 1:
+                    depth = 2
         result[index] = value
         pos += 1
     if depth > MAX_DEPTH:
@@ -932,7 +937,7 @@ def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
                 value, pos, inner = _fast_list(data, pos + 1, level + 1)
             if data[pos] != SETITEM:
                 (key, value), pos, inner = _fast_slot(
-                    data, pos, level + 1, 2, [key, value], [0, inner])
+                    data, pos, level + 1, 2, [key, value], [1 << 10 | inner])
             if inner >= depth:
                 depth = inner + 1
         elif op == FLOAT:
@@ -946,7 +951,7 @@ def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
             value = CONSTANTS[op]
             pos += 1
         else:
-            (key, value), pos, inner = _fast_slot(data, pos, level + 1, 2, [key], [0])
+            (key, value), pos, inner = _fast_slot(data, pos, level + 1, 2, [key], [])
             if inner >= depth:
                 depth = inner + 1
         if data[pos] != SETITEM:  # a scalar starts a tuple: most often a pair
@@ -965,84 +970,119 @@ def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
                 pos += 5
                 if depth == 1:
                     depth = 2
-            else:  # read again from the start, by the general slot
-                (key, value), pos, inner = _fast_slot(data, start, level + 1, 2, [key], [0])
-                if inner >= depth:
-                    depth = inner + 1
+            else:  # read again from the start: a longer tuple, or anything
+                value, pos = _scalar_tuple(
+                    data, pos, [value] if second is NOTHING else [value, second])
+                if value is NOTHING or data[pos] != SETITEM:
+                    (key, value), pos, inner = _fast_slot(data, start, level + 1, 2, [key], [])
+                    if inner >= depth:
+                        depth = inner + 1
+                elif depth == 1:
+                    depth = 2
         result[key] = value
         pos += 1
 
 
-def _fast_slot(data, pos, level, count, items, depths, INT=_OP_INT, STR=_OP_STR,
+def _scalar_tuple(data, pos, items, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
+                  TUPLE=_OP_TUPLE, CONSTANTS=_CONSTANTS, unpack_i4=_unpack_i4,
+                  unpack_size=_SIZE, unpack_double=_DOUBLE.unpack_from):
+    """(tuple, position after it) if pos continues a tuple of ints, strs,
+    floats, None or bools, whose first items are items; else (_NOTHING, pos)."""
+    start = pos
+    while True:
+        op = data[pos]
+        if op == INT:
+            items.append(unpack_i4(data, pos + 1)[0])
+            pos += 5
+        elif op == STR:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            items.append(data[pos - size:pos].decode())
+        elif op == FLOAT:
+            items.append(unpack_double(data, pos + 1)[0])
+            pos += 9
+        elif op in CONSTANTS:
+            items.append(CONSTANTS[op])
+            pos += 1
+        elif op == TUPLE and unpack_i4(data, pos + 1)[0] == len(items):
+            return tuple(items), pos + 5
+        else:
+            return _NOTHING, start
+
+
+def _fast_slot(data, pos, level, count, items, marks, INT=_OP_INT, STR=_OP_STR,
                FLOAT=_OP_FLOAT, DICT=_OP_DICT, LIST=_OP_LIST, BYTES=_OP_BYTES,
                SETITEM=_OP_SETITEM, STOP=_OP_STOP, TUPLE=_OP_TUPLE, SET=_OP_SET,
                FROZENSET=_OP_FROZENSET, COMPLEX=_OP_COMPLEX, BIGINT=_OP_BIGINT,
-               MAX_DEPTH=_MAX_DEPTH):
-    """Run the program from pos on, items and depths (of the items) being on
-    the stack, to the 'P' that ends a list element (count 1) or a dict item
-    (count 2), or to the final 'Q' (count 0).  Returns (the value, or [key,
-    value]; the position of that 'P' or 'Q'; the largest depth in it)."""
+               MAX_DEPTH=_MAX_DEPTH, CONSTANTS=_CONSTANTS, unpack_i4=_unpack_i4,
+               unpack_size=_SIZE, unpack_double=_DOUBLE.unpack_from):
+    """Run the program from pos on, with items on the stack, to the 'P' that
+    ends a list element (count 1) or a dict item (count 2), or to the final
+    'Q' (count 0).  marks holds index << 10 | depth of each container among
+    the items, in order.  Returns (the value, or [key, value]; the position
+    of that 'P' or 'Q'; the largest depth in it)."""
     push = items.append
     while True:
         op = data[pos]
         if op == INT:
-            push(_unpack_i4(data, pos + 1)[0])
-            depths.append(0)
+            push(unpack_i4(data, pos + 1)[0])
             pos += 5
-        elif op == STR or op == BYTES:
-            size = _SIZE(data, pos + 1)[0]
+        elif op == STR:
+            size = unpack_size(data, pos + 1)[0]
             pos += 5 + size
-            push(data[pos - size:pos].decode() if op == STR else data[pos - size:pos])
-            depths.append(0)
+            push(data[pos - size:pos].decode())
         elif op == TUPLE or op == SET or op == FROZENSET:
-            size = _unpack_i4(data, pos + 1)[0]
+            size = unpack_i4(data, pos + 1)[0]
             pos += 5
-            if size < 0 or size > len(items):
+            start = len(items) - size
+            if size < 0 or start < 0:
                 raise _Refuse
-            kind = tuple if op == TUPLE else set if op == SET else frozenset
-            if size:
-                depth = max(depths[-size:]) + 1
-                if depth > MAX_DEPTH:  # before set() and frozenset() hash the items
-                    raise _Refuse
-                value = kind(items[-size:])
-                del items[-size:]
-                del depths[-size:]
-            else:
-                depth = 1
-                value = kind()
+            depth = 1
+            while marks and marks[-1] >= start << 10:  # a container among the items
+                inner = (marks.pop() & 1023) + 1
+                if inner > depth:
+                    depth = inner
+            if depth > MAX_DEPTH:  # before set() and frozenset() hash the items
+                raise _Refuse
+            value = (tuple if op == TUPLE else set if op == SET else frozenset)(items[start:])
+            del items[start:]
+            marks.append(start << 10 | depth)
             push(value)
-            depths.append(depth)
-        elif op in _CONSTANTS:
-            push(_CONSTANTS[op])
-            depths.append(0)
-            pos += 1
         elif op == FLOAT:
-            push(_DOUBLE.unpack_from(data, pos + 1)[0])
-            depths.append(0)
+            push(unpack_double(data, pos + 1)[0])
             pos += 9
+        elif op in CONSTANTS:
+            push(CONSTANTS[op])
+            pos += 1
         elif op == DICT or op == LIST:
             if op == DICT:
                 value, pos, depth = _fast_dict(data, pos + 1, level)
             else:
                 value, pos, depth = _fast_list(data, pos + 1, level)
+            marks.append(len(items) << 10 | depth)
             push(value)
-            depths.append(depth)
         elif op == SETITEM or op == STOP:
             if len(items) != (count or 1) or (op == STOP) != (count == 0):
                 raise _Refuse
-            return (items if count == 2 else items[0]), pos, max(depths)
+            depth = 0
+            for inner in marks:
+                if inner & 1023 > depth:
+                    depth = inner & 1023
+            return (items if count == 2 else items[0]), pos, depth
+        elif op == BYTES:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            push(data[pos - size:pos])
         elif op == COMPLEX:
             real, imag = _COMPLEX.unpack_from(data, pos + 1)
             push(complex(real, imag))
-            depths.append(0)
             pos += 17
         elif op == BIGINT:
-            size = _SIZE(data, pos + 1)[0]
+            size = unpack_size(data, pos + 1)[0]
             if size > _MAX_INT_DIGITS:  # the general loop says why
                 raise _Refuse
             pos += 5 + size
             push(_ascii_to_int(data[pos - size:pos]))
-            depths.append(0)
         else:
             raise _Refuse
 
