@@ -803,9 +803,9 @@ class _Refuse(Exception):
 
 _SIZE = struct.Struct("!I").unpack_from  # huge lengths run past the end: an IndexError
 _OP_I4 = struct.Struct("!Bi").unpack_from  # an opcode and its 4-byte int
-# what can stand where a dict's next key would, once the dict is complete
-_ENDS_DICT = frozenset([_OP_SETITEM, _OP_STOP, _OP_TUPLE, _OP_SET, _OP_FROZENSET,
-                        _OP_DICT, _OP_LIST])
+# Opcodes where a dict's next key would stand that end the dict: it is put
+# into a list or dict, or the data ends; no key is a list or dict.
+_ENDS_DICT = frozenset([_OP_SETITEM, _OP_STOP, _OP_DICT, _OP_LIST])
 
 
 def _fast_list(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
@@ -902,6 +902,7 @@ def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
     result = {}
     depth = 1
     while True:
+        keystart = pos
         op = data[pos]
         if op == STR:
             size = unpack_size(data, pos + 1)[0]
@@ -911,11 +912,13 @@ def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
             key = unpack_i4(data, pos + 1)[0]
             pos += 5
         elif op in ENDS_DICT:
-            if depth > MAX_DEPTH:
-                raise _Refuse
-            return result, pos, depth
+            break
         else:
-            (key, value), pos, inner = _fast_slot(data, pos, level + 1, 2, [], [])
+            found, pos, inner = _fast_slot(data, pos, level + 1, 2, [], [])
+            if found is NOTHING:
+                pos = keystart
+                break
+            key, value = found
             if inner >= depth:
                 depth = inner + 1
             result[key] = value
@@ -951,7 +954,11 @@ def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
             value = CONSTANTS[op]
             pos += 1
         else:
-            (key, value), pos, inner = _fast_slot(data, pos, level + 1, 2, [key], [])
+            found, pos, inner = _fast_slot(data, pos, level + 1, 2, [key], [])
+            if found is NOTHING:
+                pos = keystart
+                break
+            key, value = found
             if inner >= depth:
                 depth = inner + 1
         if data[pos] != SETITEM:  # a scalar starts a tuple: most often a pair
@@ -974,13 +981,20 @@ def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
                 value, pos = _scalar_tuple(
                     data, pos, [value] if second is NOTHING else [value, second])
                 if value is NOTHING or data[pos] != SETITEM:
-                    (key, value), pos, inner = _fast_slot(data, start, level + 1, 2, [key], [])
+                    found, pos, inner = _fast_slot(data, start, level + 1, 2, [key], [])
+                    if found is NOTHING:
+                        pos = keystart
+                        break
+                    key, value = found
                     if inner >= depth:
                         depth = inner + 1
                 elif depth == 1:
                     depth = 2
         result[key] = value
         pos += 1
+    if depth > MAX_DEPTH:
+        raise _Refuse
+    return result, pos, depth
 
 
 def _scalar_tuple(data, pos, items, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
@@ -1022,6 +1036,7 @@ def _fast_slot(data, pos, level, count, items, marks, INT=_OP_INT, STR=_OP_STR,
     the items, in order.  Returns (the value, or [key, value]; the position
     of that 'P' or 'Q'; the largest depth in it)."""
     push = items.append
+    recursed = bool(marks)
     while True:
         op = data[pos]
         if op == INT:
@@ -1036,6 +1051,11 @@ def _fast_slot(data, pos, level, count, items, marks, INT=_OP_INT, STR=_OP_STR,
             pos += 5
             start = len(items) - size
             if size < 0 or start < 0:
+                if count == 2 and start < 0 <= size and not recursed:
+                    # what looked like a dict item is the dict's siblings
+                    # in a tuple (set...), and has no list or dict inside:
+                    # cheap to read again
+                    return _NOTHING, pos, 0
                 raise _Refuse
             depth = 1
             while marks and marks[-1] >= start << 10:  # a container among the items
@@ -1061,6 +1081,7 @@ def _fast_slot(data, pos, level, count, items, marks, INT=_OP_INT, STR=_OP_STR,
                 value, pos, depth = _fast_list(data, pos + 1, level)
             marks.append(len(items) << 10 | depth)
             push(value)
+            recursed = True
         elif op == SETITEM or op == STOP:
             if len(items) != (count or 1) or (op == STOP) != (count == 0):
                 raise _Refuse
