@@ -1333,7 +1333,23 @@ class TestSerializerProperties:
                 fast = execnet._load_fast(data)
             except Exception:
                 return  # refused: the general loop alone decides
-            assert same(fast, execnet._load_general(data, None, False, False))
+            general = execnet._load_general(data, None, False, False)
+        assert self._shape(fast) == self._shape(general)
+
+    @classmethod
+    def _shape(cls, value):
+        """Types and reprs of value, nested; sets sorted.  Unlike same(), not
+        upset by a NaN in a set (two loads make two NaNs, which differ)."""
+        kind = type(value)
+        if kind in (set, frozenset):
+            return kind.__name__, sorted(repr(cls._shape(item)) for item in value)
+        if kind in (list, tuple):
+            return kind.__name__, [cls._shape(item) for item in value]
+        if kind is dict:
+            return "dict", sorted(
+                ((repr(cls._shape(k)), cls._shape(v)) for k, v in value.items()),
+                key=lambda pair: pair[0])
+        return kind.__name__, repr(value)
 
 
 # ============================================================ framing
