@@ -650,17 +650,24 @@ def _read_one_dump(read):
         parts.append(exact(size))
 
 
-# The loader's fast paths: runs of list elements ("F index, value, P") and
-# dict items ("key, value, P") whose values are ints, strings, floats, None,
-# bools, tuples of those (and bytes in lists, lists of simple values in
-# dicts) are stored directly, without the stack.  They stop at the first
-# item they do not handle and return the position of its start; the general
-# loop in _loads carries on from there, so the result is the same.
-#
-# Nesting depth is counted for containers only.  The fast paths store values
-# at most 2 deep; they report the deepest value they stored in nested[0],
-# which the caller resets.  Opcodes are bound as default arguments: local
-# names cost no more than the literal numbers, module globals would.
+# Loading takes two paths.  The fast one reads what dumps() writes, by
+# recursive descent: a call per list or dict, whose loop reads the common
+# items ('F' index or a str key, a scalar or a pair of scalars, 'P') inline.
+# The rest of the format is postfix (a tuple's items come before its '@'),
+# so anything else in an item goes to _fast_slot, a small stack machine for
+# that one item.  Whatever the fast path does not expect (a channel, a
+# legacy opcode, a broken or hostile input, a list index out of order...)
+# raises _Refuse or some other exception, and the general loop in
+# _load_general loads the data again from the start, or says what is wrong.
+# So the fast path only needs to be safe, not to explain errors: it refuses
+# lengths beyond the data, and more than _MAX_DEPTH levels of its own calls
+# (each list, dict and slot is one; this also limits the stack used, even
+# on 3.6-3.10, where each Python call takes C stack) or containers deeper
+# than _MAX_DEPTH.  Depths are counted as the general loop counts them:
+# each list or dict returns the depth of what it holds, the slot keeps
+# marks for the containers among its items.  Opcodes and helpers are bound
+# as default arguments: local names cost no more than the literal numbers,
+# module globals would.
 
 _CONSTANTS = {_OP_NONE: None, _OP_TRUE: True, _OP_FALSE: False}
 
@@ -674,158 +681,363 @@ def _chunk_at(data, pos, end):
     return data[pos + 4:stop], stop
 
 
-def _fill_list(container, data, pos, end, fast_str, nested, INT=_OP_INT, STR=_OP_STR,
-               BYTES=_OP_BYTES, FLOAT=_OP_FLOAT, SETITEM=_OP_SETITEM):
-    while data[pos] == INT:
-        key = _unpack_i4(data, pos + 1)[0]
-        start = pos + 5
-        vop = data[start]
-        if vop == INT:
-            value = _unpack_i4(data, start + 1)[0]
-            stop = start + 5
-        elif (vop == STR and fast_str) or vop == BYTES:
-            size = _unpack_i4(data, start + 1)[0]
-            stop = start + 5 + size
-            if size < 0 or stop >= end:
-                break
-            value = data[start + 5:stop]
-            if vop == STR:
-                value = value.decode("utf-8")
-        elif vop == FLOAT:
-            value = _DOUBLE.unpack_from(data, start + 1)[0]
-            stop = start + 9
-        elif vop in _CONSTANTS:
-            value = _CONSTANTS[vop]
-            stop = start + 1
+_NOTHING = object()
+
+
+class _Refuse(Exception):
+    """Internal: the fast loader leaves this input to the general loop."""
+
+
+_SIZE = struct.Struct("!I").unpack_from  # huge lengths run past the end: an IndexError
+_OP_I4 = struct.Struct("!Bi").unpack_from  # an opcode and its 4-byte int
+_PAIR_END = b"@\x00\x00\x00\x02P"  # a tuple of the last 2 items, stored
+# Opcodes where a dict's next key would stand that end the dict: it is put
+# into a list or dict, or the data ends; no key is a list or dict.
+_ENDS_DICT = frozenset([_OP_SETITEM, _OP_STOP, _OP_DICT, _OP_LIST])
+
+
+def _fast_list(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
+               DICT=_OP_DICT, LIST=_OP_LIST, BYTES=_OP_BYTES, SETITEM=_OP_SETITEM,
+               TUPLE=_OP_TUPLE, MAX_DEPTH=_MAX_DEPTH, CONSTANTS=_CONSTANTS,
+               op_i4=_OP_I4, unpack_i4=_unpack_i4, unpack_size=_SIZE,
+               unpack_double=_DOUBLE.unpack_from, NOTHING=_NOTHING, PAIR_END=_PAIR_END):
+    """The list whose 'K' is just before pos: (list, position after it, depth)."""
+    size = unpack_i4(data, pos)[0]
+    pos += 4
+    # every element costs at least 7 bytes ('F' index, value, 'P')
+    if size < 0 or size * 7 > len(data) - pos or level > MAX_DEPTH:
+        raise _Refuse
+    result = [None] * size
+    depth = 1
+    for _ in range(size):
+        op, index = op_i4(data, pos)
+        if op != INT:
+            raise _Refuse
+        start = pos = pos + 5
+        op = data[pos]
+        if op == INT:
+            value = unpack_i4(data, pos + 1)[0]
+            pos += 5
+        elif op == STR:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            value = data[pos - size:pos].decode()
+        elif op == DICT or op == LIST:
+            if op == DICT:
+                value, pos, inner = _fast_dict(data, pos + 1, level + 1)
+            else:
+                value, pos, inner = _fast_list(data, pos + 1, level + 1)
+            if data[pos] != SETITEM:  # the first item of a tuple, set...
+                value, pos, inner = _fast_slot(data, pos, level + 1, 1, [value], [inner])
+            if inner >= depth:
+                depth = inner + 1
+        elif op == FLOAT:
+            value = unpack_double(data, pos + 1)[0]
+            pos += 9
+        elif op == BYTES:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            value = data[pos - size:pos]
+        elif op in CONSTANTS:
+            value = CONSTANTS[op]
+            pos += 1
         else:
-            break
-        if data[stop] != SETITEM:
-            found = _tuple_at(data, start, end) if fast_str else None
-            if found is None:
-                break
-            value, stop = found
-            if data[stop] != SETITEM:
-                break
-            nested[0] = 1
-        container[key] = value
-        pos = stop + 1
-    return pos
+            value, pos, inner = _fast_slot(data, pos, level + 1, 1, [], [])
+            if inner >= depth:
+                depth = inner + 1
+        if data[pos] != SETITEM:  # a scalar starts a tuple: most often a pair
+            op = data[pos]
+            if op == INT:
+                second = unpack_i4(data, pos + 1)[0]
+                pos += 5
+            elif op == STR:
+                size = unpack_size(data, pos + 1)[0]
+                pos += 5 + size
+                second = data[pos - size:pos].decode()
+            else:
+                second = NOTHING
+            if data[pos:pos + 6] == PAIR_END and second is not NOTHING:
+                value = (value, second)
+                pos += 5
+                if depth == 1:
+                    depth = 2
+            else:  # read again from the start: a longer tuple, or anything
+                value, pos = _scalar_tuple(
+                    data, pos, [value] if second is NOTHING else [value, second])
+                if value is NOTHING or data[pos] != SETITEM:
+                    value, pos, inner = _fast_slot(data, start, level + 1, 1, [], [])
+                    if inner >= depth:
+                        depth = inner + 1
+                elif depth == 1:
+                    depth = 2
+        result[index] = value
+        pos += 1
+    if depth > MAX_DEPTH:
+        raise _Refuse
+    return result, pos, depth
 
 
-def _fill_dict(container, data, pos, end, nested, INT=_OP_INT, STR=_OP_STR,
-               FLOAT=_OP_FLOAT, LIST=_OP_LIST, SETITEM=_OP_SETITEM):
-    # The value cases repeat _fill_list's on purpose: a shared function
+def _fast_dict(data, pos, level, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
+               DICT=_OP_DICT, LIST=_OP_LIST, BYTES=_OP_BYTES, SETITEM=_OP_SETITEM,
+               TUPLE=_OP_TUPLE, MAX_DEPTH=_MAX_DEPTH, CONSTANTS=_CONSTANTS,
+               ENDS_DICT=_ENDS_DICT, unpack_i4=_unpack_i4, unpack_size=_SIZE,
+               unpack_double=_DOUBLE.unpack_from, NOTHING=_NOTHING, PAIR_END=_PAIR_END):
+    """The dict whose 'J' is just before pos: (dict, position after it, depth)."""
+    # The value cases repeat _fast_list's on purpose: a shared function
     # would cost a call per item on the loader's hottest path.
-    deepest = 0  # the deepest value stored, reported in nested[0]
+    if level > MAX_DEPTH:
+        raise _Refuse
+    result = {}
+    depth = 1
     while True:
-        kop = data[pos]
-        if kop == STR:
-            size = _unpack_i4(data, pos + 1)[0]
-            stop = pos + 5 + size
-            if size < 0 or stop >= end:
-                break
-            key = data[pos + 5:stop].decode("utf-8")
-        elif kop == INT:
-            key = _unpack_i4(data, pos + 1)[0]
-            stop = pos + 5
-        else:
+        keystart = pos
+        op = data[pos]
+        if op == STR:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            key = data[pos - size:pos].decode()
+        elif op == INT:
+            key = unpack_i4(data, pos + 1)[0]
+            pos += 5
+        elif op in ENDS_DICT:
             break
-        vop = data[stop]
-        value_start = stop
-        if vop == INT:
-            value = _unpack_i4(data, stop + 1)[0]
-            stop += 5
-        elif vop == STR:
-            size = _unpack_i4(data, stop + 1)[0]
-            if size < 0 or stop + 5 + size >= end:
-                break
-            value = data[stop + 5:stop + 5 + size].decode("utf-8")
-            stop += 5 + size
-        elif vop == FLOAT:
-            value = _DOUBLE.unpack_from(data, stop + 1)[0]
-            stop += 9
-        elif vop in _CONSTANTS:
-            value = _CONSTANTS[vop]
-            stop += 1
-        elif vop == LIST:  # a list of simple values, filled here too
-            size = _unpack_i4(data, stop + 1)[0]
-            if size < 0 or size * 7 > end - stop:
-                break
-            value = [None] * size
-            stop = _fill_list(value, data, stop + 5, end, True, nested)
-            # The list is 1 deep, 2 if it holds tuples.  If it holds more
-            # than simple values, the general loop starts again at this
-            # item's key and stores a list at least as deep.
-            if nested[0]:
-                nested[0] = 0
-                deepest = 2
-            elif not deepest:
-                deepest = 1
         else:
-            break
-        if data[stop] != SETITEM:
-            # maybe a tuple of simple values: its items come before the '@'
-            found = _tuple_at(data, value_start, end)
-            if found is None:
+            found, pos, inner = _fast_slot(data, pos, level + 1, 2, [], [])
+            if found is NOTHING:
+                pos = keystart
                 break
-            value, stop = found
-            if data[stop] != SETITEM:
+            key, value = found
+            if inner >= depth:
+                depth = inner + 1
+            result[key] = value
+            pos += 1
+            continue
+        start = pos
+        op = data[pos]
+        if op == INT:
+            value = unpack_i4(data, pos + 1)[0]
+            pos += 5
+        elif op == STR:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            value = data[pos - size:pos].decode()
+        elif op == DICT or op == LIST:
+            if op == DICT:
+                value, pos, inner = _fast_dict(data, pos + 1, level + 1)
+            else:
+                value, pos, inner = _fast_list(data, pos + 1, level + 1)
+            if data[pos] != SETITEM:
+                (key, value), pos, inner = _fast_slot(
+                    data, pos, level + 1, 2, [key, value], [1 << 10 | inner])
+            if inner >= depth:
+                depth = inner + 1
+        elif op == FLOAT:
+            value = unpack_double(data, pos + 1)[0]
+            pos += 9
+        elif op == BYTES:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            value = data[pos - size:pos]
+        elif op in CONSTANTS:
+            value = CONSTANTS[op]
+            pos += 1
+        else:
+            found, pos, inner = _fast_slot(data, pos, level + 1, 2, [key], [])
+            if found is NOTHING:
+                pos = keystart
                 break
-            if not deepest:
-                deepest = 1
-        container[key] = value
-        pos = stop + 1
-    nested[0] = deepest
-    return pos
+            key, value = found
+            if inner >= depth:
+                depth = inner + 1
+        if data[pos] != SETITEM:  # a scalar starts a tuple: most often a pair
+            op = data[pos]
+            if op == INT:
+                second = unpack_i4(data, pos + 1)[0]
+                pos += 5
+            elif op == STR:
+                size = unpack_size(data, pos + 1)[0]
+                pos += 5 + size
+                second = data[pos - size:pos].decode()
+            else:
+                second = NOTHING
+            if data[pos:pos + 6] == PAIR_END and second is not NOTHING:
+                value = (value, second)
+                pos += 5
+                if depth == 1:
+                    depth = 2
+            else:  # read again from the start: a longer tuple, or anything
+                value, pos = _scalar_tuple(
+                    data, pos, [value] if second is NOTHING else [value, second])
+                if value is NOTHING or data[pos] != SETITEM:
+                    found, pos, inner = _fast_slot(data, start, level + 1, 2, [key], [])
+                    if found is NOTHING:
+                        pos = keystart
+                        break
+                    key, value = found
+                    if inner >= depth:
+                        depth = inner + 1
+                elif depth == 1:
+                    depth = 2
+        result[key] = value
+        pos += 1
+    if depth > MAX_DEPTH:
+        raise _Refuse
+    return result, pos, depth
 
 
-def _tuple_at(data, pos, end, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT, TUPLE=_OP_TUPLE):
-    """(tuple, position after it) if a tuple of ints, strs, floats, None or
-    bools starts at pos; else None."""
-    items = []
+def _scalar_tuple(data, pos, items, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
+                  TUPLE=_OP_TUPLE, CONSTANTS=_CONSTANTS, unpack_i4=_unpack_i4,
+                  unpack_size=_SIZE, unpack_double=_DOUBLE.unpack_from):
+    """(tuple, position after it) if pos continues a tuple of ints, strs,
+    floats, None or bools, whose first items are items; else (_NOTHING, pos)."""
+    start = pos
     while True:
         op = data[pos]
         if op == INT:
-            items.append(_unpack_i4(data, pos + 1)[0])
+            items.append(unpack_i4(data, pos + 1)[0])
             pos += 5
         elif op == STR:
-            size = _unpack_i4(data, pos + 1)[0]
-            stop = pos + 5 + size
-            if size < 0 or stop >= end:
-                return None
-            items.append(data[pos + 5:stop].decode("utf-8"))
-            pos = stop
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            items.append(data[pos - size:pos].decode())
         elif op == FLOAT:
-            items.append(_DOUBLE.unpack_from(data, pos + 1)[0])
+            items.append(unpack_double(data, pos + 1)[0])
             pos += 9
-        elif op in _CONSTANTS:
-            items.append(_CONSTANTS[op])
+        elif op in CONSTANTS:
+            items.append(CONSTANTS[op])
             pos += 1
-        elif op == TUPLE and _unpack_i4(data, pos + 1)[0] == len(items):
+        elif op == TUPLE and unpack_i4(data, pos + 1)[0] == len(items):
             return tuple(items), pos + 5
         else:
-            return None
+            return _NOTHING, start
 
 
-def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=False,
-           INT=_OP_INT, INT_LEGACY=_OP_INT_LEGACY, SETITEM=_OP_SETITEM, STR=_OP_STR,
-           BYTES=_OP_BYTES, FLOAT=_OP_FLOAT, TUPLE=_OP_TUPLE, SET=_OP_SET,
-           FROZENSET=_OP_FROZENSET, LIST=_OP_LIST, DICT=_OP_DICT, BIGINT=_OP_BIGINT,
-           BIGINT_LEGACY=_OP_BIGINT_LEGACY, PY2STR=_OP_PY2STR, PY2UNICODE=_OP_PY2UNICODE,
-           COMPLEX=_OP_COMPLEX, CHANNEL=_OP_CHANNEL, STOP=_OP_STOP, MAX_DEPTH=_MAX_DEPTH):
-    """Load one value from data; channels are made with channel_factory(id)."""
+def _fast_slot(data, pos, level, count, items, marks, INT=_OP_INT, STR=_OP_STR,
+               FLOAT=_OP_FLOAT, DICT=_OP_DICT, LIST=_OP_LIST, BYTES=_OP_BYTES,
+               SETITEM=_OP_SETITEM, STOP=_OP_STOP, TUPLE=_OP_TUPLE, SET=_OP_SET,
+               FROZENSET=_OP_FROZENSET, COMPLEX=_OP_COMPLEX, BIGINT=_OP_BIGINT,
+               MAX_DEPTH=_MAX_DEPTH, CONSTANTS=_CONSTANTS, unpack_i4=_unpack_i4,
+               unpack_size=_SIZE, unpack_double=_DOUBLE.unpack_from):
+    """Run the program from pos on, with items on the stack, to the 'P' that
+    ends a list element (count 1) or a dict item (count 2), or to the final
+    'Q' (count 0).  marks holds index << 10 | depth of each container among
+    the items, in order.  Returns (the value, or [key, value]; the position
+    of that 'P' or 'Q'; the largest depth in it)."""
+    push = items.append
+    recursed = bool(marks)
+    while True:
+        op = data[pos]
+        if op == INT:
+            push(unpack_i4(data, pos + 1)[0])
+            pos += 5
+        elif op == STR:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            push(data[pos - size:pos].decode())
+        elif op == TUPLE or op == SET or op == FROZENSET:
+            size = unpack_i4(data, pos + 1)[0]
+            pos += 5
+            start = len(items) - size
+            if size < 0 or start < 0:
+                if count == 2 and start < 0 <= size and not recursed:
+                    # what looked like a dict item is the dict's siblings
+                    # in a tuple (set...), and has no list or dict inside:
+                    # cheap to read again
+                    return _NOTHING, pos, 0
+                raise _Refuse
+            depth = 1
+            while marks and marks[-1] >= start << 10:  # a container among the items
+                inner = (marks.pop() & 1023) + 1
+                if inner > depth:
+                    depth = inner
+            if depth > MAX_DEPTH:  # before set() and frozenset() hash the items
+                raise _Refuse
+            value = (tuple if op == TUPLE else set if op == SET else frozenset)(items[start:])
+            del items[start:]
+            marks.append(start << 10 | depth)
+            push(value)
+        elif op == FLOAT:
+            push(unpack_double(data, pos + 1)[0])
+            pos += 9
+        elif op in CONSTANTS:
+            push(CONSTANTS[op])
+            pos += 1
+        elif op == DICT or op == LIST:
+            if op == DICT:
+                value, pos, depth = _fast_dict(data, pos + 1, level + 1)
+            else:
+                value, pos, depth = _fast_list(data, pos + 1, level + 1)
+            marks.append(len(items) << 10 | depth)
+            push(value)
+            recursed = True
+        elif op == SETITEM or op == STOP:
+            if len(items) != (count or 1) or (op == STOP) != (count == 0):
+                raise _Refuse
+            depth = 0
+            for inner in marks:
+                if inner & 1023 > depth:
+                    depth = inner & 1023
+            return (items if count == 2 else items[0]), pos, depth
+        elif op == BYTES:
+            size = unpack_size(data, pos + 1)[0]
+            pos += 5 + size
+            push(data[pos - size:pos])
+        elif op == COMPLEX:
+            real, imag = _COMPLEX.unpack_from(data, pos + 1)
+            push(complex(real, imag))
+            pos += 17
+        elif op == BIGINT:
+            size = unpack_size(data, pos + 1)[0]
+            if size > _MAX_INT_DIGITS:  # the general loop says why
+                raise _Refuse
+            pos += 5 + size
+            push(_ascii_to_int(data[pos - size:pos]))
+        else:
+            raise _Refuse
+
+
+def _load_fast(data):
+    """The value in data (bytes, version byte checked) if it has the shape
+    dumps() gives; else an exception (_Refuse, IndexError...)."""
+    value, pos, depth = _fast_slot(data, 1, 0, 0, [], [])
+    if pos + 1 != len(data):
+        raise _Refuse
+    return value
+
+
+def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=False):
+    """Load one value from data; channels are made with channel_factory(id),
+    which must give the same channel for the same id (the fast path may have
+    made one before it refused)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError("loads() needs bytes, not %s" % type(data).__name__)
     data = bytes(data)
     if data[:1] != _DUMPFORMAT_VERSION:
         raise LoadError("not serialized data: version byte is %r, expected %r" % (
             data[:1], _DUMPFORMAT_VERSION))
+    if not py3str_as_py2str:  # the fast path makes str of 'N'
+        try:
+            return _load_fast(data)
+        except Exception:
+            pass  # the general loop loads it, or says what is wrong
+    return _load_general(data, channel_factory, py2str_as_py3str, py3str_as_py2str)
+
+
+def _load_general(data, channel_factory, py2str_as_py3str, py3str_as_py2str,
+                  INT=_OP_INT, INT_LEGACY=_OP_INT_LEGACY, SETITEM=_OP_SETITEM,
+                  STR=_OP_STR, BYTES=_OP_BYTES, FLOAT=_OP_FLOAT, TUPLE=_OP_TUPLE,
+                  SET=_OP_SET, FROZENSET=_OP_FROZENSET, LIST=_OP_LIST, DICT=_OP_DICT,
+                  BIGINT=_OP_BIGINT, BIGINT_LEGACY=_OP_BIGINT_LEGACY, PY2STR=_OP_PY2STR,
+                  PY2UNICODE=_OP_PY2UNICODE, COMPLEX=_OP_COMPLEX, CHANNEL=_OP_CHANNEL,
+                  STOP=_OP_STOP, MAX_DEPTH=_MAX_DEPTH):
+    """The stack machine for any data (bytes, version byte checked): loads
+    what the fast path refused, or raises LoadError saying what is wrong."""
     end = len(data)
     pos = 1
     stack = []
     push = stack.append
     pop = stack.pop
-    fast_str = not py3str_as_py2str
+    make_str = not py3str_as_py2str
     # One entry per container on the stack, in stack order: its position
     # << 10 | its depth so far (_MAX_DEPTH < 1024), above a sentinel.  A
     # container on the stack is in no other container yet, and leaves the
@@ -833,7 +1045,6 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
     # that replaces an item keeps the old item's depth: an overestimate
     # that only hostile input can cause.
     marks = [-1]
-    nested = None  # made by the first list or dict: [depth inside it]
     try:
         while True:
             op = data[pos]
@@ -865,7 +1076,7 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                     raise LoadError("length %d at byte %d exceeds the data" % (size, pos - 4))
                 chunk = data[pos:pos + size]
                 pos += size
-                push(chunk.decode("utf-8") if op == STR and fast_str else chunk)
+                push(chunk.decode("utf-8") if op == STR and make_str else chunk)
             elif op in _CONSTANTS:  # 'L', 'R', 'C'
                 push(_CONSTANTS[op])
             elif op == FLOAT:
@@ -904,26 +1115,11 @@ def _loads(data, channel_factory=None, py2str_as_py3str=False, py3str_as_py2str=
                 # every element costs at least 7 bytes ('F' index, value, 'P')
                 if size < 0 or size * 7 > end - pos:
                     raise LoadError("list length %d at byte %d exceeds the data" % (size, pos - 4))
-                container = [None] * size
                 marks.append(len(stack) << 10 | 1)
-                push(container)
-                if nested is None:
-                    nested = [0]
-                pos = _fill_list(container, data, pos, end, fast_str, nested)
-                if nested[0]:  # at most 1: no need to check the depth
-                    marks[-1] += nested[0]
-                    nested[0] = 0
+                push([None] * size)
             elif op == DICT:
-                container = {}
                 marks.append(len(stack) << 10 | 1)
-                push(container)
-                if fast_str:
-                    if nested is None:
-                        nested = [0]
-                    pos = _fill_dict(container, data, pos, end, nested)
-                    if nested[0]:  # at most 2: no need to check the depth
-                        marks[-1] += nested[0]
-                        nested[0] = 0
+                push({})
             elif op == BIGINT or op == BIGINT_LEGACY or op == PY2STR or op == PY2UNICODE:
                 chunk, pos = _chunk_at(data, pos, end)
                 if op == BIGINT or op == BIGINT_LEGACY:

@@ -1072,6 +1072,120 @@ class TestSerializer:
             proc.stdout, proc.stderr.decode("utf-8", "replace")[-2000:])
 
     @single_only
+    def test_two_calls_a_level_are_safe_in_a_thread_with_a_small_stack(self):
+        """Shapes where the fast path takes two calls for one level (a dict
+        item or list element that it reads with its slot machine: a float
+        key, a pair holding a list): 200 levels load in a thread with a 256
+        KiB stack on 3.6-3.10 too, where Python calls use C stack, and one
+        level more is a LoadError.  In a subprocess: an overflow is a crash."""
+        def i4(n):
+            return struct.pack("!i", n)
+
+        def float_keys(depth):  # {1.5: {1.5: ... 1 ...}}
+            return (b"\x02" + (b"JD" + struct.pack("!d", 1.5)) * depth + b"F" + i4(1)
+                    + b"P" * depth + b"Q")
+
+        def pairs(depth):  # [(1, [(1, ... 1 ...)])], two levels a round
+            rounds = depth // 2
+            return (b"\x02" + (b"K" + i4(1) + b"F" + i4(0) + b"F" + i4(1)) * rounds
+                    + b"F" + i4(1) + (b"@" + i4(2) + b"P") * rounds + b"Q")
+
+        limit = execnet._MAX_DEPTH
+        blobs = b""
+        for make in (float_keys, pairs):
+            at_limit = make(limit)
+            value = execnet.loads(at_limit)
+            assert execnet.dumps(value) == at_limit
+            for data in (at_limit, make(limit + 2)):
+                blobs += i4(len(data)) + data
+        source = IMPORT_LINE + textwrap.dedent(
+            """
+            import struct, threading
+            blobs = sys.stdin.buffer.read()
+            datas, pos = [], 0
+            while pos < len(blobs):
+                size = struct.unpack("!i", blobs[pos:pos + 4])[0]
+                datas.append(blobs[pos + 4:pos + 4 + size])
+                pos += 4 + size
+            results = []
+
+            def run():
+                for at_limit, beyond in zip(datas[::2], datas[1::2]):
+                    value = execnet.loads(at_limit)
+                    assert execnet.dumps(value) == at_limit
+                    try:
+                        execnet.loads(beyond)
+                    except execnet.LoadError:
+                        results.append("ok")
+                    else:
+                        results.append("loaded beyond the limit")
+
+            threading.stack_size(256 * 1024)
+            thread = threading.Thread(target=run)
+            thread.start()
+            thread.join(60)
+            print(" ".join(results))
+            """
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", source], input=blobs,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")[-2000:]
+        assert proc.stdout.split() == [b"ok", b"ok"], (
+            proc.stdout, proc.stderr.decode("utf-8", "replace")[-2000:])
+
+    @single_only
+    @pytest.mark.parametrize(
+        "value",
+        [
+            ({"a": 1}, "x"),
+            ({"a": 1}, 1, 2.5),
+            ({1: 2}, ("x", "y"), {3}),
+            ({"a": 1}, {"b": (2, "c")}, 3),
+            {"k": ({"a": 1}, "x")},
+            {frozenset(): None, (): 1, (1, "a"): {2: [3, (4, 5, 6)]}},
+            [(1, "x", 1.5), (1, None), (None, 1), (2 ** 40, 1), ([1], 2)],
+            [b"b", -1, 1.5, None, True, False, complex(1, 2), {1.5: 2}, set(), [[]]],
+        ],
+        ids=repr,
+    )
+    def test_fast_path_reads_every_dump(self, value):
+        """What dumps() writes loads by the fast path, without the general
+        loop: the samples, the benchmark's value, and shapes that are easy
+        to misread when reading postfix code forwards."""
+        for item in (value, SAMPLES, BENCH_VALUE):
+            assert same(execnet._load_fast(execnet.dumps(item)), item)
+
+    @single_only
+    @pytest.mark.parametrize(
+        "data, expected",
+        [
+            # list elements out of order are stored by index
+            (b"\x02K\x00\x00\x00\x02F\x00\x00\x00\x01N\x00\x00\x00\x01bP"
+             b"F\x00\x00\x00\x00N\x00\x00\x00\x01aPQ", ["a", "b"]),
+            # an element stored twice; the list's other place stays None
+            (b"\x02K\x00\x00\x00\x02F\x00\x00\x00\x00LPF\x00\x00\x00\x00RPQ",
+             [True, None]),
+            # a dict, then a scalar, then a list in a tuple: the fast path
+            # would have to read the list again, so it refuses
+            (b"\x02JLK\x00\x00\x00\x00@\x00\x00\x00\x03Q", ({}, None, [])),
+            # legacy opcodes
+            (b"\x02G\x00\x00\x00\x05I\x00\x00\x00\x0212@\x00\x00\x00\x02Q", (5, 12)),
+        ],
+    )
+    def test_fast_path_and_general_loop_agree(self, data, expected):
+        """Data that dumps() does not write is loaded as the stack machine
+        runs it, whichever path loads it."""
+        assert same(execnet.loads(data), expected)
+        assert same(execnet._load_general(data, None, False, False), expected)
+        try:
+            fast = execnet._load_fast(data)
+        except Exception:
+            return
+        assert same(fast, expected)
+
+    @single_only
     @pytest.mark.parametrize("sign", ["", "-", "+"])
     @pytest.mark.parametrize("opcode", [b"H", b"I"])
     def test_int_digit_limit(self, sign, opcode):
@@ -1204,6 +1318,38 @@ class TestSerializerProperties:
                 execnet.loads(data)
             except execnet.LoadError:
                 pass
+
+    @single_only
+    @FUZZ
+    @given(_values(), MUTATIONS)
+    def test_fast_path_agrees_with_the_general_loop(self, value, ops):
+        """On broken data too: what the fast path loads, the stack machine
+        loads the same (it does not raise LoadError, for depth either)."""
+        data = _mutate(execnet.dumps(value), ops)
+        if data[:1] != b"\x02":
+            return
+        with time_limit(10), memory_limit():
+            try:
+                fast = execnet._load_fast(data)
+            except Exception:
+                return  # refused: the general loop alone decides
+            general = execnet._load_general(data, None, False, False)
+        assert self._shape(fast) == self._shape(general)
+
+    @classmethod
+    def _shape(cls, value):
+        """Types and reprs of value, nested; sets sorted.  Unlike same(), not
+        upset by a NaN in a set (two loads make two NaNs, which differ)."""
+        kind = type(value)
+        if kind in (set, frozenset):
+            return kind.__name__, sorted(repr(cls._shape(item)) for item in value)
+        if kind in (list, tuple):
+            return kind.__name__, [cls._shape(item) for item in value]
+        if kind is dict:
+            return "dict", sorted(
+                ((repr(cls._shape(k)), cls._shape(v)) for k, v in value.items()),
+                key=lambda pair: pair[0])
+        return kind.__name__, repr(value)
 
 
 # ============================================================ framing
