@@ -3806,14 +3806,21 @@ def _install_server(proxy, spec):
 # applied by _remote_main, as for popen.
 #
 # Gateways of one Group to the same ssh destination share one connection
-# (OpenSSH multiplexing): the first starts a master, `ssh -M`, whose control
-# socket lives in a private 0700 directory made on first use and removed at
-# exit; each gateway's ssh is a client of that socket, so N gateways cost one
-# TCP connection and one authentication.  The master's own session is
-# `cat >/dev/null` reading a pipe from us, so it ends when we close that pipe
-# (the master's last gateway ends, Group.terminate, the exit handler) and
-# also when this process dies: no master outlives us.  Inside a via= proxy
-# (no group) each ssh connects on its own.
+# (OpenSSH multiplexing), set up by the first gateway's own ssh: with
+# ControlMaster=yes and ControlPersist it connects, authenticates, opens the
+# control socket (in a private 0700 directory made on first use, removed at
+# exit), forks the master into the background and goes on as the master's
+# first client.  So the first gateway pays nothing for the sharing (no
+# connection or remote session of the master's own, no waiting for it: a
+# gateway alone starts as fast as a plain ssh), and the others wait only
+# until the socket appears, then attach to it: N gateways cost one TCP
+# connection and one authentication.  The master is no child of ours: we
+# ask it to end on its socket (the multiplexing protocol's terminate
+# request) when its last gateway closes and at Group.terminate and exit.
+# Should this process die first, its gateways' sessions end with their
+# stdin and the master follows _SSH_PERSIST seconds after the last one, so
+# no master outlives us for long.  Inside a via= proxy (no group) each ssh
+# connects on its own.
 #
 # Dead links: the ssh that holds the connection sends a keepalive every
 # _SSH_ALIVE_INTERVAL seconds and gives up after _SSH_ALIVE_COUNT unanswered
@@ -3822,6 +3829,7 @@ def _install_server(proxy, spec):
 _SSH_ALIVE_INTERVAL = 5     # seconds: a cut link is noticed in 15-20 seconds
 _SSH_ALIVE_COUNT = 3
 _SSH_CONNECT_TIMEOUT = 10   # seconds for TCP connect and banner
+_SSH_PERSIST = 1            # seconds a master outlives its last session unasked
 _ssh_state = {"dir": None, "masters": 0}
 _ssh_lock = threading.Lock()
 
@@ -3912,142 +3920,118 @@ def _remove_ssh_control_dir():
 
 
 class _SshMaster:
-    """One shared, authenticated ssh connection; gateways attach to it."""
+    """A shared ssh connection of a group: its control socket and its users.
 
-    def __init__(self, key):
+    Made by the first gateway to the destination, whose ssh starts the
+    master; settled is set once the socket is there or that start ended
+    (error: its failure of ssh itself, which the waiting gateways share).
+    """
+
+    def __init__(self, masters, key, path):
+        self.masters = masters   # the group's registry, which this one leaves last
         self.key = key
+        self.path = path
         self.users = 0
-        self.popen = None
-        self.error = None   # why the last start failed, for those who waited on it
-        self.lock = threading.Lock()   # held while the master starts
+        self.error = None
+        self.settled = threading.Event()
 
-    def start(self, spec, destination, options):
-        """Start the master and wait until its control socket is up."""
-        import subprocess
+    def first_options(self):
+        """The first gateway's ssh becomes the master (and its first client)."""
+        _daemon(self._watch, (), "execnet_single-ssh-master")
+        return ["-o", "ControlMaster=yes", "-o", "ControlPersist=%d" % _SSH_PERSIST,
+                "-o", "ControlPath=" + self.path]
+
+    def _watch(self):
         import time
 
-        directory = _ssh_control_dir()
-        with _ssh_lock:
-            _ssh_state["masters"] += 1
-            name = "m%d" % _ssh_state["masters"]
-        self.path = os.path.join(directory, name)
-        self.log = self.path + ".log"
-        args = (["ssh"] + destination + options
-                + ["-o", "ControlMaster=yes", "-o", "ControlPersist=no",
-                   "-o", "ControlPath=" + self.path, "cat >/dev/null"])
-        try:
-            with open(self.log, "wb") as err:
-                self.popen = subprocess.Popen(args, stdin=subprocess.PIPE,
-                                              stdout=subprocess.DEVNULL, stderr=err,
-                                              start_new_session=True)
-        except OSError as exc:
-            raise SshError(_Text.SSH_FAILED % (spec.id, spec.ssh, None, exc))
+        while not self.settled.is_set() and not os.path.exists(self.path):
+            time.sleep(0.002)
+        self.settled.set()
+
+    def client_options(self, spec):
+        """Wait for the master, then the options that attach a gateway's ssh to it."""
         timeout = float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT)
-        deadline = time.time() + timeout
-        while not os.path.exists(self.path):
-            status = self.popen.poll()
-            if status is not None or time.time() > deadline:
-                output = self.stderr
-                self.close()
-                if status is None:
-                    self.error = SshError(
-                        _Text.NO_ANSWER % ("ssh " + spec.ssh, spec.id, timeout), output)
-                else:
-                    self.error = _ssh_error(spec, status, output)
-                raise self.error
-            time.sleep(0.005)
-        try:   # only a failed start reads it; ssh keeps its open file
-            os.unlink(self.log)
-        except OSError:
-            pass
+        if not self.settled.wait(timeout):
+            raise SshError(_Text.NO_ANSWER % ("ssh " + spec.ssh, spec.id, timeout))
+        if os.path.exists(self.path):
+            return ["-o", "ControlMaster=no", "-o", "ControlPath=" + self.path]
+        error = self.error
+        if error is not None:
+            raise type(error)(error.message, error.output)
+        # the first gateway's ssh made no socket (the user's own -o said no)
+        return ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
 
-    @property
-    def stderr(self):
-        try:
-            with open(self.log, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def alive(self):
-        return self.popen is not None and self.popen.poll() is None
+    def usable(self):
+        """False once the master has gone (its socket with it): start another."""
+        return not self.settled.is_set() or os.path.exists(self.path)
 
     def release(self):
-        """A gateway is done with the master; the last one closes it."""
+        """A gateway is done with the master; the last one ends it."""
         with _ssh_lock:
             self.users -= 1
             last = self.users <= 0
+            if last and self.masters.get(self.key) is self:
+                del self.masters[self.key]
         if last:
-            self.close()
+            self.end()
+            self.wait_gone(1.0)
 
-    def end_session(self):
-        """Close the master's stdin: its session ends, then the master."""
-        popen = self.popen   # (close() may clear it meanwhile)
-        if popen is not None:
-            try:
-                popen.stdin.close()
-            except OSError:
-                pass
+    def end(self):
+        """Ask the master to end now, through its socket: OpenSSH's
+        multiplexing protocol (PROTOCOL.mux), each packet a 4-byte length
+        and a body; after both sides' hello (type 1, version 4) a terminate
+        request (type 0x10000005, request id), answered before it ends."""
+        import socket
 
-    def close(self):
-        """End the master's session and wait; kill it if it lingers (a cut link)."""
-        import signal
-        import subprocess
-
-        self.end_session()
-        popen, self.popen = self.popen, None
-        if popen is None:
+        if not os.path.exists(self.path):
             return
         try:
-            popen.wait(2.0)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(popen.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            popen.wait()
-        for path in (self.path, self.log):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(2.0)
+                sock.connect(self.path)
+                sock.sendall(struct.pack("!III", 8, 1, 4) + struct.pack("!III", 8, 0x10000005, 1))
+                answer = b""
+                while len(answer) < 24:   # its hello, then its answer
+                    data = sock.recv(64)
+                    if not data:
+                        break
+                    answer += data
+        except OSError:
+            pass   # gone already, or stuck: it ends _SSH_PERSIST s after its sessions
+
+    def wait_gone(self, timeout):
+        """Wait until the master has removed its socket (it does so as it exits)."""
+        import time
+
+        deadline = time.time() + timeout
+        while os.path.exists(self.path) and time.time() < deadline:
+            time.sleep(0.002)
 
 
-def _ssh_master(group, spec, destination, options):
-    """The running master of group for this destination (started if needed)."""
+def _ssh_master(group, destination, options):
+    """(the master of group for this destination, whether we are its first gateway)."""
     key = tuple(destination + options)
+    directory = _ssh_control_dir()
     with _ssh_lock:
         masters = group.__dict__.setdefault("_ssh_masters", {})
         master = masters.get(key)
-        if master is None:
-            master = masters[key] = _SshMaster(key)
+        first = master is None or not master.usable()
+        if first:
+            _ssh_state["masters"] += 1
+            path = os.path.join(directory, "m%d" % _ssh_state["masters"])
+            master = masters[key] = _SshMaster(masters, key, path)
         master.users += 1
-    try:
-        with master.lock:
-            if master.error is not None:
-                error = master.error
-                raise type(error)(error.message, error.output)
-            if not master.alive():
-                if master.popen is not None:
-                    master.close()   # died (link cut): a fresh one
-                master.start(spec, destination, options)
-    except BaseException:
-        with _ssh_lock:
-            master.users -= 1
-            if masters.get(key) is master and master.users <= 0:
-                del masters[key]
-        raise
-    return master
+    return master, first
 
 
 def _close_ssh_masters(group):
-    """Close every ssh master of group (its gateways have ended)."""
+    """End every ssh master of group (its gateways have ended)."""
     with _ssh_lock:
         masters = list(group.__dict__.pop("_ssh_masters", {}).values())
-    for master in masters:   # all at once: a stuck one costs its 2 s once
-        master.end_session()
+    for master in masters:   # all at once, then wait for them
+        master.end()
     for master in masters:
-        master.close()
+        master.wait_gone(1.0)
 
 
 class _SshIO(_PopenIO):
@@ -4076,25 +4060,38 @@ def _start_ssh(spec, params, group=None):
     command = _ssh_remote_command(spec)
     describe = "%s on ssh %s" % (spec.python if isinstance(spec.python, str) else "python3",
                                  spec.ssh)
-    master = None
-    if group is not None:
-        master = _ssh_master(group, spec, destination, options)
-        share = ["-o", "ControlMaster=no", "-o", "ControlPath=" + master.path]
-    else:
-        share = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    master, first = None, False
+    share = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
     try:
-        io = _SshIO(["ssh"] + destination + options + share + [command], master, spec.ssh)
-    except OSError as exc:
+        if group is not None:
+            master, first = _ssh_master(group, destination, options)
+            share = master.first_options() if first else master.client_options(spec)
+        try:
+            io = _SshIO(["ssh"] + destination + options + share + [command], master, spec.ssh)
+        except OSError as exc:
+            raise SshError(_Text.SSH_FAILED % (spec.id, spec.ssh, None, exc))
+    except BaseException as exc:
+        if first:
+            if isinstance(exc, SshError):
+                master.error = exc
+            master.settled.set()
         if master is not None:
             master.release()
-        raise SshError(_Text.SSH_FAILED % (spec.id, spec.ssh, None, exc))
+        raise
     try:
         return _start_io(io, spec, params, describe)
     except HostNotFound as exc:
-        status = io.wait(0.0)
-        if status == 255 and not isinstance(exc, SshError):
-            raise _ssh_error(spec, status, exc.output) from None
-        raise
+        error = exc
+        if io.wait(0.0) == 255 and not isinstance(exc, SshError):
+            error = _ssh_error(spec, 255, exc.output)
+        if first and isinstance(error, SshError):
+            master.error = error
+        if error is exc:
+            raise
+        raise error from None
+    finally:
+        if first:
+            master.settled.set()   # (after error: those waiting read it)
 
 
 # The transports: the xspec key that selects each and its start function,

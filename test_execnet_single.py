@@ -5768,6 +5768,26 @@ class TestSsh:
     def server(self):
         return ssh_server_or_skip()
 
+    @staticmethod
+    def masters():
+        """Our ssh masters: ssh forks them into the background (no children
+        of ours), so they are found by our control directory, which their
+        process title names ("ssh: DIR/m1 [mux]")."""
+        directory = execnet._ssh_state["dir"]
+        found = []
+        for p in psutil.process_iter():
+            try:
+                line = " ".join(p.cmdline())
+                if directory and directory in line and "[mux]" in line:
+                    found.append(p.pid)
+            except psutil.Error:
+                pass
+        return found
+
+    def ssh_left(self):
+        """Every ssh process of ours: clients, and masters."""
+        return ssh_processes() + self.masters()
+
     def test_round_trip_env_chdir_nice(self, server, group, tmp_path):
         gw = mkgw(group, server.spec("//env:EXECNET_T=a b'c$HOME//chdir=%s//nice=3" % tmp_path))
         channel = gw.remote_exec(
@@ -5873,7 +5893,7 @@ class TestSsh:
         with pytest.raises(execnet.SshAuthenticationFailed):
             call_with_timeout(group.makegateways, 60, [server.spec(config=config)] * 4)
         assert len(group) == 0
-        assert wait_for(lambda: not ssh_processes(), timeout=10)
+        assert wait_for(lambda: not self.ssh_left(), timeout=10)
 
     def test_eight_gateways_share_one_connection(self, server, group):
         before = server.accepted()
@@ -5888,14 +5908,46 @@ class TestSsh:
         assert any(name.startswith("m") for name in os.listdir(directory))  # the socket
         assert gateways[0].remoteaddress == SSH_ALIAS
         call_with_timeout(group.terminate, 60, timeout=10)
-        assert wait_for(lambda: not ssh_processes(), timeout=10), ssh_processes()
+        assert wait_for(lambda: not self.ssh_left(), timeout=10), self.ssh_left()
         assert not os.listdir(directory)   # the control socket is gone too
 
     def test_master_closes_with_its_last_gateway(self, server):
         gw = call_with_timeout(execnet.makegateway, 60, server.spec())
-        assert len(ssh_processes()) == 2   # the master and the gateway's client
+        # the gateway's ssh forked the master into the background
+        assert len(ssh_processes()) == 1 and len(self.masters()) == 1
         exit_and_join(gw)
-        assert wait_for(lambda: not ssh_processes(), timeout=10), ssh_processes()
+        assert wait_for(lambda: not self.ssh_left(), timeout=10), self.ssh_left()
+
+    def test_first_gateway_may_end_before_the_others(self, server, group):
+        before = server.accepted()
+        first = mkgw(group, server.spec("//id=first"))   # its ssh started the master
+        others = call_with_timeout(group.makegateways, 60,
+                                   [server.spec("//id=other%d" % i) for i in range(2)])
+        exit_and_join(first)
+        # the connection carries on for the others, and takes newcomers
+        others.append(mkgw(group, server.spec("//id=late")))
+        assert [gw.remote_exec("channel.send(2)").receive(30) for gw in others] == [2, 2, 2]
+        assert len(self.masters()) == 1
+        assert wait_for(lambda: server.accepted() > before, timeout=10)
+        assert server.accepted() == before + 1
+
+    def test_a_group_starts_a_new_master_after_the_last_ended(self, server, group):
+        before = server.accepted()
+        exit_and_join(mkgw(group, server.spec("//id=one")))
+        assert wait_for(lambda: not self.ssh_left(), timeout=10), self.ssh_left()
+        two = mkgw(group, server.spec("//id=two"))
+        assert two.remote_exec("channel.send(2)").receive(30) == 2
+        assert len(self.masters()) == 1   # a new one, not a direct connection
+        assert wait_for(lambda: server.accepted() == before + 2, timeout=10)
+
+    def test_own_control_master_option_wins(self, server, group):
+        # ssh takes the first value: ssh= says no sharing, so each connects
+        before = server.accepted()
+        spec = server.spec().replace("ssh=", "ssh=-o ControlMaster=no ", 1)
+        gateways = call_with_timeout(group.makegateways, 60, [spec] * 3)
+        assert group.remote_exec("channel.send(1)").receive_each() == [1] * 3
+        assert not self.masters() and len(gateways) == 3
+        assert wait_for(lambda: server.accepted() == before + 3, timeout=10)
 
     def test_bad_env_name_is_refused(self, server, group):
         with pytest.raises(ValueError, match="env:A-B"):
@@ -5930,7 +5982,7 @@ class TestSsh:
             print("dead link noticed after %.1f s" % elapsed)
             assert near.remote_exec("channel.send(7)").receive(30) == 7
             call_with_timeout(group.terminate, 30, timeout=5)
-            assert wait_for(lambda: not ssh_processes(), timeout=10), ssh_processes()
+            assert wait_for(lambda: not self.ssh_left(), timeout=10), self.ssh_left()
 
     def test_via_chain_across_hosts(self, server, group, tmp_path):
         with netns_host(str(tmp_path / "far"), 2) as (far, link):
@@ -6000,7 +6052,7 @@ class TestSsh:
                 assert wait_for(lambda: [s.accepted() for s in servers] == [
                     b + 1 for b in before], timeout=10), [s.accepted() for s in servers]
                 call_with_timeout(group.terminate, 30, timeout=5)
-                assert wait_for(lambda: not ssh_processes(), timeout=10), ssh_processes()
+                assert wait_for(lambda: not self.ssh_left(), timeout=10), self.ssh_left()
 
     @pytest.mark.bench
     @pytest.mark.parametrize("count,target", [(1, "<= 0.8"), (8, "<= 0.3")])
