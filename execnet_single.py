@@ -1196,11 +1196,11 @@ _CHUNK = 256 * 1024
 _MAX_PAYLOAD = 1024 * 1024
 _DEFAULT_WINDOW = 16 * 1024 * 1024
 _READ_SIZE = 64 * 1024
-# One read of the stream takes up to _STREAM_READ bytes, and a pipe that
-# carries a large item is widened to _PIPE_SIZE (Linux): with the default
-# 64 KiB pipe, bulk data costs a thread switch on both ends every 64 KiB,
-# which made 1 MiB items three to five times slower than execnet's.
-_STREAM_READ = 256 * 1024
+# A pipe that carries a large item is widened to _PIPE_SIZE (Linux): with
+# the default 64 KiB pipe, bulk data costs a thread switch on both ends
+# every 64 KiB, which made 1 MiB items three to five times slower than
+# execnet's.  Reads stay at _READ_SIZE: a larger buffer is a fresh mmap()
+# per read, which cost small messages a quarter of their round trip.
 _PIPE_SIZE = 256 * 1024
 _MAX_ITEM = 1024 * 1024 * 1024   # largest item received; the xspec key max_item= overrides
 
@@ -1381,7 +1381,7 @@ class _FdIO(_IO):
     def read(self):
         """Return the next available bytes, b'' at end of stream."""
         try:
-            return os.read(self.rfd, _STREAM_READ)
+            return os.read(self.rfd, _READ_SIZE)
         except OSError as exc:
             import errno
 
@@ -3643,7 +3643,7 @@ class _SocketIO(_IO):
     def read(self):
         """The next bytes; b'' at end of stream or once killed."""
         try:
-            return self.sock.recv(_STREAM_READ)
+            return self.sock.recv(_READ_SIZE)
         except OSError as exc:
             import errno
 
