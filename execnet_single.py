@@ -2621,7 +2621,19 @@ def _remote_main(source, params_bytes):
     os.dup2(devnull, 0)
     os.close(devnull)
     gateway = _RemoteGateway(_FdIO(rfd, wfd), params)
-    gateway._send(_MSG_READY, 0, dumps(_rinfo_dict()))
+    info = _rinfo_dict()
+    spawner = None
+    if params.get("spawner_key"):
+        # the first ssh gateway of a group to this host: a socket server on
+        # the host's loopback for the group's other gateways (see _start_ssh)
+        try:
+            spawner = _SocketServer("127.0.0.1", 0, params["spawner_key"], log=_trace)
+            info["spawner_port"] = spawner.port
+        except OSError as exc:
+            _trace("no spawner:", exc)
+    gateway._send(_MSG_READY, 0, dumps(info))
+    if spawner is not None:
+        _daemon(spawner.serve_forever, (), "execnet_single-spawner")
     gateway._forwarder = _OutputForwarder(gateway)
     sys.stdout = _make_output_stream(gateway._forwarder, 1)
     sys.stderr = _make_output_stream(gateway._forwarder, 2)
@@ -3822,6 +3834,17 @@ def _install_server(proxy, spec):
 # no master outlives us for long.  Inside a via= proxy (no group) each ssh
 # connects on its own.
 #
+# The other gateways need no session either: the first gateway's remote
+# process runs a spawner, a socket server on the host's loopback with a
+# one-time key (sent in its bootstrap parameters), and they reach it with
+# `ssh -W 127.0.0.1:PORT` through the master, then start like socket
+# gateways: no login shell, no interpreter search, one fork of the first
+# gateway's interpreter's executable each.  A spec that would not fit
+# (other python= or env:), a first gateway with chdir= or nice= (which its
+# children would inherit), or a spawner out of reach (AllowTcpForwarding
+# no, a python= prefix in another network namespace) falls back to a
+# session of its own.
+#
 # Dead links: the ssh that holds the connection sends a keepalive every
 # _SSH_ALIVE_INTERVAL seconds and gives up after _SSH_ALIVE_COUNT unanswered
 # ones; then every gateway on that connection sees the end of its stream.
@@ -3934,6 +3957,10 @@ class _SshMaster:
         self.users = 0
         self.error = None
         self.settled = threading.Event()
+        # the first gateway's spawner: (port, key, python, env) or None;
+        # spawned is set once that gateway's start ended either way
+        self.spawner = None
+        self.spawned = threading.Event()
 
     def first_options(self):
         """The first gateway's ssh becomes the master (and its first client)."""
@@ -4037,16 +4064,82 @@ def _close_ssh_masters(group):
 class _SshIO(_PopenIO):
     """The local ssh client; the protocol runs on its stdin/stdout."""
 
+    spawner_key = None     # ssh -W to a spawner: the key of its handshake
+    hosts_spawner = False  # the first gateway, in whose process it runs
+
     def __init__(self, args, master, destination):
         _PopenIO.__init__(self, args)
         self.master = master
         self.remoteaddress = destination
 
+    def handshake(self):
+        if self.spawner_key is not None:
+            _client_auth(_PipeEnd(self), self.spawner_key, _HANDSHAKE_TIMEOUT,
+                         "the spawner on %s" % self.remoteaddress)
+
     def close_read(self):
         _PopenIO.close_read(self)
         master, self.master = self.master, None
         if master is not None:
+            if self.hosts_spawner:
+                master.spawner = None   # it ends with this gateway's process
             master.release()
+
+
+class _PipeEnd:
+    """What the socket handshake (_client_auth) calls, on a process's pipes."""
+
+    def __init__(self, io):
+        self._io = io
+        self._timeout = None
+
+    def settimeout(self, timeout):
+        self._timeout = timeout
+
+    def recv(self, size):
+        import select
+        import socket
+
+        poller = select.poll()
+        poller.register(self._io.rfd, select.POLLIN)
+        if not poller.poll(None if self._timeout is None else self._timeout * 1000):
+            raise socket.timeout("timed out")
+        return os.read(self._io.rfd, size)
+
+    def sendall(self, data):
+        self._io.write(data)
+
+
+def _start_spawned(spec, params, master, args, describe):
+    """Start through the spawner of the master's first gateway: `ssh -W` to
+    its port over the shared connection, so no session, login shell or
+    interpreter search; the spawner runs `python -c _STAGE1` on the
+    connection, as the socket server does.  None if there is no spawner
+    for this spec or it cannot be reached (AllowTcpForwarding no, a
+    python= prefix that entered another network namespace, ...): the caller
+    then opens a session of its own."""
+    master.spawned.wait(float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT))
+    spawner = master.spawner
+    if spawner is None or spawner[2:] != _spawner_fit(spec):
+        return None
+    try:
+        io = _SshIO(args + ["-W", "127.0.0.1:%d" % spawner[0]], None, spec.ssh)
+    except OSError:
+        return None
+    io.spawner_key = spawner[1]
+    try:
+        started = _start_io(io, spec, params, describe)
+    except HostNotFound as exc:
+        _trace("spawner on", spec.ssh, "not usable:", exc)
+        return None
+    io.master = master   # released when this gateway ends
+    return started
+
+
+def _spawner_fit(spec):
+    """What a spawned interpreter inherits from the first gateway's process:
+    specs that differ here start in sessions of their own."""
+    return (spec.python if isinstance(spec.python, str) else None, sorted(spec.env.items()))
 
 
 def _start_ssh(spec, params, group=None):
@@ -4062,10 +4155,23 @@ def _start_ssh(spec, params, group=None):
                                  spec.ssh)
     master, first = None, False
     share = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    spawner_key = None
     try:
         if group is not None:
             master, first = _ssh_master(group, destination, options)
             share = master.first_options() if first else master.client_options(spec)
+            if first and not spec.chdir and not spec.nice:
+                # (children would inherit its directory and niceness)
+                import binascii
+                import secrets
+
+                spawner_key = binascii.hexlify(secrets.token_bytes(32))
+                params = dict(params, spawner_key=spawner_key)
+            elif not first:
+                started = _start_spawned(spec, params, master,
+                                         ["ssh"] + destination + options + share, describe)
+                if started is not None:
+                    return started
         try:
             io = _SshIO(["ssh"] + destination + options + share + [command], master, spec.ssh)
         except OSError as exc:
@@ -4075,11 +4181,17 @@ def _start_ssh(spec, params, group=None):
             if isinstance(exc, SshError):
                 master.error = exc
             master.settled.set()
+            master.spawned.set()
         if master is not None:
             master.release()
         raise
     try:
-        return _start_io(io, spec, params, describe)
+        started = _start_io(io, spec, params, describe)
+        port = started[1].pop("spawner_port", None)
+        if port and spawner_key is not None:
+            master.spawner = (port, spawner_key) + _spawner_fit(spec)
+            io.hosts_spawner = True
+        return started
     except HostNotFound as exc:
         error = exc
         if io.wait(0.0) == 255 and not isinstance(exc, SshError):
@@ -4092,6 +4204,7 @@ def _start_ssh(spec, params, group=None):
     finally:
         if first:
             master.settled.set()   # (after error: those waiting read it)
+            master.spawned.set()
 
 
 # The transports: the xspec key that selects each and its start function,

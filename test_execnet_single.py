@@ -5597,7 +5597,8 @@ class SshServer:
     address: where it listens; prefix: the command it runs under (e.g.
     ip netns exec NAME); alias: the Host name of its ssh_config."""
 
-    def __init__(self, directory, address="127.0.0.1", prefix=(), port=None, alias=None):
+    def __init__(self, directory, address="127.0.0.1", prefix=(), port=None, alias=None,
+                 extra=""):
         import getpass
 
         self.dir = directory
@@ -5628,7 +5629,7 @@ class SshServer:
                     ClientAliveInterval 2
                     ClientAliveCountMax 3
                     LogLevel INFO
-                    """).format(address=address, port=self.port, dir=self.dir))
+                    """).format(address=address, port=self.port, dir=self.dir) + extra + "\n")
             self.log = open(self.path("sshd.log"), "ab")
             self.proc = subprocess.Popen(list(prefix) + [SSHD, "-D", "-e", "-f",
                                                          self.path("sshd_config")],
@@ -5910,6 +5911,48 @@ class TestSsh:
         call_with_timeout(group.terminate, 60, timeout=10)
         assert wait_for(lambda: not self.ssh_left(), timeout=10), self.ssh_left()
         assert not os.listdir(directory)   # the control socket is gone too
+
+    def test_the_others_start_from_the_first_gateways_spawner(self, server, group):
+        # gateways 2..N run no login shell and no session of their own: the
+        # first gateway's process starts them (ssh -W to its spawner)
+        before = server.accepted()
+        call_with_timeout(group.makegateways, 120, [server.spec()] * 4)
+        late = mkgw(group, server.spec())   # one made after the others
+        mc = group.remote_exec("import os; channel.send((os.getpid(), os.getppid()))")
+        pids = mc.receive_each()
+        hosts = set(pid for pid, ppid in pids)
+        parents = [ppid for pid, ppid in pids if ppid in hosts]
+        assert len(parents) == 4 and len(set(parents)) == 1, pids
+        assert late.remote_exec("import os; channel.send(os.getppid())").receive(
+            timeout=30) == parents[0]
+        assert "spawner_port" not in late._rinfo().__dict__
+        # a spec the spawned ones would not fit (other env:) logs in alike,
+        # in a session of its own
+        other = mkgw(group, server.spec("//env:FOR_THIS=1"))
+        assert other.remote_exec(
+            "import os; channel.send((os.getppid(), os.environ['FOR_THIS']))").receive(
+                timeout=30) not in [(parents[0], "1")]
+        assert server.accepted() == before + 1
+        call_with_timeout(group.terminate, 60, timeout=10)
+        assert wait_for(lambda: not self.ssh_left(), timeout=10), self.ssh_left()
+
+    def test_spawner_out_of_reach_falls_back_to_sessions(self, group, tmp_path):
+        # forwarding disabled on the server: ssh -W is refused, and the
+        # other gateways open sessions of their own, as they did before
+        if ssh_missing():
+            pytest.skip(ssh_missing())
+        server = SshServer(str(tmp_path), extra="AllowTcpForwarding no")
+        try:
+            call_with_timeout(group.makegateways, 120, [server.spec()] * 3)
+            mc = group.remote_exec("import os; channel.send((os.getpid(), os.getppid()))")
+            pids = mc.receive_each()
+            assert not set(ppid for pid, ppid in pids) & set(pid for pid, ppid in pids)
+            assert "administratively prohibited" in server.logtext() or (
+                "refused" in server.logtext()), server.logtext()[-2000:]
+            call_with_timeout(group.terminate, 60, timeout=10)
+            assert wait_for(lambda: not self.ssh_left(), timeout=10), self.ssh_left()
+        finally:
+            server.stop()
 
     def test_master_closes_with_its_last_gateway(self, server):
         gw = call_with_timeout(execnet.makegateway, 60, server.spec())
