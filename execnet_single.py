@@ -604,6 +604,12 @@ def _save_dict(obj, w, depth, get=_SAVERS.get, keys=_KEYS, pack_op=_PACK_OP_I4,
                     _save_tuple(value, w, depth)
                     w(b"P")
                     continue
+                elif value is None:
+                    w(b"LP")
+                    continue
+                elif kind is bool:
+                    w(b"RP" if value else b"CP")
+                    continue
                 (get(kind) or _unknown)(value, w, depth)
                 w(b"P")
         except UnicodeEncodeError:
