@@ -454,6 +454,7 @@ _KEY_LEN_MAX = 100
 
 
 def _key_bytes(key):
+    """The 'N' bytes of a str dict key, kept if the key is short."""
     data = key.encode()
     data = b"N" + _pack_i4(len(data)) + data
     if len(key) <= _KEY_LEN_MAX:
@@ -519,10 +520,11 @@ def _save_bytes(obj, w, depth):
 
 def _save_list(obj, w, depth, get=_SAVERS.get, pack_op=_PACK_OP_I4, index_bytes=_LIST_INDEX,
                index_int=_PACK_INDEX_INT, index_str=_PACK_INDEX_STR,
-               index_float=_PACK_INDEX_FLOAT, StructError=struct.error):
+               index_float=_PACK_INDEX_FLOAT, StructError=struct.error, LIST=_OP_LIST,
+               INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT, SETITEM=_OP_SETITEM):
     if depth > _MAX_DEPTH:
         raise _DumpFail(_Text.DUMP_TOO_DEEP % _MAX_DEPTH)
-    w(pack_op(75, len(obj)))  # 'K'
+    w(pack_op(LIST, len(obj)))
     index = 0
     item = None
     depth += 1
@@ -532,20 +534,20 @@ def _save_list(obj, w, depth, get=_SAVERS.get, pack_op=_PACK_OP_I4, index_bytes=
                 kind = type(item)
                 if kind is int:
                     try:
-                        w(index_int(70, index, 70, item, 80))
+                        w(index_int(INT, index, INT, item, SETITEM))
                         continue
                     except StructError:  # beyond 4 bytes: written below
                         pass
                 elif kind is str:
                     data = item.encode()
-                    w(index_str(70, index, 78, len(data)))
+                    w(index_str(INT, index, STR, len(data)))
                     w(data)
                     w(b"P")
                     continue
                 elif kind is float:
-                    w(index_float(70, index, 68, item, 80))
+                    w(index_float(INT, index, FLOAT, item, SETITEM))
                     continue
-                w(index_bytes[index] if index < 1024 else pack_op(70, index))
+                w(index_bytes[index] if index < 1024 else pack_op(INT, index))
                 if kind is dict:
                     _save_dict(item, w, depth)
                 else:
@@ -561,13 +563,14 @@ def _save_list(obj, w, depth, get=_SAVERS.get, pack_op=_PACK_OP_I4, index_bytes=
 
 def _save_dict(obj, w, depth, get=_SAVERS.get, keys=_KEYS, pack_op=_PACK_OP_I4,
                int_set=_PACK_INT_SET, float_set=_PACK_FLOAT_SET, pair_set=_PACK_PAIR_SET,
-               StructError=struct.error):
+               StructError=struct.error, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
+               TUPLE=_OP_TUPLE, SETITEM=_OP_SETITEM):
     if depth > _MAX_DEPTH:
         raise _DumpFail(_Text.DUMP_TOO_DEEP % _MAX_DEPTH)
     w(b"J")
     key = value = None
     depth += 1
-    inline = depth <= _MAX_DEPTH  # a tuple value may be written here
+    inline = depth <= _MAX_DEPTH  # a tuple value is within the limit: written here
     try:
         try:
             for key, value in obj.items():
@@ -579,27 +582,27 @@ def _save_dict(obj, w, depth, get=_SAVERS.get, keys=_KEYS, pack_op=_PACK_OP_I4,
                 kind = type(value)
                 if kind is str:
                     data = value.encode()
-                    w(pack_op(78, len(data)))
+                    w(pack_op(STR, len(data)))
                     w(data)
                     w(b"P")
                     continue
                 elif kind is int:
                     try:
-                        w(int_set(70, value, 80))
+                        w(int_set(INT, value, SETITEM))
                         continue
                     except StructError:  # beyond 4 bytes: written below
                         pass
                 elif kind is float:
-                    w(float_set(68, value, 80))
+                    w(float_set(FLOAT, value, SETITEM))
                     continue
                 elif kind is tuple and inline:
                     if len(value) == 2:
                         first, second = value
                         if type(first) is int and type(second) is int:
                             try:
-                                w(pair_set(70, first, 70, second, 64, 2, 80))
+                                w(pair_set(INT, first, INT, second, TUPLE, 2, SETITEM))
                                 continue
-                            except StructError:
+                            except StructError:  # beyond 4 bytes: _save_tuple
                                 pass
                     _save_tuple(value, w, depth)
                     w(b"P")
@@ -622,7 +625,8 @@ def _save_dict(obj, w, depth, get=_SAVERS.get, keys=_KEYS, pack_op=_PACK_OP_I4,
 
 
 def _save_tuple(obj, w, depth, get=_SAVERS.get, pack_op=_PACK_OP_I4,
-                pack_float=_PACK_FLOAT, StructError=struct.error):
+                pack_float=_PACK_FLOAT, StructError=struct.error, INT=_OP_INT, STR=_OP_STR,
+                FLOAT=_OP_FLOAT, TUPLE=_OP_TUPLE):
     if depth > _MAX_DEPTH:
         raise _DumpFail(_Text.DUMP_TOO_DEEP % _MAX_DEPTH)
     index = 0
@@ -634,17 +638,17 @@ def _save_tuple(obj, w, depth, get=_SAVERS.get, pack_op=_PACK_OP_I4,
                 kind = type(item)
                 if kind is str:
                     data = item.encode()
-                    w(pack_op(78, len(data)))
+                    w(pack_op(STR, len(data)))
                     w(data)
                     continue
                 elif kind is int:
                     try:
-                        w(pack_op(70, item))
+                        w(pack_op(INT, item))
                         continue
                     except StructError:  # beyond 4 bytes: written below
                         pass
                 elif kind is float:
-                    w(pack_float(68, item))
+                    w(pack_float(FLOAT, item))
                     continue
                 (get(kind) or _unknown)(item, w, depth)
         except UnicodeEncodeError:
@@ -653,7 +657,7 @@ def _save_tuple(obj, w, depth, get=_SAVERS.get, pack_op=_PACK_OP_I4,
     except _DumpFail as fail:
         fail.path.append("[%d]" % index)
         raise
-    w(pack_op(64, len(obj)))  # '@'
+    w(pack_op(TUPLE, len(obj)))
 
 
 def _save_set(obj, w, depth):
