@@ -430,6 +430,40 @@ def _short_repr(obj):
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# Containers write their common items inline: exact types are checked
+# first, and one struct call packs an opcode with its argument, often with
+# the list index before it and the 'P' after it (a call per scalar would
+# cost more than the writing).  An int beyond 4 bytes makes the packer raise
+# struct.error and takes the general saver, like every other type; a str
+# that is not UTF-8 is written again by the general saver, which says where.
+# Helpers are default arguments: local names, not module globals.
+_SAVERS = {}  # type -> saver, filled below
+_PACK_OP_I4 = struct.Struct("!Bi").pack  # opcode, 4-byte int ('F', or a length)
+_PACK_FLOAT = struct.Struct("!Bd").pack  # 'D', float
+_PACK_INT_SET = struct.Struct("!BiB").pack  # 'F', int, 'P'
+_PACK_FLOAT_SET = struct.Struct("!BdB").pack  # 'D', float, 'P'
+_PACK_PAIR_SET = struct.Struct("!BiBiBiB").pack  # 'F', int, 'F', int, '@', 2, 'P'
+_PACK_INDEX_INT = struct.Struct("!BiBiB").pack  # 'F', index, 'F', int, 'P'
+_PACK_INDEX_STR = struct.Struct("!BiBi").pack  # 'F', index, 'N', length
+_PACK_INDEX_FLOAT = struct.Struct("!BiBdB").pack  # 'F', index, 'D', float, 'P'
+# The 'N' bytes of str dict keys, which repeat across dicts and calls;
+# bounded, and safe between threads (single dict operations).
+_KEYS = {}
+_KEYS_MAX = 4096
+_KEY_LEN_MAX = 100
+
+
+def _key_bytes(key):
+    """The 'N' bytes of a str dict key, kept if the key is short."""
+    data = key.encode()
+    data = b"N" + _pack_i4(len(data)) + data
+    if len(key) <= _KEY_LEN_MAX:
+        if len(_KEYS) >= _KEYS_MAX:
+            _KEYS.clear()
+        _KEYS[key] = data
+    return data
+
+
 # Savers write obj with w; `depth` is how deep obj sits (1 at the top), so
 # that containers can refuse to go past _MAX_DEPTH.
 
@@ -484,57 +518,146 @@ def _save_bytes(obj, w, depth):
     w(obj)
 
 
-def _save_list(obj, w, depth):
+def _save_list(obj, w, depth, get=_SAVERS.get, pack_op=_PACK_OP_I4, index_bytes=_LIST_INDEX,
+               index_int=_PACK_INDEX_INT, index_str=_PACK_INDEX_STR,
+               index_float=_PACK_INDEX_FLOAT, StructError=struct.error, LIST=_OP_LIST,
+               INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT, SETITEM=_OP_SETITEM):
     if depth > _MAX_DEPTH:
         raise _DumpFail(_Text.DUMP_TOO_DEEP % _MAX_DEPTH)
-    w(b"K" + _pack_i4(len(obj)))
+    w(pack_op(LIST, len(obj)))
     index = 0
-    get = _SAVERS.get
+    item = None
     depth += 1
     try:
-        for index, item in enumerate(obj):
-            w(_LIST_INDEX[index] if index < 1024 else b"F" + _pack_i4(index))
-            saver = get(type(item)) or _unknown
-            saver(item, w, depth)
-            w(b"P")
+        try:
+            for index, item in enumerate(obj):
+                kind = type(item)
+                if kind is int:
+                    try:
+                        w(index_int(INT, index, INT, item, SETITEM))
+                        continue
+                    except StructError:  # beyond 4 bytes: written below
+                        pass
+                elif kind is str:
+                    data = item.encode()
+                    w(index_str(INT, index, STR, len(data)))
+                    w(data)
+                    w(b"P")
+                    continue
+                elif kind is float:
+                    w(index_float(INT, index, FLOAT, item, SETITEM))
+                    continue
+                w(index_bytes[index] if index < 1024 else pack_op(INT, index))
+                if kind is dict:
+                    _save_dict(item, w, depth)
+                else:
+                    (get(kind) or _unknown)(item, w, depth)
+                w(b"P")
+        except UnicodeEncodeError:
+            _save(item, w, depth)  # raises, naming the str
+            raise
     except _DumpFail as fail:
         fail.path.append("[%d]" % index)
         raise
 
 
-def _save_dict(obj, w, depth):
+def _save_dict(obj, w, depth, get=_SAVERS.get, keys=_KEYS, pack_op=_PACK_OP_I4,
+               int_set=_PACK_INT_SET, float_set=_PACK_FLOAT_SET, pair_set=_PACK_PAIR_SET,
+               StructError=struct.error, INT=_OP_INT, STR=_OP_STR, FLOAT=_OP_FLOAT,
+               TUPLE=_OP_TUPLE, SETITEM=_OP_SETITEM):
     if depth > _MAX_DEPTH:
         raise _DumpFail(_Text.DUMP_TOO_DEEP % _MAX_DEPTH)
     w(b"J")
-    key = None
-    get = _SAVERS.get
+    key = value = None
     depth += 1
+    inline = depth <= _MAX_DEPTH  # a tuple value is within the limit: written here
     try:
-        for key, value in obj.items():
-            saver = get(type(key)) or _unknown
-            saver(key, w, depth)
-            saver = get(type(value)) or _unknown
-            saver(value, w, depth)
-            w(b"P")
+        try:
+            for key, value in obj.items():
+                if type(key) is str:
+                    data = keys.get(key)
+                    w(data if data is not None else _key_bytes(key))
+                else:
+                    (get(type(key)) or _unknown)(key, w, depth)
+                kind = type(value)
+                if kind is str:
+                    data = value.encode()
+                    w(pack_op(STR, len(data)))
+                    w(data)
+                    w(b"P")
+                    continue
+                elif kind is int:
+                    try:
+                        w(int_set(INT, value, SETITEM))
+                        continue
+                    except StructError:  # beyond 4 bytes: written below
+                        pass
+                elif kind is float:
+                    w(float_set(FLOAT, value, SETITEM))
+                    continue
+                elif kind is tuple and inline:
+                    if len(value) == 2:
+                        first, second = value
+                        if type(first) is int and type(second) is int:
+                            try:
+                                w(pair_set(INT, first, INT, second, TUPLE, 2, SETITEM))
+                                continue
+                            except StructError:  # beyond 4 bytes: _save_tuple
+                                pass
+                    _save_tuple(value, w, depth)
+                    w(b"P")
+                    continue
+                elif value is None:
+                    w(b"LP")
+                    continue
+                elif kind is bool:
+                    w(b"RP" if value else b"CP")
+                    continue
+                (get(kind) or _unknown)(value, w, depth)
+                w(b"P")
+        except UnicodeEncodeError:
+            _save(key, w, depth)  # one of them raises, naming the str
+            _save(value, w, depth)
+            raise
     except _DumpFail as fail:
         fail.path.append("[%s]" % _short_repr(key))
         raise
 
 
-def _save_tuple(obj, w, depth):
+def _save_tuple(obj, w, depth, get=_SAVERS.get, pack_op=_PACK_OP_I4,
+                pack_float=_PACK_FLOAT, StructError=struct.error, INT=_OP_INT, STR=_OP_STR,
+                FLOAT=_OP_FLOAT, TUPLE=_OP_TUPLE):
     if depth > _MAX_DEPTH:
         raise _DumpFail(_Text.DUMP_TOO_DEEP % _MAX_DEPTH)
     index = 0
-    get = _SAVERS.get
+    item = None
     depth += 1
     try:
-        for index, item in enumerate(obj):
-            saver = get(type(item)) or _unknown
-            saver(item, w, depth)
+        try:
+            for index, item in enumerate(obj):
+                kind = type(item)
+                if kind is str:
+                    data = item.encode()
+                    w(pack_op(STR, len(data)))
+                    w(data)
+                    continue
+                elif kind is int:
+                    try:
+                        w(pack_op(INT, item))
+                        continue
+                    except StructError:  # beyond 4 bytes: written below
+                        pass
+                elif kind is float:
+                    w(pack_float(FLOAT, item))
+                    continue
+                (get(kind) or _unknown)(item, w, depth)
+        except UnicodeEncodeError:
+            _save(item, w, depth)  # raises, naming the str
+            raise
     except _DumpFail as fail:
         fail.path.append("[%d]" % index)
         raise
-    w(b"@" + _pack_i4(len(obj)))
+    w(pack_op(TUPLE, len(obj)))
 
 
 def _save_set(obj, w, depth):
@@ -565,7 +688,7 @@ def _save_channel(obj, w, depth):
     w(b"B" + _pack_i4(obj.id))
 
 
-_SAVERS = {
+_SAVERS.update({
     type(None): _save_none,
     bool: _save_bool,
     int: _save_int,
@@ -578,7 +701,7 @@ _SAVERS = {
     tuple: _save_tuple,
     set: _save_set,
     frozenset: _save_frozenset,
-}  # Channel is added in section 5
+})  # Channel is added in section 5
 
 
 def dumps(obj):

@@ -1221,6 +1221,153 @@ class TestSerializer:
                 except execnet.LoadError:
                     pass
 
+    # dumps writes the common items of lists, dicts and tuples inline; these
+    # check each inline case against the format written plainly, with the
+    # values around it that must leave it (ints beyond 4 bytes, subclasses,
+    # bool, None, str that is not UTF-8, the depth limit).
+
+    @staticmethod
+    def _plain_dumps(value):
+        """SPEC section 3's format, one opcode at a time, with no shortcuts."""
+        def i4(n):
+            return struct.pack("!i", n)
+
+        def save(v):
+            kind = type(v)
+            if v is None:
+                return b"L"
+            if kind is bool:
+                return b"R" if v else b"C"
+            if kind is int:
+                if -2 ** 31 <= v < 2 ** 31:
+                    return b"F" + i4(v)
+                digits = str(v).encode("ascii")
+                return b"H" + i4(len(digits)) + digits
+            if kind is float:
+                return b"D" + struct.pack("!d", v)
+            if kind is str:
+                data = v.encode("utf-8")
+                return b"N" + i4(len(data)) + data
+            if kind is bytes:
+                return b"A" + i4(len(v)) + v
+            if kind is tuple:
+                return b"".join(save(x) for x in v) + b"@" + i4(len(v))
+            if kind is list:
+                return b"K" + i4(len(v)) + b"".join(
+                    b"F" + i4(i) + save(x) + b"P" for i, x in enumerate(v))
+            if kind is dict:
+                return b"J" + b"".join(save(k) + save(x) + b"P" for k, x in v.items())
+            raise AssertionError("no plain form for %r" % (kind,))
+
+        return b"\x02" + save(value) + b"Q"
+
+    _INLINE_ITEMS = [
+        "", "a", "\xe9\u20ac\U0001f600", "k" * 300, 0, -1, 2 ** 31 - 1, -2 ** 31, 2 ** 31,
+        -2 ** 31 - 1, 2 ** 70, 1.5, -0.0, float("inf"), None, True, False, b"xy",
+        (), (1, 2), (2 ** 31 - 1, -2 ** 31), (2 ** 31, 1), (1, -2 ** 31 - 1), (1, "a"),
+        ("a", "b"), (1.5, 2), (True, 1), (1, None), (1, 2, 3), ((1, 2), 3), [1, "a"],
+        {"n": (1, 2)},
+    ]
+
+    def _inline_shapes(items):
+        shapes = []
+        for item in items:
+            shapes += [[item], [0, item, "s"], {"k": item, "z": 1}, (item,), ("x", item, 2.5)]
+            try:
+                hash(item)
+            except TypeError:
+                pass
+            else:
+                shapes.append({item: "v"})
+        # past the 1,024 precomputed list indexes
+        shapes.append([items[i % len(items)] for i in range(1100)])
+        shapes.append([{"k%d" % (i % 7): items[i % len(items)]} for i in range(1100)])
+        return shapes
+
+    @pytest.mark.parametrize("value", _inline_shapes(_INLINE_ITEMS), ids=lambda v: repr(v)[:40])
+    def test_inline_items_write_the_plain_bytes(self, value):
+        data = execnet.dumps(value)
+        assert data == self._plain_dumps(value)
+        if HAVE_EXECNET_2:
+            try:
+                theirs = real_execnet().dumps(value)
+            except Exception:  # execnet cannot dump ints below -2**31
+                theirs = None
+            assert theirs in (None, data)
+        assert same(execnet.loads(data), value)
+
+    @pytest.mark.parametrize(
+        "value, where",
+        [
+            (["\ud800"], "[0]"),
+            ([1, "ok", "\udfff"], "[2]"),
+            ({"\ud800": 1}, "['\\ud800']"),
+            ({"a": 1, "k": "\ud800"}, "['k']"),
+            ({"k": ("a", "\ud800")}, "['k'][1]"),
+            ({"k": (1, "\ud800")}, "['k'][1]"),
+            (("a", "\ud800"), "[1]"),
+            ([("\ud800",)], "[0][0]"),
+            ([1, {"k": ["x", "\ud800"]}], "[1]['k'][1]"),
+            ({"k": {"\ud800"}}, "['k']{'\\ud800'}"),
+        ],
+        ids=repr,
+    )
+    def test_str_that_is_not_utf8_names_its_place(self, value, where):
+        with pytest.raises(execnet.DumpError) as excinfo:
+            execnet.dumps(value)
+        message = str(excinfo.value)
+        assert "not UTF-8 encodable" in message
+        assert message.endswith(" at " + where)
+
+    @pytest.mark.parametrize("kind", [int, str, float, tuple, bool, dict])
+    def test_subclasses_never_take_an_inline_path(self, kind):
+        base = {int: 5, str: "k", float: 1.5, tuple: (1, 2), bool: 1, dict: {}}[kind]
+        if kind is bool:  # bool cannot be subclassed: an int with bool's value
+            sub = type("MyInt", (int,), {})(1)
+        else:
+            sub = type("My" + kind.__name__.title(), (kind,), {})(base)
+        name = type(sub).__name__
+        execnet.dumps({base if kind is not dict else "k": base})  # cache an equal key
+        shapes = [[sub], [1, sub], {"k": sub}, (sub,), ("x", sub), {"k": (sub, 1)},
+                  {"k": (1, sub)}, [{"k": sub}]]
+        if kind is not dict:
+            shapes.append({sub: 1})
+        for value in shapes:
+            with pytest.raises(execnet.DumpError) as excinfo:
+                execnet.dumps(value)
+            assert name in str(excinfo.value), value
+
+    @single_only
+    def test_int_pair_in_a_dict_obeys_the_depth_limit(self):
+        limit = execnet._MAX_DEPTH
+        for pair in ((1, 2), ("a", 2)):
+            value = pair
+            for _ in range(limit - 1):
+                value = {"k": value}
+            assert same(execnet.loads(execnet.dumps(value)), value)
+            with pytest.raises(execnet.DumpError) as excinfo:
+                execnet.dumps({"k": value})
+            assert "nested more than %d deep" % limit in str(excinfo.value)
+
+    @single_only
+    def test_dict_key_cache_stays_small_and_exact(self):
+        def key_bytes(key):
+            data = key.encode("utf-8")
+            return b"N" + struct.pack("!i", len(data)) + data
+
+        long_key = "L" * (execnet._KEY_LEN_MAX + 1)
+        for key in ("name", "\xe9t\xe9", "", long_key, "x" * execnet._KEY_LEN_MAX):
+            for _ in range(2):  # written, then (if short) from the cache
+                copy = "".join(list(key))  # an equal str, not the same object
+                assert execnet.dumps({copy: None}) == b"\x02J" + key_bytes(key) + b"LPQ"
+        assert long_key not in execnet._KEYS
+        assert "name" in execnet._KEYS
+        keys = ["key-%d" % i for i in range(execnet._KEYS_MAX * 2 + 10)]
+        value = {key: 1 for key in keys}
+        assert execnet.dumps(value) == self._plain_dumps(value)
+        assert execnet.dumps(value) == self._plain_dumps(value)
+        assert 0 < len(execnet._KEYS) <= execnet._KEYS_MAX
+
 
 def _hashables():
     return st.one_of(
