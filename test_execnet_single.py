@@ -2086,6 +2086,17 @@ class TestChannel:
             assert type(back) is type(item)
         ch.close()
 
+    def test_large_items_of_other_kinds_in_pieces(self, gw):
+        # serialized items larger than a piece, split anywhere (inside a
+        # multi-byte character too), come back whole
+        items = ["é\u20ac" * 700001, list(range(200003)),
+                 (b"\x02A" * 70001, "x" * 70001), {"k%d" % i: (i, b"v") for i in range(30011)}]
+        ch = gw.remote_exec("for item in channel:\n    channel.send(item)\n")
+        for item in items:
+            ch.send(item)
+            assert ch.receive(timeout=60) == item
+        ch.close()
+
     def test_remote_receive_timeout(self, gw):
         ch = gw.remote_exec(
             "try:\n    channel.receive(timeout=0.1)\n"
