@@ -5981,6 +5981,37 @@ class TestSsh:
         # env -i ran: sshd's HOME is gone, the prefix's variable is there
         assert environ.get("EXECNET_PREFIX") == "1" and "HOME" not in environ
 
+    def test_python_prefix_enters_a_network_namespace(self, server, group):
+        # the example prefix, `ip netns exec NAME python`; the
+        # first gateway's spawner then listens inside the namespace, out of
+        # sshd's reach, so the second one opens a session of its own
+        ip = shutil.which("ip")
+        if not ip or os.geteuid() != 0:
+            message = "network namespaces need root and iproute2"
+            if IN_CI:
+                pytest.fail(message + " (required when CI=true)")
+            pytest.skip(message)
+        name = "execnet-pfx%d" % os.getpid()
+        subprocess.run([ip, "netns", "add", name], check=True, timeout=30)
+        try:
+            subprocess.run([ip, "netns", "exec", name, ip, "link", "set", "lo", "up"],
+                           check=True, timeout=30)
+            inside = subprocess.run(
+                [ip, "netns", "exec", name, "readlink", "/proc/self/ns/net"], check=True,
+                timeout=30, stdout=subprocess.PIPE).stdout.decode().strip()
+            assert inside != os.readlink("/proc/self/ns/net")
+            spec = server.spec("//python=%s netns exec %s %s" % (ip, name, sys.executable))
+            call_with_timeout(group.makegateways, 120, [spec] * 2)
+            got = group.remote_exec(
+                "import os\n"
+                "channel.send((os.readlink('/proc/self/ns/net'), os.getpid(), os.getppid()))"
+            ).receive_each()
+            assert [ns for ns, pid, ppid in got] == [inside, inside]
+            assert not set(ppid for ns, pid, ppid in got) & set(pid for ns, pid, ppid in got)
+            call_with_timeout(group.terminate, 60, timeout=10)
+        finally:
+            subprocess.run([ip, "netns", "delete", name], timeout=30)
+
     def test_seed_api_sshgateway(self, server):
         python = need_interpreter("3.6")
         gw = call_with_timeout(execnet.SshGateway, 60, SSH_ALIAS, remotepython=python,
