@@ -679,6 +679,56 @@ def deep_dump(kind, depth):
     return b"\x02" + body + b"Q"
 
 
+def _check_limit_pairs_in_small_stack(pairs):
+    """For each (at_limit, beyond) serialized pair, in a thread with a 256
+    KiB stack: the first loads, hashes (if it can), prints, compares and
+    dumps back to itself; the second is a LoadError.  In a subprocess, as
+    threading.stack_size() is process-wide and a stack overflow is a crash."""
+    blobs = b"".join(struct.pack("!i", len(data)) + data for pair in pairs for data in pair)
+    source = IMPORT_LINE + textwrap.dedent(
+        """
+        import struct, threading
+        blobs = sys.stdin.buffer.read()
+        datas, pos = [], 0
+        while pos < len(blobs):
+            size = struct.unpack("!i", blobs[pos:pos + 4])[0]
+            datas.append(blobs[pos + 4:pos + 4 + size])
+            pos += 4 + size
+        results = []
+
+        def run():
+            for at_limit, beyond in zip(datas[::2], datas[1::2]):
+                value = execnet.loads(at_limit)
+                try:
+                    hash(value)
+                except TypeError:  # lists, dicts, sets
+                    pass
+                repr(value)
+                assert value == execnet.loads(at_limit)
+                assert execnet.dumps(value) == at_limit
+                try:
+                    execnet.loads(beyond)
+                except execnet.LoadError:
+                    results.append("ok")
+                else:
+                    results.append("loaded beyond the limit")
+
+        threading.stack_size(256 * 1024)
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(60)
+        print(" ".join(results))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", source], input=blobs,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")[-2000:]
+    assert proc.stdout.split() == [b"ok"] * len(pairs), (
+        proc.stdout, proc.stderr.decode("utf-8", "replace")[-2000:])
+
+
 class TestSerializer:
     @pytest.mark.parametrize("index", range(len(SAMPLES)))
     def test_roundtrip(self, index):
@@ -1020,56 +1070,10 @@ class TestSerializer:
     @single_only
     def test_depth_limit_is_safe_in_a_thread_with_a_small_stack(self):
         """In a thread with a 256 KiB stack: values at the limit load, hash,
-        print, compare and dump; one level more is a LoadError.  In a
-        subprocess, as threading.stack_size() is process-wide and a stack
-        overflow is a crash."""
-        blobs = b""
-        for kind in DEPTH_KINDS:
-            limit = execnet._MAX_DEPTH
-            for data in (deep_dump(kind, limit), deep_dump(kind, limit + 1)):
-                blobs += struct.pack("!i", len(data)) + data
-        source = IMPORT_LINE + textwrap.dedent(
-            """
-            import struct, threading
-            blobs = sys.stdin.buffer.read()
-            pairs, pos = [], 0
-            while pos < len(blobs):
-                size = struct.unpack("!i", blobs[pos:pos + 4])[0]
-                pairs.append(blobs[pos + 4:pos + 4 + size])
-                pos += 4 + size
-            results = []
-
-            def run():
-                for at_limit, beyond in zip(pairs[::2], pairs[1::2]):
-                    value = execnet.loads(at_limit)
-                    try:
-                        hash(value)
-                    except TypeError:  # lists, dicts, sets
-                        pass
-                    repr(value)
-                    assert value == execnet.loads(at_limit)
-                    assert execnet.dumps(value) == at_limit
-                    try:
-                        execnet.loads(beyond)
-                    except execnet.LoadError:
-                        results.append("ok")
-                    else:
-                        results.append("loaded beyond the limit")
-
-            threading.stack_size(256 * 1024)
-            thread = threading.Thread(target=run)
-            thread.start()
-            thread.join(60)
-            print(" ".join(results))
-            """
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", source], input=blobs,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")[-2000:]
-        assert proc.stdout.split() == [b"ok"] * len(DEPTH_KINDS), (
-            proc.stdout, proc.stderr.decode("utf-8", "replace")[-2000:])
+        print, compare and dump; one level more is a LoadError."""
+        limit = execnet._MAX_DEPTH
+        _check_limit_pairs_in_small_stack(
+            [(deep_dump(kind, limit), deep_dump(kind, limit + 1)) for kind in DEPTH_KINDS])
 
     @single_only
     def test_two_calls_a_level_are_safe_in_a_thread_with_a_small_stack(self):
@@ -1091,49 +1095,13 @@ class TestSerializer:
                     + b"F" + i4(1) + (b"@" + i4(2) + b"P") * rounds + b"Q")
 
         limit = execnet._MAX_DEPTH
-        blobs = b""
+        limit_pairs = []
         for make in (float_keys, pairs):
             at_limit = make(limit)
             value = execnet.loads(at_limit)
             assert execnet.dumps(value) == at_limit
-            for data in (at_limit, make(limit + 2)):
-                blobs += i4(len(data)) + data
-        source = IMPORT_LINE + textwrap.dedent(
-            """
-            import struct, threading
-            blobs = sys.stdin.buffer.read()
-            datas, pos = [], 0
-            while pos < len(blobs):
-                size = struct.unpack("!i", blobs[pos:pos + 4])[0]
-                datas.append(blobs[pos + 4:pos + 4 + size])
-                pos += 4 + size
-            results = []
-
-            def run():
-                for at_limit, beyond in zip(datas[::2], datas[1::2]):
-                    value = execnet.loads(at_limit)
-                    assert execnet.dumps(value) == at_limit
-                    try:
-                        execnet.loads(beyond)
-                    except execnet.LoadError:
-                        results.append("ok")
-                    else:
-                        results.append("loaded beyond the limit")
-
-            threading.stack_size(256 * 1024)
-            thread = threading.Thread(target=run)
-            thread.start()
-            thread.join(60)
-            print(" ".join(results))
-            """
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", source], input=blobs,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")[-2000:]
-        assert proc.stdout.split() == [b"ok", b"ok"], (
-            proc.stdout, proc.stderr.decode("utf-8", "replace")[-2000:])
+            limit_pairs.append((at_limit, make(limit + 2)))
+        _check_limit_pairs_in_small_stack(limit_pairs)
 
     @single_only
     @pytest.mark.parametrize(
