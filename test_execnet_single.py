@@ -1044,6 +1044,38 @@ class TestSerializer:
         assert "nested more than %d deep" % limit in str(excinfo.value)
 
     @single_only
+    def test_depth_limit_exact_when_the_deepest_item_comes_last(self):
+        """[t, [t]] with t a tuple nested n deep is n + 2 deep: the second
+        item is the deeper one, so a loader that kept the first item's depth
+        would pass 201 levels.  Both loaders: 200 loads, 201 is refused."""
+        def i4(n):
+            return struct.pack("!i", n)
+
+        def pair(n):  # [t, [t]], written as dumps writes it
+            t = b"F" + i4(1) + (b"@" + i4(1)) * n
+            return (b"\x02K" + i4(2) + b"F" + i4(0) + t + b"PF" + i4(1)
+                    + b"K" + i4(1) + b"F" + i4(0) + t + b"PPQ")
+
+        limit = execnet._MAX_DEPTH
+        t = 1
+        for _ in range(limit - 2):
+            t = (t,)
+        value = [t, [t]]
+        assert execnet.dumps(value) == pair(limit - 2)
+        for load in (execnet._load_fast,
+                     lambda data: execnet._load_general(data, None, False, False),
+                     execnet.loads):
+            assert same(load(pair(limit - 2)), value)
+        with pytest.raises(execnet.DumpError, match="nested more than %d deep" % limit):
+            execnet.dumps([(t,), [(t,)]])
+        with pytest.raises(execnet._Refuse):
+            execnet._load_fast(pair(limit - 1))
+        with pytest.raises(execnet.LoadError, match="nested more than %d deep" % limit):
+            execnet._load_general(pair(limit - 1), None, False, False)
+        with pytest.raises(execnet.LoadError, match="nested more than %d deep" % limit):
+            execnet.loads(pair(limit - 1))
+
+    @single_only
     @pytest.mark.parametrize("kind", DEPTH_KINDS)
     def test_hostile_depth_is_load_error_not_a_crash(self, kind):
         """200,000 levels (a tuple in a set, a dict key, lists and dicts
