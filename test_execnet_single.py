@@ -2986,6 +2986,39 @@ class TestOutput:
         shown = MIXED_OUTPUT_SHOWN.format(id=gw.id)
         assert shown in err, (len(err), err[:300], err[-300:])
 
+    def test_redraw_after_a_pause_shows_without_more_output(self, monkeypatch):
+        # "10%" is shown after the output delay; "\r20%" coming later must be
+        # shown too, although nothing follows it (the thread that shows
+        # held text has gone to sleep with nothing due by then)
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        console = execnet._PrefixedStderr("gw0")
+        try:
+            console.feed(2, b"10%")
+            assert wait_for(lambda: err.getvalue() == "[gw0] 10%", timeout=5), err.getvalue()
+            time.sleep(execnet._OUTPUT_DELAY + 0.2)   # not asserted: the pause
+            console.feed(2, b"\r20%")
+            assert wait_for(lambda: err.getvalue() == "[gw0] 10%\r[gw0] 20%", timeout=5), (
+                err.getvalue())
+        finally:
+            console.close()
+        assert err.getvalue() == "[gw0] 10%\r[gw0] 20%\n"
+
+    @pytest.mark.parametrize("reads, shown", [
+        ([b"a\r", b"\nb\n"], "[gw0] a\r\n[gw0] b\n"),
+        ([b"a\r", b"\n", b"b\n"], "[gw0] a\r\n[gw0] b\n"),
+        ([b"a\r", b"\n\r", b"\nb\n"], "[gw0] a\r\n[gw0] \r\n[gw0] b\n"),
+    ], ids=["lf-starts-the-next-read", "lf-alone", "an-empty-line-between"])
+    def test_cr_and_lf_in_separate_reads_are_one_line_end(self, monkeypatch, reads, shown):
+        # no extra empty "[gw0] " line where a read ends between "\r" and "\n"
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        console = execnet._PrefixedStderr("gw0")
+        for data in reads:
+            console.feed(2, data)
+        console.close()
+        assert err.getvalue() == shown
+
 
 # ========================================================= termination
 
