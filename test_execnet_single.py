@@ -1653,6 +1653,39 @@ class TestFraming:
             tracemalloc.stop()
         assert peak < 1024 * 1024
 
+    def test_partial_writev_continues_where_it_stopped(self, monkeypatch):
+        # the OS may write fewer bytes than asked, also inside a buffer:
+        # the rest goes next, complete and in order
+        real_writev = os.writev
+        calls = []
+
+        def short_writev(fd, buffers):
+            budget, first = 3, []
+            for data in buffers:   # at most 3 bytes, cut anywhere
+                if budget <= 0:
+                    break
+                first.append(memoryview(data)[:budget])
+                budget -= len(first[-1])
+            calls.append(sum(len(v) for v in first))
+            return real_writev(fd, first)
+
+        monkeypatch.setattr(execnet.os, "writev", short_writev)
+        buffers = [b"header", b"", os.urandom(1000), b"x", bytearray(b"tail" * 50)]
+        rfd, wfd = os.pipe()
+        pieces = []
+        try:
+            stream = execnet._FdIO(rfd, wfd)
+            call_with_timeout(stream.writev, 5, buffers)   # (all of it fits into the pipe)
+            stream.close_write()
+            while not pieces or pieces[-1]:
+                pieces.append(os.read(rfd, 65536))
+        finally:
+            os.close(rfd)
+            if stream.wfd >= 0:
+                os.close(wfd)
+        assert b"".join(pieces) == b"".join(bytes(b) for b in buffers)
+        assert len(calls) > len(buffers) and max(calls) == 3
+
     def test_garbage_data_frame_closes_only_that_channel(self, gw):
         victim = gw.remote_exec("channel.send(channel.receive())")
         bystander = gw.remote_exec("channel.send(channel.receive() + 1)")
