@@ -5657,6 +5657,20 @@ class TestCLI:
         err = proc.stderr.decode().splitlines()
         assert len(err) == 1 and err[0].startswith("execnet_single: error: [bad] ")
 
+    def test_run_timeout_ends_a_remote_that_sleeps(self, tmp_path):
+        # --timeout bounds the wait for each item: the run fails soon,
+        # instead of waiting for the remote's two minutes of sleep
+        proc = subprocess.run(
+            [sys.executable, "-m", "execnet_single", "run", "--timeout", "2", "-c",
+             "import os, time; channel.send(os.getpid()); time.sleep(120)", "popen"],
+            cwd=str(tmp_path), env=server_env(tmp_path), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=20)
+        assert proc.returncode == 1, proc.stderr
+        err = proc.stderr.decode()
+        assert err.startswith("execnet_single: error: [gw0] ") and "2.0 seconds" in err, err
+        pid = int(proc.stdout.decode().split()[1])
+        assert wait_for(lambda: pid_gone(pid), timeout=10), "the sleeping remote outlived run"
+
     def test_help_documents_every_option(self, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "execnet_single", "serve", "--help"],
                               env=server_env(tmp_path), stdout=subprocess.PIPE, timeout=60)
