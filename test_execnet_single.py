@@ -3591,6 +3591,114 @@ class TestFlowControl:
         other.send(1)
         assert other.receive(timeout=30) == 2
 
+    @pytest.mark.transports("popen", "via")
+    def test_sender_waiting_for_credit_gets_oserror_when_its_stopped_remote_ends(
+            self, group, transport):
+        # 4,000-byte items under a 64 KiB window: the window runs out while
+        # the pipe still has room, so send() waits for credit, not in write()
+        window = 65536
+        gw = make_transport_gateway(group, transport, "//window=%d" % window)
+        pid = rinfo(gw).pid
+        item = b"x" * 4000
+        size = len(execnet.dumps(item))
+        ch = gw.remote_exec("channel.receive()")
+        outcome = []
+
+        def send():
+            try:
+                for _ in range(100):
+                    ch.send(item)
+                outcome.append("all sent")
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=send, name="credit-waiter")
+        thread.daemon = True
+        try:
+            _stop(pid)
+            thread.start()
+            assert wait_for(lambda: ch._flow.unacked + size > window, timeout=10)
+            thread.join(0.3)   # not asserted: it stays in the wait for credit
+            assert thread.is_alive() and not outcome, outcome
+            call_with_timeout(gw.exit, 15)
+            thread.join(10)
+            assert not thread.is_alive(), "send() waiting for credit was not woken by exit()"
+            assert len(outcome) == 1 and isinstance(outcome[0], OSError), outcome
+        finally:
+            _kill_leftovers([pid])
+
+    def test_data_acknowledged_early_is_not_acknowledged_again_when_read(
+            self, group, transport):
+        # waitclose() acknowledges what arrived (it is read later); reading
+        # it must not acknowledge it a second time, or the peer's credit
+        # grows past the window by that much
+        window = 65536
+        item_size = len(execnet.dumps(b"x" * 4000))
+        gw = make_transport_gateway(group, transport, "//window=%d" % window)
+        go, progress = gw.newchannel(), gw.newchannel()
+        ch = gw.remote_exec(
+            "go, progress = channel.receive(), channel.receive()\n"
+            "for i in range(8):\n"
+            "    channel.send(bytes([i]) * 4000)\n"
+            "progress.send(8)\n"
+            "go.receive()\n"
+            "for i in range(8, 80):\n"
+            "    channel.send(bytes([i]) * 4000)\n"
+            "    progress.send(i + 1)\n")
+        ch.send(go)
+        ch.send(progress)
+        assert progress.receive(timeout=30) == 8   # the 8 items have arrived, unread
+        with pytest.raises(execnet.TimeoutError):
+            ch.waitclose(timeout=0.3)   # acknowledges those 8 early
+        go.send("go")
+        sent, full = 8, 8 + window // item_size
+        while sent < full:   # the peer fills the window again
+            sent = progress.receive(timeout=30)
+        sent = max(sent, _wait_until_stalled(lambda t: progress.receive(timeout=t), quiet=0.5))
+        assert sent == full, sent
+        # now, with the peer's count at its top (so no extra acknowledgement
+        # could vanish below zero there), read the 8
+        for i in range(8):
+            assert ch.receive(timeout=30) == bytes([i]) * 4000
+        sent = max(sent, _wait_until_stalled(lambda t: progress.receive(timeout=t), quiet=0.5))
+        assert (sent - 8) * item_size <= window, (
+            "%d bytes unread beyond the window: acknowledged twice" % (
+                (sent - 8) * item_size - window))
+        for i in range(8, 80):
+            assert ch.receive(timeout=30) == bytes([i]) * 4000
+        ch.waitclose(timeout=30)
+
+    def test_receiver_thread_never_writes_to_the_stream(self, group, transport):
+        # what the receiver thread sends (acknowledgements, a callback's
+        # replies, small and in pieces) is queued for other threads to write
+        import queue
+
+        gw = make_transport_gateway(group, transport, "//window=65536")
+        writers = set()
+        stream = gw._io
+        for name in ("write", "writev"):
+            def recording(data, real=getattr(stream, name)):
+                writers.add(threading.current_thread())
+                return real(data)
+
+            setattr(stream, name, recording)
+        ch = gw.remote_exec(
+            "for i in range(40):\n"
+            "    channel.send(bytes([i]) * 20000)\n"
+            "    assert channel.receive() == bytes([i]) * (100000 if i % 2 else 100)\n"
+            "channel.send('done')\n")
+        done = queue.Queue()
+
+        def reply(item):
+            if item == "done":
+                done.put(item)
+            else:
+                ch.send(bytes([item[0]]) * (100000 if item[0] % 2 else 100))
+
+        ch.setcallback(reply)
+        assert done.get(timeout=60) == "done"
+        assert writers and gw._receiver not in writers, sorted(t.name for t in writers)
+
     @pytest.mark.parametrize("spec, key", [
         ("popen//window=0", "window"), ("popen//window=-1", "window"),
         ("popen//window=1k", "window"), ("popen//max_item=0", "max_item"),
@@ -3688,6 +3796,26 @@ def _callback_sends_large_reply(group, gw):
     return done.get(timeout=30)
 
 
+def _callback_replies_beyond_the_window(group, gw):
+    import queue
+
+    ch = gw.remote_exec(
+        "for i in range(3):\n"
+        "    channel.send(i)\n"
+        "    assert channel.receive() == bytes([i]) * 3 * MIB\n"
+        "channel.send('done')\n".replace("MIB", str(MIB)))
+    done = queue.Queue()
+
+    def reply(item):
+        if item == "done":
+            done.put(item)
+        else:
+            ch.send(bytes([item]) * 3 * MIB)
+
+    ch.setcallback(reply)
+    return done.get(timeout=25)
+
+
 def _small_window_big_items(group, gw):
     ch = gw.remote_exec("for i in range(20): channel.send(bytes([i]) * 100000)")
     ch.waitclose(timeout=60)
@@ -3744,6 +3872,14 @@ class TestFlowControlCompletes:
 
     def test_callback_sends_large_reply(self, transport):
         results = _run_program(_callback_sends_large_reply, transport)
+        assert set(results.values()) == {"done"}, results
+
+    def test_callback_replies_larger_than_the_window(self, transport):
+        # 3 MiB replies under a 1 MiB window, sent from the receiver thread:
+        # it must never wait for credit (the acknowledgements it would wait
+        # for are what it reads)
+        results = _run_program(_callback_replies_beyond_the_window, transport,
+                               "//window=1048576")
         assert set(results.values()) == {"done"}, results
 
     def test_small_window_items_larger_than_window(self, transport):
