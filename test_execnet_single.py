@@ -3347,6 +3347,30 @@ class TestTermination:
         finally:
             _kill_leftovers([pid])
 
+    def test_exit_of_a_stopped_remote_returns_in_time_and_leaves_no_zombie(self, group):
+        gw = mkgw(group, "popen")
+        pid = rinfo(gw).pid
+        try:
+            _stop(pid)
+            # documented bound: about _EXIT_TIMEOUT + 2 s
+            call_with_timeout(gw.exit, execnet._EXIT_TIMEOUT + 2 + 3)
+            # reaped by exit() itself: not even a zombie is left
+            assert not psutil.pid_exists(pid), psutil.Process(pid).status()
+        finally:
+            _kill_leftovers([pid])
+
+    def test_proxy_exit_ends_its_stopped_via_gateway_not_ended_first(self, group):
+        proxy = mkgw(group, "popen//id=vstop-p")
+        gw = mkgw(group, "popen//via=vstop-p")
+        pid = rinfo(gw).pid
+        try:
+            _stop(pid)
+            call_with_timeout(proxy.exit, 15)
+            assert wait_for(lambda: pid_gone(pid), timeout=5), (
+                "a stopped via gateway's process outlived its proxy")
+        finally:
+            _kill_leftovers([pid])
+
     def test_group_terminate_with_busy_remotes(self, group):
         gws = [mkgw(group, "popen"), mkgw(group, "popen//id=tp")]
         gws.append(mkgw(group, "popen//via=tp"))
@@ -4307,6 +4331,26 @@ class TestGroup:
         call_with_timeout(group.terminate, 60, timeout=10)
         assert len(group) == 0
         assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30)
+
+    def test_terminate_lets_a_via_gateway_clean_up_before_its_proxy_goes(
+            self, group, tmp_path):
+        # the via gateway's remote code cleans up (0.3 s) on end of input;
+        # its proxy, whose end kills the relayed process, must wait for it
+        marker = tmp_path / "cleaned-up"
+        mkgw(group, "popen//id=clean-p")
+        gw = mkgw(group, "popen//via=clean-p")
+        ch = gw.remote_exec(
+            "import time\n"
+            "channel.send('ready')\n"
+            "try:\n"
+            "    channel.receive()\n"
+            "except EOFError:\n"
+            "    time.sleep(0.3)\n"
+            "    with open(%r, 'w') as f:\n"
+            "        f.write('done')\n" % str(marker))
+        assert ch.receive(timeout=30) == "ready"
+        call_with_timeout(group.terminate, 30)
+        assert marker.exists() and marker.read_text() == "done"
 
     def test_exit_removes_from_group(self, group):
         gw = mkgw(group, "popen")
