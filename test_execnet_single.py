@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import io
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -6337,6 +6338,49 @@ class TestSsh:
             mkgw(group, server.spec(config=config))
         assert "Host key verification failed" in info.value.output
         assert len(group) == 0
+
+    @staticmethod
+    def fake_ssh(tmp_path, monkeypatch, stderr):
+        """An `ssh` first on PATH that records its arguments (returned: the
+        file they go to), prints stderr and fails as ssh does (255)."""
+        bindir = tmp_path / "fake-bin"
+        bindir.mkdir()
+        argv_file = tmp_path / "ssh-argv.json"
+        script = bindir / "ssh"
+        script.write_text(
+            "#!%s\nimport json, sys\n"
+            "with open(%r, 'w') as f:\n    json.dump(sys.argv[1:], f)\n"
+            "sys.stderr.write(%r)\nsys.exit(255)\n" % (sys.executable, str(argv_file), stderr))
+        script.chmod(0o755)
+        monkeypatch.setenv("PATH", "%s%s%s" % (bindir, os.pathsep, os.environ["PATH"]))
+        return argv_file
+
+    @pytest.mark.parametrize("stderr, error", [
+        ("Host key verification failed.\r\nConnection closed by 127.0.0.1 port 22\r\n",
+         "SshHostKeyError"),
+        ("user@127.0.0.1: Permission denied (publickey).\r\n"
+         "Connection closed by 127.0.0.1 port 22\r\n", "SshAuthenticationFailed"),
+    ], ids=["host-key", "authentication"])
+    def test_the_first_cause_ssh_names_decides_the_error(
+            self, group, tmp_path, monkeypatch, stderr, error):
+        # ssh's last line ("Connection closed") is the consequence, not the cause
+        self.fake_ssh(tmp_path, monkeypatch, stderr)
+        with pytest.raises(execnet.SshError) as info:
+            mkgw(group, "ssh=somehost")
+        assert type(info.value) is getattr(execnet, error), repr(info.value)
+        assert info.value.output == stderr
+        assert len(group) == 0
+
+    def test_the_library_itself_asks_ssh_for_batch_mode(self, group, tmp_path, monkeypatch):
+        # no ssh_config here: BatchMode=yes must come from the library, so
+        # that ssh never stops to ask for a password or a host key
+        argv_file = self.fake_ssh(tmp_path, monkeypatch, "Permission denied (publickey).\r\n")
+        with pytest.raises(execnet.SshAuthenticationFailed):
+            mkgw(group, "ssh=somehost")
+        argv = json.loads(argv_file.read_text())
+        assert "somehost" in argv and "-F" not in argv, argv
+        options = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "-o"]
+        assert "BatchMode=yes" in options, argv
 
     def test_failed_start_leaves_no_process(self, server, group):
         config = server.write_config("nokey_config", IdentityFile=server.path("missing_key"))
