@@ -6454,6 +6454,38 @@ class TestSsh:
         exit_and_join(gw)
         assert wait_for(lambda: not self.ssh_left(), timeout=10), self.ssh_left()
 
+    @pytest.mark.parametrize("key", ["chdir", "nice"])
+    def test_the_others_do_not_inherit_the_first_gateways_chdir_or_nice(
+            self, server, group, tmp_path, key):
+        # the others would start from the first gateway's spawner, a child
+        # of its process: with chdir= or nice= there, they open sessions of
+        # their own and start in the login directory with niceness 0
+        import pwd
+
+        extra = "//chdir=%s" % tmp_path if key == "chdir" else "//nice=5"
+        first = mkgw(group, server.spec("//id=first" + extra))
+        others = call_with_timeout(group.makegateways, 120,
+                                   [server.spec("//id=other%d" % i) for i in range(2)])
+        source = "import os; channel.send((os.getcwd(), os.nice(0)))"
+        home, nice = pwd.getpwuid(os.getuid()).pw_dir, os.nice(0)
+        assert first.remote_exec(source).receive(30) == (
+            (str(tmp_path), nice) if key == "chdir" else (home, nice + 5))
+        assert [gw.remote_exec(source).receive(30) for gw in others] == [(home, nice)] * 2
+
+    def test_the_last_exit_ends_the_master_itself(self, server, group, monkeypatch):
+        # with a ControlPersist of a minute, only the library's own terminate
+        # request (not ssh's timer) can end the master within the bound
+        monkeypatch.setattr(execnet, "_SSH_PERSIST", 60)
+        gw = mkgw(group, server.spec())
+        masters = self.masters()
+        assert len(masters) == 1
+        try:
+            exit_and_join(gw)
+            assert wait_for(lambda: all(pid_gone(p) for p in masters), timeout=10), (
+                "the master was left to its ControlPersist timer")
+        finally:
+            _kill_leftovers(masters)
+
     def test_first_gateway_may_end_before_the_others(self, server, group):
         before = server.accepted()
         first = mkgw(group, server.spec("//id=first"))   # its ssh started the master
