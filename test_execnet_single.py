@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import io
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -1044,6 +1045,38 @@ class TestSerializer:
         assert "nested more than %d deep" % limit in str(excinfo.value)
 
     @single_only
+    def test_depth_limit_exact_when_the_deepest_item_comes_last(self):
+        """[t, [t]] with t a tuple nested n deep is n + 2 deep: the second
+        item is the deeper one, so a loader that kept the first item's depth
+        would pass 201 levels.  Both loaders: 200 loads, 201 is refused."""
+        def i4(n):
+            return struct.pack("!i", n)
+
+        def pair(n):  # [t, [t]], written as dumps writes it
+            t = b"F" + i4(1) + (b"@" + i4(1)) * n
+            return (b"\x02K" + i4(2) + b"F" + i4(0) + t + b"PF" + i4(1)
+                    + b"K" + i4(1) + b"F" + i4(0) + t + b"PPQ")
+
+        limit = execnet._MAX_DEPTH
+        t = 1
+        for _ in range(limit - 2):
+            t = (t,)
+        value = [t, [t]]
+        assert execnet.dumps(value) == pair(limit - 2)
+        for load in (execnet._load_fast,
+                     lambda data: execnet._load_general(data, None, False, False),
+                     execnet.loads):
+            assert same(load(pair(limit - 2)), value)
+        with pytest.raises(execnet.DumpError, match="nested more than %d deep" % limit):
+            execnet.dumps([(t,), [(t,)]])
+        with pytest.raises(execnet._Refuse):
+            execnet._load_fast(pair(limit - 1))
+        with pytest.raises(execnet.LoadError, match="nested more than %d deep" % limit):
+            execnet._load_general(pair(limit - 1), None, False, False)
+        with pytest.raises(execnet.LoadError, match="nested more than %d deep" % limit):
+            execnet.loads(pair(limit - 1))
+
+    @single_only
     @pytest.mark.parametrize("kind", DEPTH_KINDS)
     def test_hostile_depth_is_load_error_not_a_crash(self, kind):
         """200,000 levels (a tuple in a set, a dict key, lists and dicts
@@ -1620,6 +1653,39 @@ class TestFraming:
         finally:
             tracemalloc.stop()
         assert peak < 1024 * 1024
+
+    def test_partial_writev_continues_where_it_stopped(self, monkeypatch):
+        # the OS may write fewer bytes than asked, also inside a buffer:
+        # the rest goes next, complete and in order
+        real_writev = os.writev
+        calls = []
+
+        def short_writev(fd, buffers):
+            budget, first = 3, []
+            for data in buffers:   # at most 3 bytes, cut anywhere
+                if budget <= 0:
+                    break
+                first.append(memoryview(data)[:budget])
+                budget -= len(first[-1])
+            calls.append(sum(len(v) for v in first))
+            return real_writev(fd, first)
+
+        monkeypatch.setattr(execnet.os, "writev", short_writev)
+        buffers = [b"header", b"", os.urandom(1000), b"x", bytearray(b"tail" * 50)]
+        rfd, wfd = os.pipe()
+        pieces = []
+        try:
+            stream = execnet._FdIO(rfd, wfd)
+            call_with_timeout(stream.writev, 5, buffers)   # (all of it fits into the pipe)
+            stream.close_write()
+            while not pieces or pieces[-1]:
+                pieces.append(os.read(rfd, 65536))
+        finally:
+            os.close(rfd)
+            if stream.wfd >= 0:
+                os.close(wfd)
+        assert b"".join(pieces) == b"".join(bytes(b) for b in buffers)
+        assert len(calls) > len(buffers) and max(calls) == 3
 
     def test_garbage_data_frame_closes_only_that_channel(self, gw):
         victim = gw.remote_exec("channel.send(channel.receive())")
@@ -2954,6 +3020,39 @@ class TestOutput:
         shown = MIXED_OUTPUT_SHOWN.format(id=gw.id)
         assert shown in err, (len(err), err[:300], err[-300:])
 
+    def test_redraw_after_a_pause_shows_without_more_output(self, monkeypatch):
+        # "10%" is shown after the output delay; "\r20%" coming later must be
+        # shown too, although nothing follows it (the thread that shows
+        # held text has gone to sleep with nothing due by then)
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        console = execnet._PrefixedStderr("gw0")
+        try:
+            console.feed(2, b"10%")
+            assert wait_for(lambda: err.getvalue() == "[gw0] 10%", timeout=5), err.getvalue()
+            time.sleep(execnet._OUTPUT_DELAY + 0.2)   # not asserted: the pause
+            console.feed(2, b"\r20%")
+            assert wait_for(lambda: err.getvalue() == "[gw0] 10%\r[gw0] 20%", timeout=5), (
+                err.getvalue())
+        finally:
+            console.close()
+        assert err.getvalue() == "[gw0] 10%\r[gw0] 20%\n"
+
+    @pytest.mark.parametrize("reads, shown", [
+        ([b"a\r", b"\nb\n"], "[gw0] a\r\n[gw0] b\n"),
+        ([b"a\r", b"\n", b"b\n"], "[gw0] a\r\n[gw0] b\n"),
+        ([b"a\r", b"\n\r", b"\nb\n"], "[gw0] a\r\n[gw0] \r\n[gw0] b\n"),
+    ], ids=["lf-starts-the-next-read", "lf-alone", "an-empty-line-between"])
+    def test_cr_and_lf_in_separate_reads_are_one_line_end(self, monkeypatch, reads, shown):
+        # no extra empty "[gw0] " line where a read ends between "\r" and "\n"
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        console = execnet._PrefixedStderr("gw0")
+        for data in reads:
+            console.feed(2, data)
+        console.close()
+        assert err.getvalue() == shown
+
 
 # ========================================================= termination
 
@@ -3249,6 +3348,30 @@ class TestTermination:
         finally:
             _kill_leftovers([pid])
 
+    def test_exit_of_a_stopped_remote_returns_in_time_and_leaves_no_zombie(self, group):
+        gw = mkgw(group, "popen")
+        pid = rinfo(gw).pid
+        try:
+            _stop(pid)
+            # documented bound: about _EXIT_TIMEOUT + 2 s
+            call_with_timeout(gw.exit, execnet._EXIT_TIMEOUT + 2 + 3)
+            # reaped by exit() itself: not even a zombie is left
+            assert not psutil.pid_exists(pid), psutil.Process(pid).status()
+        finally:
+            _kill_leftovers([pid])
+
+    def test_proxy_exit_ends_its_stopped_via_gateway_not_ended_first(self, group):
+        proxy = mkgw(group, "popen//id=vstop-p")
+        gw = mkgw(group, "popen//via=vstop-p")
+        pid = rinfo(gw).pid
+        try:
+            _stop(pid)
+            call_with_timeout(proxy.exit, 15)
+            assert wait_for(lambda: pid_gone(pid), timeout=5), (
+                "a stopped via gateway's process outlived its proxy")
+        finally:
+            _kill_leftovers([pid])
+
     def test_group_terminate_with_busy_remotes(self, group):
         gws = [mkgw(group, "popen"), mkgw(group, "popen//id=tp")]
         gws.append(mkgw(group, "popen//via=tp"))
@@ -3493,6 +3616,114 @@ class TestFlowControl:
         other.send(1)
         assert other.receive(timeout=30) == 2
 
+    @pytest.mark.transports("popen", "via")
+    def test_sender_waiting_for_credit_gets_oserror_when_its_stopped_remote_ends(
+            self, group, transport):
+        # 4,000-byte items under a 64 KiB window: the window runs out while
+        # the pipe still has room, so send() waits for credit, not in write()
+        window = 65536
+        gw = make_transport_gateway(group, transport, "//window=%d" % window)
+        pid = rinfo(gw).pid
+        item = b"x" * 4000
+        size = len(execnet.dumps(item))
+        ch = gw.remote_exec("channel.receive()")
+        outcome = []
+
+        def send():
+            try:
+                for _ in range(100):
+                    ch.send(item)
+                outcome.append("all sent")
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=send, name="credit-waiter")
+        thread.daemon = True
+        try:
+            _stop(pid)
+            thread.start()
+            assert wait_for(lambda: ch._flow.unacked + size > window, timeout=10)
+            thread.join(0.3)   # not asserted: it stays in the wait for credit
+            assert thread.is_alive() and not outcome, outcome
+            call_with_timeout(gw.exit, 15)
+            thread.join(10)
+            assert not thread.is_alive(), "send() waiting for credit was not woken by exit()"
+            assert len(outcome) == 1 and isinstance(outcome[0], OSError), outcome
+        finally:
+            _kill_leftovers([pid])
+
+    def test_data_acknowledged_early_is_not_acknowledged_again_when_read(
+            self, group, transport):
+        # waitclose() acknowledges what arrived (it is read later); reading
+        # it must not acknowledge it a second time, or the peer's credit
+        # grows past the window by that much
+        window = 65536
+        item_size = len(execnet.dumps(b"x" * 4000))
+        gw = make_transport_gateway(group, transport, "//window=%d" % window)
+        go, progress = gw.newchannel(), gw.newchannel()
+        ch = gw.remote_exec(
+            "go, progress = channel.receive(), channel.receive()\n"
+            "for i in range(8):\n"
+            "    channel.send(bytes([i]) * 4000)\n"
+            "progress.send(8)\n"
+            "go.receive()\n"
+            "for i in range(8, 80):\n"
+            "    channel.send(bytes([i]) * 4000)\n"
+            "    progress.send(i + 1)\n")
+        ch.send(go)
+        ch.send(progress)
+        assert progress.receive(timeout=30) == 8   # the 8 items have arrived, unread
+        with pytest.raises(execnet.TimeoutError):
+            ch.waitclose(timeout=0.3)   # acknowledges those 8 early
+        go.send("go")
+        sent, full = 8, 8 + window // item_size
+        while sent < full:   # the peer fills the window again
+            sent = progress.receive(timeout=30)
+        sent = max(sent, _wait_until_stalled(lambda t: progress.receive(timeout=t), quiet=0.5))
+        assert sent == full, sent
+        # now, with the peer's count at its top (so no extra acknowledgement
+        # could vanish below zero there), read the 8
+        for i in range(8):
+            assert ch.receive(timeout=30) == bytes([i]) * 4000
+        sent = max(sent, _wait_until_stalled(lambda t: progress.receive(timeout=t), quiet=0.5))
+        assert (sent - 8) * item_size <= window, (
+            "%d bytes unread beyond the window: acknowledged twice" % (
+                (sent - 8) * item_size - window))
+        for i in range(8, 80):
+            assert ch.receive(timeout=30) == bytes([i]) * 4000
+        ch.waitclose(timeout=30)
+
+    def test_receiver_thread_never_writes_to_the_stream(self, group, transport):
+        # what the receiver thread sends (acknowledgements, a callback's
+        # replies, small and in pieces) is queued for other threads to write
+        import queue
+
+        gw = make_transport_gateway(group, transport, "//window=65536")
+        writers = set()
+        stream = gw._io
+        for name in ("write", "writev"):
+            def recording(data, real=getattr(stream, name)):
+                writers.add(threading.current_thread())
+                return real(data)
+
+            setattr(stream, name, recording)
+        ch = gw.remote_exec(
+            "for i in range(40):\n"
+            "    channel.send(bytes([i]) * 20000)\n"
+            "    assert channel.receive() == bytes([i]) * (100000 if i % 2 else 100)\n"
+            "channel.send('done')\n")
+        done = queue.Queue()
+
+        def reply(item):
+            if item == "done":
+                done.put(item)
+            else:
+                ch.send(bytes([item[0]]) * (100000 if item[0] % 2 else 100))
+
+        ch.setcallback(reply)
+        assert done.get(timeout=60) == "done"
+        assert writers and gw._receiver not in writers, sorted(t.name for t in writers)
+
     @pytest.mark.parametrize("spec, key", [
         ("popen//window=0", "window"), ("popen//window=-1", "window"),
         ("popen//window=1k", "window"), ("popen//max_item=0", "max_item"),
@@ -3590,6 +3821,26 @@ def _callback_sends_large_reply(group, gw):
     return done.get(timeout=30)
 
 
+def _callback_replies_beyond_the_window(group, gw):
+    import queue
+
+    ch = gw.remote_exec(
+        "for i in range(3):\n"
+        "    channel.send(i)\n"
+        "    assert channel.receive() == bytes([i]) * 3 * MIB\n"
+        "channel.send('done')\n".replace("MIB", str(MIB)))
+    done = queue.Queue()
+
+    def reply(item):
+        if item == "done":
+            done.put(item)
+        else:
+            ch.send(bytes([item]) * 3 * MIB)
+
+    ch.setcallback(reply)
+    return done.get(timeout=25)
+
+
 def _small_window_big_items(group, gw):
     ch = gw.remote_exec("for i in range(20): channel.send(bytes([i]) * 100000)")
     ch.waitclose(timeout=60)
@@ -3646,6 +3897,14 @@ class TestFlowControlCompletes:
 
     def test_callback_sends_large_reply(self, transport):
         results = _run_program(_callback_sends_large_reply, transport)
+        assert set(results.values()) == {"done"}, results
+
+    def test_callback_replies_larger_than_the_window(self, transport):
+        # 3 MiB replies under a 1 MiB window, sent from the receiver thread:
+        # it must never wait for credit (the acknowledgements it would wait
+        # for are what it reads)
+        results = _run_program(_callback_replies_beyond_the_window, transport,
+                               "//window=1048576")
         assert set(results.values()) == {"done"}, results
 
     def test_small_window_items_larger_than_window(self, transport):
@@ -4073,6 +4332,26 @@ class TestGroup:
         call_with_timeout(group.terminate, 60, timeout=10)
         assert len(group) == 0
         assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30)
+
+    def test_terminate_lets_a_via_gateway_clean_up_before_its_proxy_goes(
+            self, group, tmp_path):
+        # the via gateway's remote code cleans up (0.3 s) on end of input;
+        # its proxy, whose end kills the relayed process, must wait for it
+        marker = tmp_path / "cleaned-up"
+        mkgw(group, "popen//id=clean-p")
+        gw = mkgw(group, "popen//via=clean-p")
+        ch = gw.remote_exec(
+            "import time\n"
+            "channel.send('ready')\n"
+            "try:\n"
+            "    channel.receive()\n"
+            "except EOFError:\n"
+            "    time.sleep(0.3)\n"
+            "    with open(%r, 'w') as f:\n"
+            "        f.write('done')\n" % str(marker))
+        assert ch.receive(timeout=30) == "ready"
+        call_with_timeout(group.terminate, 30)
+        assert marker.exists() and marker.read_text() == "done"
 
     def test_exit_removes_from_group(self, group):
         gw = mkgw(group, "popen")
@@ -5559,6 +5838,20 @@ class TestCLI:
         err = proc.stderr.decode().splitlines()
         assert len(err) == 1 and err[0].startswith("execnet_single: error: [bad] ")
 
+    def test_run_timeout_ends_a_remote_that_sleeps(self, tmp_path):
+        # --timeout bounds the wait for each item: the run fails soon,
+        # instead of waiting for the remote's two minutes of sleep
+        proc = subprocess.run(
+            [sys.executable, "-m", "execnet_single", "run", "--timeout", "2", "-c",
+             "import os, time; channel.send(os.getpid()); time.sleep(120)", "popen"],
+            cwd=str(tmp_path), env=server_env(tmp_path), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=20)
+        assert proc.returncode == 1, proc.stderr
+        err = proc.stderr.decode()
+        assert err.startswith("execnet_single: error: [gw0] ") and "2.0 seconds" in err, err
+        pid = int(proc.stdout.decode().split()[1])
+        assert wait_for(lambda: pid_gone(pid), timeout=10), "the sleeping remote outlived run"
+
     def test_help_documents_every_option(self, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "execnet_single", "serve", "--help"],
                               env=server_env(tmp_path), stdout=subprocess.PIPE, timeout=60)
@@ -6046,6 +6339,49 @@ class TestSsh:
         assert "Host key verification failed" in info.value.output
         assert len(group) == 0
 
+    @staticmethod
+    def fake_ssh(tmp_path, monkeypatch, stderr):
+        """An `ssh` first on PATH that records its arguments (returned: the
+        file they go to), prints stderr and fails as ssh does (255)."""
+        bindir = tmp_path / "fake-bin"
+        bindir.mkdir()
+        argv_file = tmp_path / "ssh-argv.json"
+        script = bindir / "ssh"
+        script.write_text(
+            "#!%s\nimport json, sys\n"
+            "with open(%r, 'w') as f:\n    json.dump(sys.argv[1:], f)\n"
+            "sys.stderr.write(%r)\nsys.exit(255)\n" % (sys.executable, str(argv_file), stderr))
+        script.chmod(0o755)
+        monkeypatch.setenv("PATH", "%s%s%s" % (bindir, os.pathsep, os.environ["PATH"]))
+        return argv_file
+
+    @pytest.mark.parametrize("stderr, error", [
+        ("Host key verification failed.\r\nConnection closed by 127.0.0.1 port 22\r\n",
+         "SshHostKeyError"),
+        ("user@127.0.0.1: Permission denied (publickey).\r\n"
+         "Connection closed by 127.0.0.1 port 22\r\n", "SshAuthenticationFailed"),
+    ], ids=["host-key", "authentication"])
+    def test_the_first_cause_ssh_names_decides_the_error(
+            self, group, tmp_path, monkeypatch, stderr, error):
+        # ssh's last line ("Connection closed") is the consequence, not the cause
+        self.fake_ssh(tmp_path, monkeypatch, stderr)
+        with pytest.raises(execnet.SshError) as info:
+            mkgw(group, "ssh=somehost")
+        assert type(info.value) is getattr(execnet, error), repr(info.value)
+        assert info.value.output == stderr
+        assert len(group) == 0
+
+    def test_the_library_itself_asks_ssh_for_batch_mode(self, group, tmp_path, monkeypatch):
+        # no ssh_config here: BatchMode=yes must come from the library, so
+        # that ssh never stops to ask for a password or a host key
+        argv_file = self.fake_ssh(tmp_path, monkeypatch, "Permission denied (publickey).\r\n")
+        with pytest.raises(execnet.SshAuthenticationFailed):
+            mkgw(group, "ssh=somehost")
+        argv = json.loads(argv_file.read_text())
+        assert "somehost" in argv and "-F" not in argv, argv
+        options = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "-o"]
+        assert "BatchMode=yes" in options, argv
+
     def test_failed_start_leaves_no_process(self, server, group):
         config = server.write_config("nokey_config", IdentityFile=server.path("missing_key"))
         with pytest.raises(execnet.SshAuthenticationFailed):
@@ -6117,6 +6453,38 @@ class TestSsh:
         assert len(ssh_processes()) == 1 and len(self.masters()) == 1
         exit_and_join(gw)
         assert wait_for(lambda: not self.ssh_left(), timeout=10), self.ssh_left()
+
+    @pytest.mark.parametrize("key", ["chdir", "nice"])
+    def test_the_others_do_not_inherit_the_first_gateways_chdir_or_nice(
+            self, server, group, tmp_path, key):
+        # the others would start from the first gateway's spawner, a child
+        # of its process: with chdir= or nice= there, they open sessions of
+        # their own and start in the login directory with niceness 0
+        import pwd
+
+        extra = "//chdir=%s" % tmp_path if key == "chdir" else "//nice=5"
+        first = mkgw(group, server.spec("//id=first" + extra))
+        others = call_with_timeout(group.makegateways, 120,
+                                   [server.spec("//id=other%d" % i) for i in range(2)])
+        source = "import os; channel.send((os.getcwd(), os.nice(0)))"
+        home, nice = pwd.getpwuid(os.getuid()).pw_dir, os.nice(0)
+        assert first.remote_exec(source).receive(30) == (
+            (str(tmp_path), nice) if key == "chdir" else (home, nice + 5))
+        assert [gw.remote_exec(source).receive(30) for gw in others] == [(home, nice)] * 2
+
+    def test_the_last_exit_ends_the_master_itself(self, server, group, monkeypatch):
+        # with a ControlPersist of a minute, only the library's own terminate
+        # request (not ssh's timer) can end the master within the bound
+        monkeypatch.setattr(execnet, "_SSH_PERSIST", 60)
+        gw = mkgw(group, server.spec())
+        masters = self.masters()
+        assert len(masters) == 1
+        try:
+            exit_and_join(gw)
+            assert wait_for(lambda: all(pid_gone(p) for p in masters), timeout=10), (
+                "the master was left to its ControlPersist timer")
+        finally:
+            _kill_leftovers(masters)
 
     def test_first_gateway_may_end_before_the_others(self, server, group):
         before = server.accepted()
