@@ -112,10 +112,9 @@ def _setup_trace():
     if level == "2":
         stream = sys.__stderr__
     else:
-        import tempfile
-
-        path = os.path.join(tempfile.gettempdir(), "execnet-debug-%d" % os.getpid())
-        stream = open(path, "w", buffering=1, encoding="utf-8")
+        stream = _open_trace_file()
+        if stream is None:
+            return
     lock = threading.Lock()
     pid = os.getpid()
 
@@ -129,6 +128,31 @@ def _setup_trace():
                 pass
 
     _trace = trace
+
+
+def _open_trace_file():
+    """A new trace file execnet-debug-PID-RANDOM in the temp dir, or None.
+
+    The temp dir is shared: the name holds random bytes so nobody can plant
+    a file or symlink there first, it is created exclusively, never through
+    a symlink, and mode 0600, as it holds the start of remote_exec sources.
+    """
+    import binascii
+    import tempfile
+
+    directory = tempfile.gettempdir()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for attempt in range(10):
+        path = os.path.join(directory, "execnet-debug-%d-%s" % (
+            os.getpid(), binascii.hexlify(os.urandom(6)).decode("ascii")))
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+        return open(fd, "w", buffering=1, encoding="utf-8")
+    return None
 
 
 def _daemon(target, args=(), name="execnet_single"):
@@ -248,16 +272,22 @@ class _Text:
         "Python %r for gateway %s exited during bootstrap (exit status %s)"
     )
     BAD_BOOTSTRAP = "gateway %s: unexpected bootstrap reply %r"
+    NOISE_DROPPED = "[%d earlier bytes of output not kept]"
     CONNECTION_LOST = "gateway %s: connection to the remote side lost%s"
     CLOSE_IN_EXEC = "cannot explicitly close channel within remote_exec"
     HAS_CALLBACK = "cannot receive(), channel has receiver callback"
     SEND_CLOSED = "cannot send to %r"
+    CHANNEL_PEER_CLOSED = "channel %d of gateway %s: closed by the other side"
+    CHANNEL_CLOSED = "channel %d of gateway %s: closed here"
+    CHANNEL_GATEWAY_ENDED = "channel %d of gateway %s: the gateway has ended"
     MAIN_THREAD_BUSY = (
         "concurrent remote_exec would cause deadlock for main_thread_only "
         "execmodel: another remote_exec is still running in the main thread"
     )
     INTERRUPTED = "keyboard-interrupted"
     FORKED = "this process is a fork of a gateway's process: it cannot use the gateway"
+    BAD_OUTPUT_FD = ("protocol error: the remote sent an output frame for fd %d "
+                     "(only fds 1 and 2 are forwarded)")
     CHANNEL_LOAD_FAILED = "gateway %s: could not load an item for channel %d: %s"
     ITEM_TOO_LARGE = (
         "gateway %s: an item for channel %d is larger than max_item=%d bytes: channel closed")
@@ -265,6 +295,7 @@ class _Text:
         "can't send an item of %d bytes: gateway %s takes items of at most max_item=%d bytes")
     NO_TRANSPORT = "no gateway type found for %r (known: %s)"
     BAD_SPEC_VALUE = "invalid value for xspec key %r in %r: %s"
+    BAD_FLAG = "expected %s alone or =1/true/yes/on or =0/false/no/off"
     DUMP_TOO_DEEP = "can't serialize containers nested more than %d deep"
     LOAD_TOO_DEEP = "containers nested more than %d deep near byte %d"
     DUMP_INT_TOO_LONG = "can't serialize an int of more than %d decimal digits"
@@ -274,6 +305,10 @@ class _Text:
               "or set the environment variable EXECNET_SINGLE_KEY")
     KEY_UNSAFE = ("key file %s is readable or writable by others (mode %04o): "
                   "refused; run: chmod 600 %s")
+    KEY_NOT_OWNED = ("key file %s belongs to uid %d, not to you (uid %d) or root: "
+                     "refused (its owner could run code as you)")
+    KEY_DIR_UNSAFE = ("directory %s (owner uid %d, mode %04o) of key file %s belongs to "
+                      "another user or is writable by others: refused")
     KEY_UNREADABLE = "cannot read key file %s: %s"
     KEY_TOO_SHORT = "key in %s is too short (%d bytes; at least 16 are needed)"
     KEY_EXISTS = "key file %s exists already (use --force to replace it)"
@@ -1764,7 +1799,7 @@ class Channel:
             raise self.TimeoutError("no item after %r seconds" % (timeout,)) from None
         if entry is _ENDMARKER:
             items.put(entry)  # for other receivers
-            raise self._getremoteerror() or EOFError()
+            raise self._getremoteerror() or EOFError(self._eof_text())
         item, size = entry
         size = self._flow.item_read(size)
         if size:
@@ -1852,6 +1887,15 @@ class Channel:
     def reconfigure(self, py2str_as_py3str=True, py3str_as_py2str=False):
         """Accepted for execnet compatibility; both ends are Python 3."""
         self._strconfig = (py2str_as_py3str, py3str_as_py2str)
+
+    def _eof_text(self):
+        """Why receive() finds the channel at its end."""
+        gateway = self.gateway
+        if gateway._finished:
+            return _Text.CHANNEL_GATEWAY_ENDED % (self.id, gateway.id)
+        if self._peer_closed:
+            return _Text.CHANNEL_PEER_CLOSED % (self.id, gateway.id)
+        return _Text.CHANNEL_CLOSED % (self.id, gateway.id)
 
     def _getremoteerror(self):
         try:
@@ -2789,6 +2833,7 @@ def _importable(name):
 
 _STAGE1 = "import sys;exec(eval(sys.stdin.readline()))"
 _BOOTSTRAP_TIMEOUT = 60.0   # seconds; the xspec key bootstrap_timeout= overrides
+_NOISE_KEEP = 64 * 1024     # bytes of output before the ok line kept for errors
 _STAGE2 = r'''
 import sys, os
 v = sys.version_info
@@ -2883,19 +2928,7 @@ def _bootstrap(io, params, describe):
         pass  # the process died already; reading tells why
     # while the remote starts: ready our code for a remote just like us
     _code_for_remote(sys.hexversion, sys.implementation.cache_tag)
-    buf = b""
-    noise = []
-    while True:
-        data = io.read()
-        if not data:
-            _raise_died(io, describe, gwid, noise)
-        buf += data
-        if b"\n" not in buf:
-            continue
-        line, buf = buf.split(b"\n", 1)
-        if line.startswith(b"execnet_single:"):
-            break
-        noise.append(line.decode("utf-8", "replace"))  # e.g. a login banner
+    line, buf, noise = _read_first_line(io, describe, gwid)
     words = line.decode("ascii", "replace").split()
     if words[0] == "execnet_single:too-old":
         raise RemoteTooOld(_Text.TOO_OLD % (words[1], " ".join(words[2:]) or describe),
@@ -2929,6 +2962,46 @@ def _bootstrap(io, params, describe):
         _encode_frame(code_, cid, b"".join(payload) if type(payload) is _Pieces else payload)
         for code_, cid, payload in frames[1:]) + reader.leftover()
     return _loads(ready), leftover
+
+
+def _read_first_line(io, describe, gwid):
+    """(the execnet_single: line, bytes after it, [noise before it]).
+
+    Lines before it (a login banner, a shell's chatter) are noise: only the
+    last _NOISE_KEEP bytes of them are kept, for the error message, so a
+    peer that streams them forever cannot grow our memory.
+    """
+    buf = b""
+    noise = b""
+    dropped = 0
+    while True:
+        data = io.read()
+        if not data:
+            _raise_died(io, describe, gwid, _noise_lines(noise, dropped))
+        buf += data
+        if b"\n" in data:
+            lines = buf.split(b"\n")
+            buf = lines.pop()
+            for index, line in enumerate(lines):
+                if line.startswith(b"execnet_single:"):
+                    noise += b"".join(before + b"\n" for before in lines[:index])
+                    rest = b"\n".join(lines[index + 1:] + [buf])
+                    return line, rest, _noise_lines(noise, dropped)
+            noise += b"\n".join(lines) + b"\n"
+        if len(buf) > _NOISE_KEEP:   # a line that long is no execnet_single: line
+            noise += buf
+            buf = b""
+        if len(noise) > 2 * _NOISE_KEEP:
+            dropped += len(noise) - _NOISE_KEEP
+            noise = noise[-_NOISE_KEEP:]
+
+
+def _noise_lines(noise, dropped):
+    lines = noise[-_NOISE_KEEP:].decode("utf-8", "replace").splitlines()
+    dropped += max(0, len(noise) - _NOISE_KEEP)
+    if dropped:
+        lines.insert(0, _Text.NOISE_DROPPED % dropped)
+    return lines
 
 
 def _join_output(noise, text):
@@ -2984,6 +3057,24 @@ def _reap(io, timeout):
         io.wait(timeout)
 
 
+_FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}
+# xspec keys that are on or off: `key` alone, or key= one of _FLAG_VALUES
+_FLAG_KEYS = ("dont_write_bytecode", "insecure", "tls")
+
+
+def _flag(spec, key):
+    """The on/off value of a flag key (None, `key` or key=VALUE)."""
+    value = getattr(spec, key)
+    if value is None or value is False:
+        return False
+    if value is True:
+        return True
+    if not isinstance(value, str) or value.strip().lower() not in _FLAG_VALUES:
+        raise ValueError(_Text.BAD_SPEC_VALUE % (key, spec._spec, _Text.BAD_FLAG % key))
+    return _FLAG_VALUES[value.strip().lower()]
+
+
 def _gateway_params(spec, names=()):
     """What the remote needs to know, from an XSpec."""
     return {
@@ -2994,7 +3085,7 @@ def _gateway_params(spec, names=()):
         "env": dict(spec.env),
         "chdir": spec.chdir if isinstance(spec.chdir, str) else None,
         "nice": spec.nice if isinstance(spec.nice, str) else None,
-        "dont_write_bytecode": bool(spec.dont_write_bytecode),
+        "dont_write_bytecode": _flag(spec, "dont_write_bytecode"),
         "names": list(names),
     }
 
@@ -3302,6 +3393,8 @@ class Gateway(_GatewayBase):
     # -- output --
 
     def _on_output(self, fd, payload):
+        if fd != 1 and fd != 2:   # a broken (or hostile) remote
+            raise LoadError(_Text.BAD_OUTPUT_FD % fd)
         self._emit_output(fd, payload)
 
     def _emit_output(self, fd, data):
@@ -3696,7 +3789,8 @@ def _server_auth(sock, key, deadline):
 
 
 def _read_key_file(path):
-    """The key in path; refuses a file that others may read or write."""
+    """The key in path; refuses a file that others may read or write, or
+    that belongs to another user (who could then run code as us)."""
     import stat
 
     try:
@@ -3704,9 +3798,12 @@ def _read_key_file(path):
     except OSError as exc:
         raise AuthenticationError(_Text.KEY_UNREADABLE % (path, exc.strerror or exc))
     try:
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        info = os.fstat(fd)
+        mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
             raise AuthenticationError(_Text.KEY_UNSAFE % (path, mode, path))
+        if info.st_uid not in (os.geteuid(), 0):
+            raise AuthenticationError(_Text.KEY_NOT_OWNED % (path, info.st_uid, os.geteuid()))
         data = os.read(fd, 4096)
     finally:
         os.close(fd)
@@ -3746,6 +3843,23 @@ def _write_new_key(path, force=False):
     finally:
         os.close(fd)
     return path
+
+
+def _check_key_dir(path):
+    """Refuse the directory of the per-user key file (and the one above it)
+    if another user owns it or others may write to it: they could swap
+    the key."""
+    import stat
+
+    directory = os.path.dirname(os.path.abspath(path))
+    for where in (directory, os.path.dirname(directory)):
+        try:
+            info = os.stat(where)
+        except OSError:
+            continue   # not made yet: _write_new_key makes it private
+        if info.st_uid not in (os.geteuid(), 0) or info.st_mode & 0o022:
+            raise AuthenticationError(_Text.KEY_DIR_UNSAFE % (
+                where, info.st_uid, stat.S_IMODE(info.st_mode), path))
 
 
 def _default_key_path():
@@ -3853,14 +3967,26 @@ def _split_hostport(value, specstr):
     return host, int(port)
 
 
+def _tls_1_2_or_later(context):
+    """Refuse TLS 1.0 and 1.1 whatever this Python's or OpenSSL's default
+    (3.6-3.9 leave them on where the system's OpenSSL allows them)."""
+    import ssl
+
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:  # 3.6: no minimum_version yet
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+
+
 def _client_tls_context(spec):
     """An ssl context for spec's tls keys, or None for plain TCP."""
-    if not (spec.tls or spec.tls_ca or spec.tls_cert):
+    if not (_flag(spec, "tls") or spec.tls_ca or spec.tls_cert):
         return None
     import ssl
 
     context = ssl.create_default_context(
         cafile=spec.tls_ca if isinstance(spec.tls_ca, str) else None)
+    _tls_1_2_or_later(context)
     if isinstance(spec.tls_cert, str):
         context.load_cert_chain(spec.tls_cert,
                                 spec.tls_key if isinstance(spec.tls_key, str) else None)
@@ -3891,7 +4017,8 @@ def _start_socket(spec, params, group=None):
         key = _read_key_file(spec.keyfile)
     else:
         key = _env_key()
-    if key is None and not spec.insecure:
+    insecure = _flag(spec, "insecure")
+    if key is None and not insecure:
         raise AuthenticationError(_Text.NO_KEY % spec.id)
     timeout = float(spec.handshake_timeout or _HANDSHAKE_TIMEOUT)
     try:
@@ -3906,7 +4033,7 @@ def _start_socket(spec, params, group=None):
     except OSError as exc:
         sock.close()
         raise HostNotFound(_Text.CONNECT_FAILED % (spec.id, where, exc))
-    io = _SocketIO(sock, where, key, bool(spec.insecure), timeout)
+    io = _SocketIO(sock, where, key, insecure, timeout)
     return _start_io(io, spec, params, "socket server " + where)
 
 
@@ -4511,6 +4638,8 @@ def _check_spec(spec):
             problem = check(value)
         if problem:
             raise ValueError(_Text.BAD_SPEC_VALUE % (key, spec._spec, problem))
+    for key in _FLAG_KEYS:
+        _flag(spec, key)
     for name, value in spec.env.items():
         if value is True:
             raise ValueError(_Text.BAD_SPEC_VALUE % ("env:" + name, spec._spec,
@@ -5403,6 +5532,7 @@ def _server_tls_context(cert, key=None, client_ca=None):
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _tls_1_2_or_later(context)
     context.load_cert_chain(cert, key)
     if client_ca:
         context.load_verify_locations(client_ca)
@@ -5421,6 +5551,7 @@ def _server_key(key_file=None, insecure=False):
     if key is not None:
         return key, None
     path = _default_key_path()
+    _check_key_dir(path)
     if not os.path.exists(path):
         _write_new_key(path)
         _log_stderr("created key file %s" % path)
