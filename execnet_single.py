@@ -316,9 +316,13 @@ class _Text:
     SERVER_OPEN = ("socket server %s runs without authentication (--insecure): "
                    "refused; add the xspec key insecure to connect anyway")
     CLIENT_REJECTED = ("socket server %s closed the connection during authentication: "
-                       "wrong key?")
-    NO_GREETING = ("socket server %s closed the connection without a greeting "
-                   "(a TLS server? then add the xspec key tls_ca=CA_FILE or tls)")
+                       "wrong key? (or the server dropped us: too many handshakes at once, "
+                       "or its handshake timeout)")
+    NO_GREETING = ("socket server %s closed the connection after %.1f seconds without a "
+                   "greeting (a TLS server? then add the xspec key tls_ca=CA_FILE or tls)")
+    DROPPED_AT_ONCE = ("socket server %s closed the connection at once, without a greeting: "
+                       "it is busy (too many handshakes in progress: try again), serves one "
+                       "client only (--once) and has it, or is no execnet_single server")
     FAKE_SERVER = ("socket server %s failed to prove it holds the key: "
                    "it is not the server you meant (or has another key)")
     AUTH_TIMEOUT = "socket server %s: authentication did not complete within %s seconds"
@@ -330,7 +334,12 @@ class _Text:
     DROP_SHORT = "handshake ended after %d of 64 answer bytes"
     DROP_BAD_MAC = "wrong key (or not an execnet_single client)"
     DROP_TIMEOUT = "no complete handshake within %s seconds"
-    DROP_BUSY = "too many handshakes in progress (%d)"
+    DROP_BUSY = "too many handshakes in progress from this address (%d)"
+    SLOTS_FULL = ("too many handshakes in progress (%d): new connections wait until one "
+                  "ends or the oldest, after %.1f seconds, may be evicted")
+    DROP_EVICTED = ("evicted: all handshake slots were taken and this one was the oldest "
+                    "(a keyless or idle peer?)")
+    DROP_ONCE = "this server serves one client only (--once)"
     # ssh transport
     SSH_FAILED = "gateway %s: ssh %s failed (exit status %s): %s"
     SSH_NO_PYTHON = "no python3 or python on the PATH of the remote shell"
@@ -3708,6 +3717,7 @@ _NONCE_SIZE = 32
 _MAC_SIZE = 32
 _KEY_ENV = "EXECNET_SINGLE_KEY"
 _HANDSHAKE_TIMEOUT = 10.0   # seconds; the xspec key handshake_timeout= overrides
+_DROP_SOON = 0.5            # seconds: a close sooner than that is a drop, not a timeout
 
 
 def _mac(key, label, first, second):
@@ -3742,16 +3752,27 @@ def _client_auth(sock, key, timeout, where, allow_open=False):
     import socket
     import time
 
-    deadline = time.time() + timeout
+    start = time.time()
+    deadline = start + timeout
     try:
-        magic = _recv_exact(sock, len(_AUTH_MAGIC), deadline)
+        try:
+            magic = _recv_exact(sock, len(_AUTH_MAGIC), deadline)
+        except socket.timeout:
+            raise
+        except OSError as exc:   # reset before a greeting: dropped, not TLS
+            raise AuthenticationError(_Text.DROPPED_AT_ONCE % where + " (%s)" % exc) from None
         if magic == _OPEN_MAGIC:
             if allow_open:
                 return
             raise AuthenticationError(_Text.SERVER_OPEN % where)
         if magic != _AUTH_MAGIC:
             if not magic:
-                raise AuthenticationError(_Text.NO_GREETING % where)
+                # A TLS server waits for our hello, then its handshake
+                # timeout ends the connection; one that drops us does so at once.
+                waited = time.time() - start
+                if waited < _DROP_SOON:
+                    raise AuthenticationError(_Text.DROPPED_AT_ONCE % where)
+                raise AuthenticationError(_Text.NO_GREETING % (where, waited))
             raise AuthenticationError(_Text.NOT_A_SERVER % (where, magic))
         if key is None:
             raise AuthenticationError(_Text.NO_KEY % where)
@@ -5253,13 +5274,33 @@ def _rsync_receive(channel):
 #
 # `python -m execnet_single serve`.  Each accepted connection gets a thread
 # for the handshake of section 9 (at most max_handshakes at once, each done
-# within handshake_timeout or dropped).  An authenticated connection becomes
+# within handshake_timeout or dropped).  Keyless peers that hold every slot
+# (idle, reconnecting when dropped) must not lock clients out: when the
+# slots are full, the next connection evicts the oldest pending handshake,
+# once that is older than _HANDSHAKE_GRACE of the timeout (so that no flood
+# cuts a client off mid-handshake); until then new connections wait in the
+# listen backlog, in order, and a peer that reconnects queues up behind the
+# client it was evicted for.  One address other than loopback holds at most
+# half the slots (beyond that its own oldest goes, or the new one is dropped).  An authenticated connection becomes
 # the stdin and stdout of a fresh `python -c _STAGE1`, which the client then
 # bootstraps like a popen gateway: every client has an interpreter of its
 # own, so its crash or os._exit ends only its session.  Under TLS the
 # interpreter gets pipes instead, relayed to the TLS socket by two threads.
 
 _MAX_HANDSHAKES = 32
+_HANDSHAKE_GRACE = 0.1   # of handshake_timeout: the age below which none is evicted
+
+
+class _Pending:
+    """A handshake in progress: its start, peer address and socket."""
+
+    __slots__ = ("start", "host", "conn", "evicted")
+
+    def __init__(self, start, host, conn):
+        self.start = start
+        self.host = host
+        self.conn = conn
+        self.evicted = False
 
 
 def _is_loopback(host):
@@ -5307,7 +5348,11 @@ class _SocketServer:
         self._tls = tls_context
         self._timeout = handshake_timeout
         self._max = max_handshakes
-        self._slots = threading.BoundedSemaphore(max_handshakes)
+        self._per_address = max(1, max_handshakes // 2)
+        self._grace = handshake_timeout * _HANDSHAKE_GRACE
+        self._pending = []   # _Pending entries, oldest first (under _lock)
+        self._freed = threading.Event()   # a pending handshake ended
+        self._full = False
         self._log = log
         self._lock = threading.Lock()
         self._sessions = set()
@@ -5326,6 +5371,14 @@ class _SocketServer:
 
         try:
             while not (self._stop.is_set() or self._done.is_set()):
+                self._freed.clear()
+                wait = self._full_for()
+                if wait:
+                    # every slot holds a young handshake: new connections wait
+                    # in the listen backlog, in order and holding no thread,
+                    # until a handshake ends or the oldest may be evicted
+                    self._freed.wait(wait)
+                    continue
                 try:
                     conn, addr = self._sock.accept()
                 except socket.timeout:
@@ -5335,18 +5388,68 @@ class _SocketServer:
                     time.sleep(0.1)
                     continue
                 peer = "%s:%s" % tuple(addr[:2])
-                if not self._slots.acquire(False):
-                    self._log("dropped %s: %s" % (peer, _Text.DROP_BUSY % self._max))
+                pending = self._admit(addr[0], conn, peer)
+                if pending is None:
                     conn.close()
                     continue
-                _daemon(self._handle, (conn, peer), "execnet_single-serve-%s" % peer)
+                _daemon(self._handle, (conn, peer, pending), "execnet_single-serve-%s" % peer)
         finally:
             self._sock.close()
         while self._sessions and not self._stop.wait(0.2):
             pass   # --once: the session ends by itself, or stop() ends it
         self._end_sessions()
 
-    def _handle(self, conn, peer):
+    def _full_for(self):
+        """Seconds until a new connection can have a slot (0: now), at most 0.5."""
+        import time
+
+        with self._lock:
+            if len(self._pending) < self._max:
+                self._full = False
+                return 0
+            wait = self._pending[0].start + self._grace - time.monotonic()
+            if wait > 0 and not self._full:
+                self._full = True
+                self._log(_Text.SLOTS_FULL % (self._max, self._grace))
+            return min(wait, 0.5) if wait > 0 else 0
+
+    def _admit(self, host, conn, peer):
+        """A _Pending slot for a new connection (evicting the oldest pending
+        handshake if all slots, or its address's share, are taken), or None:
+        drop the connection."""
+        import socket
+        import time
+
+        now = time.monotonic()
+        with self._lock:
+            pending = self._pending
+            victims = pending if len(pending) >= self._max else []
+            if not _is_loopback(host):
+                same = [entry for entry in pending if entry.host == host]
+                if len(same) >= self._per_address:
+                    victims = same
+            if victims:
+                oldest = victims[0]
+                if now - oldest.start < self._grace:
+                    self._log("dropped %s: %s" % (peer, _Text.DROP_BUSY % len(victims)))
+                    return None
+                pending.remove(oldest)
+                oldest.evicted = True
+                try:   # its thread's read ends; the thread drops it
+                    socket.socket.shutdown(oldest.conn, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            entry = _Pending(now, host, conn)
+            pending.append(entry)
+            return entry
+
+    def _release(self, pending):
+        """pending's handshake ended (lock held): its slot is free."""
+        if pending in self._pending:
+            self._pending.remove(pending)
+            self._freed.set()
+
+    def _handle(self, conn, peer, pending):
         """Authenticate one connection, then run its session (in this thread)."""
         import socket
         import time
@@ -5356,26 +5459,38 @@ class _SocketServer:
                 deadline = time.time() + self._timeout
                 conn.settimeout(self._timeout)
                 if self._tls is not None:
-                    conn = self._tls.wrap_socket(conn, server_side=True)
+                    conn = self._tls.wrap_socket(conn, server_side=True,
+                                                 do_handshake_on_connect=False)
+                    with self._lock:   # an eviction must shut this one down
+                        pending.conn = conn
+                        evicted = pending.evicted
+                    if evicted:
+                        raise AuthenticationError(_Text.DROP_EVICTED)
+                    conn.do_handshake()
                 if self._key is None:
                     conn.sendall(_OPEN_MAGIC)
                 else:
                     _server_auth(conn, self._key, deadline)
                 conn.settimeout(None)
                 with self._lock:
+                    if pending.evicted:
+                        raise AuthenticationError(_Text.DROP_EVICTED)
+                    self._release(pending)
                     if self._once and self._served:
-                        raise AuthenticationError("this server serves one client only (--once)")
+                        raise AuthenticationError(_Text.DROP_ONCE)
                     self._served = True
             finally:
-                self._slots.release()
+                with self._lock:
+                    self._release(pending)
         except socket.timeout:
             self._drop(conn, peer, _Text.DROP_TIMEOUT % self._timeout)
             return
         except AuthenticationError as exc:
-            self._drop(conn, peer, exc)
+            self._drop(conn, peer, _Text.DROP_EVICTED if pending.evicted else exc)
             return
         except Exception as exc:  # OSError, ssl.SSLError, anything: keep serving
-            self._drop(conn, peer, "%s: %s" % (type(exc).__name__, exc))
+            self._drop(conn, peer, _Text.DROP_EVICTED if pending.evicted else "%s: %s" % (
+                type(exc).__name__, exc))
             return
         try:
             self._session(conn, peer)

@@ -5155,6 +5155,57 @@ def send_and_drain(sock, data):
         sock.close()
 
 
+class IdlePeers:
+    """n keyless peers on loopback: each connects, says nothing, and connects
+    again as soon as the server drops it, until stop() (bounded: 5 s
+    timeouts, daemon threads joined by stop)."""
+
+    def __init__(self, port, n):
+        self.port = port
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.connects = 0
+        self.greeted = set()   # peers whose current connection got the greeting
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(n)]
+        for thread in self.threads:
+            thread.daemon = True
+            thread.start()
+
+    def _run(self, index):
+        import socket
+
+        while not self.stopping.is_set():
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), 5)
+            except OSError:
+                self.stopping.wait(0.01)
+                continue
+            with self.lock:
+                self.connects += 1
+            try:
+                sock.settimeout(0.1)
+                while not self.stopping.is_set():
+                    try:
+                        if not sock.recv(4096):
+                            break
+                        with self.lock:
+                            self.greeted.add(index)
+                    except socket.timeout:
+                        continue
+            except OSError:
+                pass
+            finally:
+                with self.lock:
+                    self.greeted.discard(index)
+                sock.close()
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(10)
+        assert not any(thread.is_alive() for thread in self.threads)
+
+
 class RecordingProxy:
     """A TCP relay for one connection that records what the client sent."""
 
@@ -5469,6 +5520,24 @@ class TestSocketServer:
             # memory is back too: a leak of 8 KiB per connection would show
             grown = me.memory_info().rss - rss_before
             assert grown < 4 * 1024 * 1024, grown  # (seen: 64 KiB)
+
+    @pytest.mark.parametrize("peers", [32, 40])
+    def test_idle_reconnecting_peers_do_not_lock_clients_out(self, tmp_path, group, peers):
+        # keyless peers hold every handshake slot and come back at once when
+        # dropped; clients still get in (the oldest pending handshake goes)
+        with socket_server(tmp_path) as server:
+            flood = IdlePeers(server.port, peers)
+            try:
+                assert wait_for(lambda: len(flood.greeted) >= 32, timeout=30)
+                for attempt in range(3):
+                    t0 = time.time()
+                    gw = mkgw(group, server.spec, timeout=30)
+                    print("took", time.time() - t0)
+                    assert gw.remote_exec("channel.send(8)").receive(30) == 8
+                    exit_and_join(gw)
+            finally:
+                flood.stop()
+            print(flood.connects, server.logtext().count("evicted"), server.logtext().count("too many"))
 
     def test_client_os_exit_ends_only_its_session(self, tmp_path, group):
         with socket_server(tmp_path) as server:
