@@ -5456,6 +5456,8 @@ class _SocketServer:
 
         try:
             try:
+                if self._once and self._served:   # (checked again once authenticated)
+                    raise AuthenticationError(_Text.DROP_ONCE)
                 deadline = time.time() + self._timeout
                 conn.settimeout(self._timeout)
                 if self._tls is not None:

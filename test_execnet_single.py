@@ -5155,13 +5155,62 @@ def send_and_drain(sock, data):
         sock.close()
 
 
-class IdlePeers:
-    """n keyless peers on loopback: each connects, says nothing, and connects
-    again as soon as the server drops it, until stop() (bounded: 5 s
-    timeouts, daemon threads joined by stop)."""
+def refused_serve(tmp_path, *args):
+    """Run `serve --port 0 ARGS`, which must refuse to start; return its
+    stderr.  A server that starts anyway (prints its banner) fails the test
+    at once and is stopped."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "execnet_single", "serve", "--port", "0"] + list(args),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env(tmp_path))
+    try:
+        banner = call_with_timeout(proc.stdout.readline, 60)
+        if banner:
+            proc.terminate()
+        err = call_with_timeout(proc.stderr.read, 60).decode()
+        status = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert not banner, "the server started: %r" % banner
+    assert status == 1, (status, err)
+    return err
 
-    def __init__(self, port, n):
+
+def need_root():
+    """Fail in CI, skip elsewhere, unless we are root (to chown files)."""
+    if os.geteuid() != 0:
+        message = "this test needs root (it gives files to another user)"
+        if IN_CI:
+            pytest.fail(message + " (required when CI=true)")
+        pytest.skip(message)
+
+
+def own_address():
+    """An IPv4 address of this host that is not loopback (fail in CI, skip
+    elsewhere, if there is none)."""
+    import socket
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    if IN_CI:
+        pytest.fail("no non-loopback IPv4 address on this host (required when CI=true)")
+    pytest.skip("no non-loopback IPv4 address on this host")
+
+
+class IdlePeers:
+    """n keyless peers: each connects (from and to host), says nothing, and
+    connects again as soon as the server drops it, until stop() (bounded:
+    5 s timeouts, daemon threads joined by stop)."""
+
+    def __init__(self, port, n, host="127.0.0.1"):
         self.port = port
+        self.host = host
+        self.most_greeted = 0
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.connects = 0
@@ -5176,7 +5225,7 @@ class IdlePeers:
 
         while not self.stopping.is_set():
             try:
-                sock = socket.create_connection(("127.0.0.1", self.port), 5)
+                sock = socket.create_connection((self.host, self.port), 5)
             except OSError:
                 self.stopping.wait(0.01)
                 continue
@@ -5190,6 +5239,7 @@ class IdlePeers:
                             break
                         with self.lock:
                             self.greeted.add(index)
+                            self.most_greeted = max(self.most_greeted, len(self.greeted))
                     except socket.timeout:
                         continue
             except OSError:
@@ -5523,21 +5573,150 @@ class TestSocketServer:
 
     @pytest.mark.parametrize("peers", [32, 40])
     def test_idle_reconnecting_peers_do_not_lock_clients_out(self, tmp_path, group, peers):
-        # keyless peers hold every handshake slot and come back at once when
-        # dropped; clients still get in (the oldest pending handshake goes)
+        # keyless peers hold all 32 handshake slots (the default) and come
+        # back at once when dropped; clients still get in, one after another
+        # (the oldest pending handshake goes), with the default handshake
+        # timeout: within their normal time
         with socket_server(tmp_path) as server:
             flood = IdlePeers(server.port, peers)
             try:
                 assert wait_for(lambda: len(flood.greeted) >= 32, timeout=30)
                 for attempt in range(3):
-                    t0 = time.time()
                     gw = mkgw(group, server.spec, timeout=30)
-                    print("took", time.time() - t0)
                     assert gw.remote_exec("channel.send(8)").receive(30) == 8
                     exit_and_join(gw)
             finally:
                 flood.stop()
-            print(flood.connects, server.logtext().count("evicted"), server.logtext().count("too many"))
+            assert "evicted" in server.logtext()
+
+    def test_one_address_holds_at_most_half_the_slots(self, tmp_path, group):
+        address = own_address()
+        with socket_server(tmp_path, "--host", "0.0.0.0", "--max-handshakes", "8",
+                           "--handshake-timeout", "30") as server:
+            flood = IdlePeers(server.port, 8, host=address)
+            try:
+                assert wait_for(lambda: len(flood.greeted) >= 4, timeout=30)
+                assert wait_for(lambda: "from this address (4)" in server.logtext())
+                # a client from elsewhere (loopback) finds free slots at once
+                gw = mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (
+                    server.port, server.keyfile))
+                assert gw.remote_exec("channel.send(9)").receive(30) == 9
+                exit_and_join(gw)
+            finally:
+                flood.stop()
+            assert flood.most_greeted == 4
+
+    def test_client_dropped_at_once_is_not_told_tls(self, tmp_path, group):
+        import socket
+
+        keyfile = tmp_path / "k"
+        write_key(keyfile)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(30)
+
+        def drop():
+            conn, _ = listener.accept()
+            conn.close()
+
+        thread = threading.Thread(target=drop)
+        thread.daemon = True
+        thread.start()
+        try:
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (
+                    listener.getsockname()[1], keyfile))
+            thread.join(30)
+        finally:
+            listener.close()
+        text = str(info.value)
+        assert "closed the connection at once, without a greeting" in text
+        assert "busy" in text and "--once" in text and "TLS" not in text
+
+    def test_key_file_modes(self, tmp_path, group):
+        # what others may read or write is refused on both ends; 0600 and 0400 work
+        for mode in (0o640, 0o660, 0o620, 0o604):
+            keyfile = tmp_path / ("k%o" % mode)
+            write_key(keyfile, mode)
+            assert refused_serve(tmp_path, "--key-file", str(keyfile)) == (
+                "execnet_single: error: key file %s is readable or writable by others "
+                "(mode %04o): refused; run: chmod 600 %s\n" % (keyfile, mode, keyfile))
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, "socket=127.0.0.1:1//keyfile=%s" % keyfile)
+            assert "readable or writable by others (mode %04o)" % mode in str(info.value)
+        for mode in (0o600, 0o400):
+            keyfile = tmp_path / ("k%o" % mode)
+            write_key(keyfile, mode)
+            server = ServerProcess(tmp_path, "--key-file", str(keyfile))
+            try:
+                gw = mkgw(group, server.spec)
+                assert gw.remote_exec("channel.send(%d)" % mode).receive(30) == mode
+                exit_and_join(gw)
+            finally:
+                assert server.stop() == 0
+
+    def test_key_file_of_another_user_is_refused(self, tmp_path, group):
+        need_root()
+        keyfile = tmp_path / "theirs.key"
+        write_key(keyfile)
+        os.chown(str(keyfile), 65534, 65534)
+        assert refused_serve(tmp_path, "--key-file", str(keyfile)).startswith(
+            "execnet_single: error: key file %s belongs to uid 65534, not to you" % keyfile)
+        with pytest.raises(execnet.AuthenticationError, match="belongs to uid 65534"):
+            mkgw(group, "socket=127.0.0.1:1//keyfile=%s" % keyfile)
+
+    def test_default_key_in_a_directory_of_another_user_is_refused(self, tmp_path, group):
+        need_root()
+        config = tmp_path / "cfg"
+        directory = config / "execnet_single"
+        directory.mkdir(parents=True)
+        write_key(directory / "server.key")
+
+        for where, uid, mode in ((directory, 65534, 0o700), (directory, 0, 0o777),
+                                 (directory, 0, 0o720), (config, 0, 0o757),
+                                 (config, 65534, 0o755)):
+            os.chown(str(where), uid, uid)
+            os.chmod(str(where), mode)
+            assert refused_serve(tmp_path) == (
+                "execnet_single: error: directory %s (owner uid %d, mode %04o) of key file %s "
+                "belongs to another user or is writable by others: refused\n"
+                % (where, uid, mode, directory / "server.key"))
+            os.chown(str(where), 0, 0)
+            os.chmod(str(where), 0o700)
+        server = ServerProcess(tmp_path)   # all private again: it serves
+        try:
+            gw = mkgw(group, server.spec)
+            assert gw.remote_exec("channel.send(10)").receive(30) == 10
+            exit_and_join(gw)
+        finally:
+            assert server.stop() == 0
+
+    def test_insecure_refused_on_every_non_loopback_address(self, tmp_path):
+        for host in ("::", own_address(), "10.11.12.13", "192.0.2.77", "0.0.0.0", "fe80::1"):
+            assert refused_serve(tmp_path, "--insecure", "--host", host) == (
+                "execnet_single: error: --insecure is only allowed on a loopback address "
+                "(127.0.0.1, ::1, localhost), not %r\n" % host)
+
+    def test_insecure_false_means_authenticated(self, tmp_path, group, monkeypatch):
+        monkeypatch.delenv("EXECNET_SINGLE_KEY", raising=False)
+        keyfile = tmp_path / "client.key"
+        write_key(keyfile)
+        server = ServerProcess(tmp_path, "--insecure")
+        try:
+            for value in ("false", "0", "no", "off", "OFF"):
+                # a client with a key refuses the open server unless it asks for one
+                with pytest.raises(execnet.AuthenticationError, match="without authentication"):
+                    mkgw(group, "socket=127.0.0.1:%d//keyfile=%s//insecure=%s" % (
+                        server.port, keyfile, value))
+                with pytest.raises(execnet.AuthenticationError, match="no key"):
+                    mkgw(group, "socket=127.0.0.1:%d//insecure=%s" % (server.port, value))
+            for value in ("", "=1", "=true", "=yes", "=on", "=True"):
+                gw = mkgw(group, "socket=127.0.0.1:%d//insecure%s" % (server.port, value))
+                assert gw.remote_exec("channel.send(11)").receive(30) == 11
+                exit_and_join(gw)
+        finally:
+            assert server.stop() == 0
 
     def test_client_os_exit_ends_only_its_session(self, tmp_path, group):
         with socket_server(tmp_path) as server:
