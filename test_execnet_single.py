@@ -5854,8 +5854,8 @@ class TestCLI:
         assert "Traceback" not in server.logtext()
 
 
-def make_certificates(directory, name, usage="serverAuth"):
-    """A CA and a certificate for 127.0.0.1 signed by it, made by `openssl`."""
+def make_certificates(directory, name, usage="serverAuth", host="127.0.0.1"):
+    """A CA and a certificate for host (127.0.0.1) signed by it, made by `openssl`."""
     openssl = shutil.which("openssl")
     if openssl is None:
         if IN_CI:
@@ -5867,21 +5867,98 @@ def make_certificates(directory, name, usage="serverAuth"):
     csr, ext = os.path.join(d, name + ".csr"), os.path.join(d, name + ".ext")
     with open(ext, "w") as f:
         # what 3.13's strict verification wants of a certificate
-        f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+        f.write("subjectAltName=%s:%s\nbasicConstraints=critical,CA:FALSE\n"
                 "keyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n"
-                "authorityKeyIdentifier=keyid,issuer\n" % usage)
+                "authorityKeyIdentifier=keyid,issuer\n" % (
+                    "IP" if host[0].isdigit() else "DNS", host, usage))
     curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     for cmd in (
             ["req", "-x509"] + curve + ["-keyout", ca_key, "-out", ca, "-days", "2",
                                         "-subj", "/CN=%s test CA" % name,
                                         "-addext", "basicConstraints=critical,CA:TRUE",
                                         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-            ["req"] + curve + ["-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+            ["req"] + curve + ["-keyout", key, "-out", csr, "-subj", "/CN=%s" % host],
             ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
              "-out", cert, "-days", "2", "-extfile", ext]):
         subprocess.run([openssl] + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        timeout=60, check=True)
     return ca, cert, key
+
+
+# In a fresh interpreter: the floor of our server and client contexts, then
+# whether a TLS 1.1-only peer (security level 0) gets through to each.
+TLS_FLOOR_SCRIPT = r"""
+import socket, ssl, sys, threading
+sys.path.insert(0, {here!r})
+import execnet_single
+
+
+def floor(context):
+    if hasattr(ssl, "TLSVersion"):
+        return context.minimum_version.name
+    both = ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    return "TLSv1_2" if context.options & both == both else "lower"
+
+
+server = execnet_single._server_tls_context({cert!r}, {key!r})
+client = execnet_single._client_tls_context(
+    execnet_single.XSpec("socket=127.0.0.1:1//tls_ca=" + {ca!r}))
+print(floor(server), floor(client))
+
+
+def old_context(side):
+    context = ssl.SSLContext(side)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_2
+        context.options |= getattr(ssl, "OP_NO_TLSv1_3", 0)
+    if side == ssl.PROTOCOL_TLS_CLIENT:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.load_cert_chain({cert!r}, {key!r})
+    return context
+
+
+def handshake(server_context, client_context):
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    result = []
+
+    def serve():
+        try:
+            server_context.wrap_socket(a, server_side=True).close()
+        except (ssl.SSLError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        client_context.wrap_socket(b, server_hostname="127.0.0.1").close()
+        result.append("accepted")
+    except (ssl.SSLError, OSError):
+        result.append("refused")
+    thread.join(20)
+    a.close()
+    b.close()
+    return result[0]
+
+
+# can this OpenSSL speak TLS 1.1 at all (security level 0 on both ends)?
+if handshake(old_context(ssl.PROTOCOL_TLS_SERVER), old_context(ssl.PROTOCOL_TLS_CLIENT)) != "accepted":
+    print("no TLS 1.1 here")
+else:
+    server.set_ciphers("DEFAULT:@SECLEVEL=0")   # lift OpenSSL's own policy: ours must hold
+    client.set_ciphers("DEFAULT:@SECLEVEL=0")
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    print(handshake(server, old_context(ssl.PROTOCOL_TLS_CLIENT)),
+          handshake(old_context(ssl.PROTOCOL_TLS_SERVER), client))
+"""
 
 
 @single_only
@@ -5919,6 +5996,36 @@ class TestSocketTLS:
             with pytest.raises(execnet.AuthenticationError, match="a TLS server?"):
                 mkgw(group, plain)
             assert wait_for(lambda: "dropped" in server.logtext())
+
+    def test_certificate_for_another_host_is_refused(self, tmp_path, group):
+        # signed by the CA the client trusts, but for another name: refused
+        for host in ("other.example", "127.0.0.2", "localhost"):
+            ca, cert, key = make_certificates(tmp_path, host, host=host)
+            with socket_server(tmp_path, "--tls-cert", cert, "--tls-key", key,
+                               "--handshake-timeout", "2") as server:
+                spec = server.spec.replace("CA_FILE", ca)
+                with pytest.raises(execnet.HostNotFound) as info:
+                    mkgw(group, spec)
+                assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+                assert "127.0.0.1" in str(info.value)   # the mismatch is named
+                if host == "localhost":   # the name it was made for works
+                    gw = mkgw(group, spec.replace("socket=127.0.0.1", "socket=localhost"))
+                    assert gw.remote_exec("channel.send(12)").receive(30) == 12
+                    exit_and_join(gw)
+
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_tls_below_1_2_is_refused_on_every_python(self, tmp_path, version):
+        # 3.6-3.9 (and older OpenSSL policies) would allow TLS 1.0 and 1.1;
+        # the contexts refuse them whatever the defaults.  Where OpenSSL
+        # still speaks TLS 1.1 at security level 0, a TLS 1.1 peer shows it.
+        python = host_python(version)
+        ca, cert, key = make_certificates(tmp_path, "floor")
+        proc = run_script(python, TLS_FLOOR_SCRIPT.format(
+            here=HERE, ca=ca, cert=cert, key=key))
+        assert proc.returncode == 0, proc.stderr.decode()
+        floors, handshakes = proc.stdout.decode().splitlines()
+        assert floors == "TLSv1_2 TLSv1_2", floors
+        assert handshakes in ("refused refused", "no TLS 1.1 here"), handshakes
 
 
 # ------------------------------------------------------------------- ssh
