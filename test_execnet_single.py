@@ -5769,6 +5769,30 @@ class TestInstallvia:
         ch.send(21)
         assert ch.receive(timeout=30) == 42
 
+    def test_installed_server_serves_exactly_one_client(self, tmp_path, group):
+        # what installvia starts in the proxy (_serve_installed), here with a
+        # key we know, so that a second client can prove it holds it too
+        import binascii
+
+        got = []
+        proxy = call_with_timeout(group.makegateway, 60, "popen//id=once-p//env:EXECNET_DEBUG=2",
+                                  output=lambda fd, data: got.append(data))
+        key = binascii.hexlify(os.urandom(32))
+        keyfile = tmp_path / "once.key"
+        keyfile.write_bytes(key + b"\n")
+        os.chmod(str(keyfile), 0o600)
+        channel = proxy.remote_exec("import execnet_single\n"
+                                    "execnet_single._serve_installed(channel)")
+        channel.send(("127.0.0.1", 0, key))
+        host, port = channel.receive(timeout=30)
+        spec = "socket=%s:%d//keyfile=%s" % (host, port, keyfile)
+        gw = mkgw(group, spec)
+        assert psutil.Process(rinfo(gw).pid).ppid() == rinfo(proxy).pid
+        with pytest.raises(execnet.AuthenticationError, match="--once"):
+            mkgw(group, spec)
+        assert wait_for(lambda: b"serves one client only (--once)" in b"".join(got))
+        assert gw.remote_exec("channel.send(13)").receive(30) == 13
+
     def test_installvia_proxies_end_last(self, group):
         proxy = mkgw(group, "popen//id=last-p")
         gw = mkgw(group, "socket//installvia=last-p")
@@ -5840,6 +5864,39 @@ class TestCLI:
         proc = subprocess.run(cmd, env=server_env(tmp_path), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=60)
         assert proc.returncode == 1 and b"exists already" in proc.stderr
+
+    def test_once_serves_exactly_one_client(self, tmp_path, group):
+        import socket
+
+        with socket_server(tmp_path, "--once") as server:
+            gw = mkgw(group, server.spec)
+            assert gw.remote_exec("channel.send(1)").receive(30) == 1
+            # a second client with the right key, while the first is served
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, server.spec)
+            assert "--once" in str(info.value)
+            assert wait_for(lambda: "serves one client only (--once)" in server.logtext())
+            assert gw.remote_exec("channel.send(2)").receive(30) == 2   # the first goes on
+            exit_and_join(gw)
+            assert server.proc.wait(timeout=30) == 0
+        with pytest.raises(OSError):   # nobody listens any more
+            socket.create_connection(("127.0.0.1", server.port), 10).close()
+        assert server.logtext().count("started") == 1   # one session
+
+    def test_handshake_timeout_drops_a_silent_client_in_time(self, tmp_path):
+        with socket_server(tmp_path, "--handshake-timeout", "1") as server:
+            sock = connect(server.port, timeout=30)
+            try:
+                start = time.monotonic()
+                assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+                assert sock.recv(1) == b""   # say nothing: the server hangs up
+                elapsed = time.monotonic() - start
+            finally:
+                sock.close()
+            # about 1 s: well under the 10 s default
+            assert 0.5 < elapsed < 5, elapsed
+            assert wait_for(lambda: "no complete handshake within 1.0 seconds"
+                            in server.logtext())
 
     def test_serve_once_and_sigint(self, tmp_path, group):
         with socket_server(tmp_path, "--once") as server:
