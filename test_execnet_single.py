@@ -3961,6 +3961,33 @@ class TestXSpec:
         with pytest.raises(ValueError):
             execnet.XSpec("popen//id=a//id=b")
 
+    @single_only
+    @pytest.mark.parametrize("key", ["dont_write_bytecode", "insecure", "tls"])
+    def test_flag_keys_take_only_explicit_values(self, group, key):
+        for value in ("=", "=2", "=maybe", "=enabled", "=tru", "= ", "=n"):
+            with pytest.raises(ValueError) as info:
+                group.makegateway("popen//%s%s" % (key, value))
+            assert str(info.value) == (
+                "invalid value for xspec key %r in %r: expected %s alone or "
+                "=1/true/yes/on or =0/false/no/off" % (key, "popen//%s%s" % (key, value), key))
+        assert len(group) == 0
+        on = ("", "=1", "=true", "=yes", "=on", "=TRUE", "=On")
+        off = ("=0", "=false", "=no", "=off", "=False", "=NO")
+        for value in on + off:
+            spec = execnet.XSpec("popen//%s%s" % (key, value))
+            execnet._check_spec(spec)
+            assert execnet._flag(spec, key) is (value in on)
+        assert execnet._flag(execnet.XSpec("popen"), key) is False
+
+    @single_only
+    def test_dont_write_bytecode_off_and_on(self, group):
+        for value, expected in (("=0", False), ("=no", False), ("", True), ("=yes", True)):
+            # (an empty PYTHONDONTWRITEBYTECODE is no setting: the key decides)
+            gw = mkgw(group, "popen//dont_write_bytecode%s//env:PYTHONDONTWRITEBYTECODE=" % value)
+            got = gw.remote_exec("import sys; channel.send(sys.dont_write_bytecode)").receive(30)
+            assert got is expected, value
+            exit_and_join(gw)
+
 
 class TestGroup:
     def test_indexing_and_membership(self, group):
@@ -5697,6 +5724,13 @@ class TestSocketServer:
             assert refused_serve(tmp_path, "--insecure", "--host", host) == (
                 "execnet_single: error: --insecure is only allowed on a loopback address "
                 "(127.0.0.1, ::1, localhost), not %r\n" % host)
+
+    def test_tls_false_means_plain_tcp(self, tmp_path, group):
+        with socket_server(tmp_path) as server:
+            for value in ("false", "0", "off"):
+                gw = mkgw(group, server.spec + "//tls=" + value)
+                assert gw.remote_exec("channel.send(14)").receive(30) == 14
+                exit_and_join(gw)
 
     def test_insecure_false_means_authenticated(self, tmp_path, group, monkeypatch):
         monkeypatch.delenv("EXECNET_SINGLE_KEY", raising=False)
