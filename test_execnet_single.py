@@ -729,6 +729,44 @@ def _check_limit_pairs_in_small_stack(pairs):
         proc.stdout, proc.stderr.decode("utf-8", "replace")[-2000:])
 
 
+# A host that plants a symlink where the trace file used to go (the temp
+# dir's execnet-debug-PID) and runs a gateway with EXECNET_DEBUG=1.
+TRACE_HOST_SCRIPT = IMPORT_LINE + """
+import os, tempfile
+os.symlink({victim!r}, os.path.join(tempfile.gettempdir(), "execnet-debug-%d" % os.getpid()))
+gw = execnet.makegateway("popen")
+print(os.getpid(), gw.remote_exec("import os; channel.send(os.getpid())").receive(30))
+gw.exit()
+gw.join(30)
+"""
+
+
+@single_only
+class TestTracing:
+    def test_trace_files_are_new_private_files(self, tmp_path):
+        temp = tmp_path / "tmp"
+        temp.mkdir()
+        victim = tmp_path / "victim"
+        victim.write_text(u"precious\n")
+        env = dict(os.environ, TMPDIR=str(temp), EXECNET_DEBUG="1")
+        proc = run_script(sys.executable, TRACE_HOST_SCRIPT.format(victim=str(victim)), env=env)
+        assert proc.returncode == 0, proc.stderr.decode()
+        host, remote = proc.stdout.split()
+        assert victim.read_text() == u"precious\n"   # the planted symlink was not followed
+        assert (temp / ("execnet-debug-" + host.decode())).is_symlink()
+        for pid in (host.decode(), remote.decode()):   # both ends trace, each to a file
+            found = [p for p in temp.iterdir() if p.name.startswith("execnet-debug-%s-" % pid)]
+            assert len(found) == 1, sorted(p.name for p in temp.iterdir())
+            random_part = found[0].name.rsplit("-", 1)[1]
+            assert len(random_part) == 12 and int(random_part, 16) >= 0
+            info = os.lstat(str(found[0]))
+            assert (info.st_mode & 0o777) == 0o600 and not os.path.islink(str(found[0]))
+            assert found[0].stat().st_size > 0
+        assert "started gateway" in "".join(
+            p.read_text() for p in temp.iterdir() if p.name.startswith(
+                "execnet-debug-%s-" % host.decode()))
+
+
 class TestSerializer:
     @pytest.mark.parametrize("index", range(len(SAMPLES)))
     def test_roundtrip(self, index):
