@@ -2484,6 +2484,75 @@ _thread.start()
 """
 
 
+# A "python" that runs the real one but sends a login banner and the
+# bootstrap's first line in a single write (as a login shell can).
+BANNER_WRAPPER = """#!{python} -S
+import os, subprocess, sys
+
+child = subprocess.Popen([{python!r}] + sys.argv[1:], stdout=subprocess.PIPE, bufsize=0)
+out = child.stdout.fileno()
+
+
+def write(data):
+    while data:
+        data = data[os.write(1, data):]
+
+
+buf = b""
+while b"\\n" not in buf:
+    data = os.read(out, 65536)
+    if not data:
+        break
+    buf += data
+line, _, rest = buf.partition(b"\\n")
+write(b"Welcome to banner-host\\nLast login: never\\n" + line + b"\\n" + rest)
+while True:
+    data = os.read(out, 65536)
+    if not data:
+        break
+    write(data)
+sys.exit(child.wait())
+"""
+
+# A "python" that prints numbered banner lines forever and never answers
+# (with end="": one endless line).
+CHATTY_PYTHON = """#!{python} -S
+import itertools, os
+for block in itertools.count():
+    os.write(1, b"".join(b"banner line %09d{end}" % (block * 1000 + i) for i in range(1000)))
+"""
+
+# A host that starts a gateway on CHATTY_PYTHON (bootstrap_timeout=3) with
+# its memory traced; past 16 MiB of growth it gives up at once (status 3).
+# It prints the peak growth, then the HostNotFound's message and output.
+CHATTY_HOST_SCRIPT = IMPORT_LINE + """
+import os, threading, time, tracemalloc
+execnet._code_for_remote(sys.hexversion, sys.implementation.cache_tag)   # (compiled once)
+tracemalloc.start()
+base = tracemalloc.get_traced_memory()[0]
+
+
+def watch():
+    while True:
+        if tracemalloc.get_traced_memory()[1] - base > 16 * 1024 * 1024:
+            sys.stdout.write("over the limit\\n")
+            sys.stdout.flush()
+            os._exit(3)
+        time.sleep(0.02)
+
+
+thread = threading.Thread(target=watch)
+thread.daemon = True
+thread.start()
+try:
+    execnet.makegateway("popen//python={chatty}//bootstrap_timeout=3")
+except execnet.HostNotFound as exc:
+    print(tracemalloc.get_traced_memory()[1] - base)
+    print(repr(exc.message))
+    print(repr(exc.output))
+"""
+
+
 class TestBootstrap:
     @pytest.mark.transports("popen", "via", "ssh")  # the server picks its Python
     def test_python_is_shell_split(self, group, transport):
@@ -2538,6 +2607,40 @@ class TestBootstrap:
         error = excinfo.value
         assert "fake-out-xyz" in error.output + str(error)
         assert len(group) == 0  # no dead gateway registered
+
+    @single_only
+    def test_banner_and_first_line_in_one_read(self, group, tmp_path):
+        wrapper = tmp_path / "python-with-banner"
+        wrapper.write_text(BANNER_WRAPPER.format(python=sys.executable))
+        os.chmod(str(wrapper), 0o755)
+        gw = mkgw(group, "popen//python=%s//bootstrap_timeout=10" % wrapper)
+        assert gw.remote_exec("channel.send(15)").receive(30) == 15
+
+    @single_only
+    @pytest.mark.parametrize("end", ["\\n", ""])
+    def test_endless_banner_keeps_memory_flat(self, tmp_path, end):
+        chatty = tmp_path / "chatty-python"
+        chatty.write_text(CHATTY_PYTHON.format(python=sys.executable, end=end))
+        os.chmod(str(chatty), 0o755)
+        proc = run_script(sys.executable, CHATTY_HOST_SCRIPT.format(chatty=str(chatty)),
+                          timeout=120)
+        assert proc.returncode == 0, (proc.stdout[-300:], proc.stderr.decode()[-2000:])
+        peak, message, output = proc.stdout.decode().splitlines()
+        message, output = eval(message), eval(output)
+        assert int(peak) < 4 * 1024 * 1024, peak
+        assert "did not complete the bootstrap within 3.0 seconds" in message
+        assert 60 * 1024 < len(output) < 70 * 1024
+        if not end:
+            assert " earlier bytes of output not kept]" in output.split("\n", 1)[0]
+            assert "banner line" in output[-40:]
+            return
+        # the tail of what it printed: 64 KiB of whole lines, the last ones
+        lines = output.splitlines()
+        assert lines[0].startswith("[") and lines[0].endswith(
+            " earlier bytes of output not kept]"), lines[0]
+        numbers = [int(line.split()[-1]) for line in lines[2:]]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        assert numbers[-1] > 100000
 
     @single_only
     def test_silent_interpreter_fails_after_bootstrap_timeout(self, group, tmp_path):
