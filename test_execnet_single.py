@@ -1772,6 +1772,31 @@ class TestChannel:
         with pytest.raises(execnet.RemoteError) as excinfo:
             ch.waitclose(timeout=30)
         assert "EOFError" in str(excinfo.value)
+        if SINGLE:   # and it says what happened
+            assert "EOFError: channel %d of gateway %s: closed by the other side" % (
+                other.id, gw.id) in str(excinfo.value)
+
+    @single_only
+    def test_eof_says_who_closed_the_channel(self, gw):
+        # a channel we made, closed by the peer that got it (it does not own it)
+        other = gw.newchannel()
+        ch = gw.remote_exec("other = channel.receive()\nother.close()\n"
+                            "channel.receive()")
+        ch.send(other)
+        with pytest.raises(EOFError) as info:
+            other.receive(timeout=30)
+        assert str(info.value) == "channel %d of gateway %s: closed by the other side" % (
+            other.id, gw.id)
+        mine = gw.newchannel()
+        mine.close()
+        with pytest.raises(EOFError) as info:
+            mine.receive(timeout=30)
+        assert str(info.value) == "channel %d of gateway %s: closed here" % (mine.id, gw.id)
+        exit_and_join(gw)
+        with pytest.raises(EOFError) as info:
+            ch.receive(timeout=30)
+        assert str(info.value) == "channel %d of gateway %s: the gateway has ended" % (
+            ch.id, gw.id)
 
     def test_getremoteerror(self, gw):
         ch = gw.remote_exec("raise KeyError('gre-xyz')")
@@ -2927,6 +2952,23 @@ MIXED_OUTPUT_SHOWN = (
 
 @single_only
 class TestOutput:
+    @pytest.mark.parametrize("output", ["default", "callback"])
+    def test_output_frame_for_another_fd_is_a_clear_protocol_error(self, group, output):
+        # a broken remote sends output for fd 7: the gateway ends, saying so
+        got = []
+        gw = call_with_timeout(group.makegateway, 60, "popen//id=badfd",
+                               output=None if output == "default" else
+                               lambda fd, data: got.append(fd))
+        ch = gw.remote_exec("import execnet_single\n"
+                            "channel.gateway._send(execnet_single._MSG_OUTPUT, 7, b'x')\n"
+                            "channel.receive()")
+        with pytest.raises(EOFError) as info:
+            ch.receive(timeout=10)
+        assert str(info.value) == (
+            "gateway badfd: connection to the remote side lost: protocol error: the remote "
+            "sent an output frame for fd 7 (only fds 1 and 2 are forwarded)")
+        assert got == []
+
     def test_default_output_goes_to_local_stderr(self, gw, capsys):
         ch = gw.remote_exec(OUTPUT_SOURCE)
         assert ch.receive(timeout=30) == "after-output"
