@@ -5336,7 +5336,7 @@ class _SocketServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(addr)
-            sock.listen(128)
+            sock.listen(1024)   # a flood waits here, in order, not in threads
             sock.settimeout(0.5)   # how often the loop looks at stop()
         except OSError:
             sock.close()
