@@ -5968,7 +5968,7 @@ class TestInstallvia:
         # the proxy still serves: the remote_exec that installed the server returned
         assert call_with_timeout(proxy.remote_exec("channel.send(7)").receive, 30) == 7
 
-    def test_new_remote_and_its_server_demands_the_key(self, group):
+    def test_new_remote_and_its_server_serves_no_one_else(self, group):
         import socket
 
         proxy = mkgw(group, "popen//id=nr-p")
@@ -5979,7 +5979,9 @@ class TestInstallvia:
         sock = socket.create_connection((host, int(port)), 10)
         try:
             sock.settimeout(10)
-            assert recv_exact(sock, len(execnet._AUTH_MAGIC)) == execnet._AUTH_MAGIC
+            # it has its one client: the next is dropped before any handshake
+            # (test_installed_server_serves_exactly_one_client: the key is demanded)
+            assert recv_exact(sock, len(execnet._AUTH_MAGIC)) == b""
         finally:
             sock.close()
         ch = gw.remote_exec("channel.send(channel.receive() * 2)")
@@ -6003,6 +6005,14 @@ class TestInstallvia:
         channel.send(("127.0.0.1", 0, key))
         host, port = channel.receive(timeout=30)
         spec = "socket=%s:%d//keyfile=%s" % (host, port, keyfile)
+        # a peer without the key gets the challenge, is dropped, and is no client
+        sock = connect(port)
+        try:
+            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+            send_and_drain(sock, os.urandom(64))
+        finally:
+            sock.close()
+        assert wait_for(lambda: b"wrong key" in b"".join(got))
         gw = mkgw(group, spec)
         assert psutil.Process(rinfo(gw).pid).ppid() == rinfo(proxy).pid
         with pytest.raises(execnet.AuthenticationError, match="--once"):
