@@ -340,6 +340,7 @@ class _Text:
     DROP_EVICTED = ("evicted: all handshake slots were taken and this one was the oldest "
                     "(a keyless or idle peer?)")
     DROP_ONCE = "this server serves one client only (--once)"
+    BAD_MAX_HANDSHAKES = "--max-handshakes must be at least 1, not %d"
     # ssh transport
     SSH_FAILED = "gateway %s: ssh %s failed (exit status %s): %s"
     SSH_NO_PYTHON = "no python3 or python on the PATH of the remote shell"
@@ -5404,7 +5405,7 @@ class _SocketServer:
         import time
 
         with self._lock:
-            if len(self._pending) < self._max:
+            if len(self._pending) < self._max or not self._pending:
                 self._full = False
                 return 0
             wait = self._pending[0].start + self._grace - time.monotonic()
@@ -5682,6 +5683,8 @@ def _make_server(host="127.0.0.1", port=0, key_file=None, insecure=False, once=F
     """(server, key file path or None) for serve() and the CLI."""
     if insecure and not _is_loopback(host):
         raise ValueError(_Text.INSECURE_NOT_LOOPBACK % (host,))
+    if max_handshakes < 1:
+        raise ValueError(_Text.BAD_MAX_HANDSHAKES % max_handshakes)
     key, key_path = _server_key(key_file, insecure)
     context = _server_tls_context(tls_cert, tls_key, tls_client_ca) if tls_cert else None
     server = _SocketServer(host, port, key, once, context, handshake_timeout,

@@ -5915,6 +5915,11 @@ class TestSocketServer:
                 assert gw.remote_exec("channel.send(14)").receive(30) == 14
                 exit_and_join(gw)
 
+    def test_max_handshakes_below_one_is_refused(self, tmp_path):
+        for value in ("0", "-3"):
+            assert refused_serve(tmp_path, "--max-handshakes", value) == (
+                "execnet_single: error: --max-handshakes must be at least 1, not %s\n" % value)
+
     def test_insecure_false_means_authenticated(self, tmp_path, group, monkeypatch):
         monkeypatch.delenv("EXECNET_SINGLE_KEY", raising=False)
         keyfile = tmp_path / "client.key"
