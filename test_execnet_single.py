@@ -5781,20 +5781,32 @@ class TestSocketServer:
             grown = me.memory_info().rss - rss_before
             assert grown < 4 * 1024 * 1024, grown  # (seen: 64 KiB)
 
-    @pytest.mark.parametrize("peers", [32, 40])
-    def test_idle_reconnecting_peers_do_not_lock_clients_out(self, tmp_path, group, peers):
+    @pytest.mark.parametrize("peers, tls", [(32, False), (40, False), (40, True)])
+    def test_idle_reconnecting_peers_do_not_lock_clients_out(self, tmp_path, group, peers,
+                                                             tls):
         # keyless peers hold all 32 handshake slots (the default) and come
         # back at once when dropped; clients still get in, one after another
         # (the oldest pending handshake goes), with the default handshake
         # timeout: within their normal time
-        with socket_server(tmp_path) as server:
+        args = ()
+        if tls:
+            ca, cert, key = make_certificates(tmp_path, "flood")
+            args = ("--tls-cert", cert, "--tls-key", key)
+        with socket_server(tmp_path, *args) as server:
+            spec = server.spec.replace("CA_FILE", ca) if tls else server.spec
             flood = IdlePeers(server.port, peers)
             try:
-                assert wait_for(lambda: len(flood.greeted) >= 32, timeout=30)
+                if tls:   # (a TLS server says nothing first: wait for the slots to fill)
+                    assert wait_for(lambda: flood.connects >= 32, timeout=30)
+                    assert wait_for(lambda: "too many handshakes" in server.logtext())
+                else:
+                    assert wait_for(lambda: len(flood.greeted) >= 32, timeout=30)
                 for attempt in range(3):
-                    gw = mkgw(group, server.spec, timeout=30)
+                    gw = mkgw(group, spec, timeout=30)
                     assert gw.remote_exec("channel.send(8)").receive(30) == 8
                     exit_and_join(gw)
+                # the evicted peers were cut off (and came back), not just forgotten
+                assert wait_for(lambda: flood.connects > peers, timeout=2)
             finally:
                 flood.stop()
             assert "evicted" in server.logtext()
