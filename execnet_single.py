@@ -112,10 +112,9 @@ def _setup_trace():
     if level == "2":
         stream = sys.__stderr__
     else:
-        import tempfile
-
-        path = os.path.join(tempfile.gettempdir(), "execnet-debug-%d" % os.getpid())
-        stream = open(path, "w", buffering=1, encoding="utf-8")
+        stream = _open_trace_file()
+        if stream is None:
+            return
     lock = threading.Lock()
     pid = os.getpid()
 
@@ -129,6 +128,31 @@ def _setup_trace():
                 pass
 
     _trace = trace
+
+
+def _open_trace_file():
+    """A new trace file execnet-debug-PID-RANDOM in the temp dir, or None.
+
+    The temp dir is shared: the name holds random bytes so nobody can plant
+    a file or symlink there first, it is created exclusively, never through
+    a symlink, and mode 0600, as it holds the start of remote_exec sources.
+    """
+    import binascii
+    import tempfile
+
+    directory = tempfile.gettempdir()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for attempt in range(10):
+        path = os.path.join(directory, "execnet-debug-%d-%s" % (
+            os.getpid(), binascii.hexlify(os.urandom(6)).decode("ascii")))
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+        return open(fd, "w", buffering=1, encoding="utf-8")
+    return None
 
 
 def _daemon(target, args=(), name="execnet_single"):
@@ -248,16 +272,22 @@ class _Text:
         "Python %r for gateway %s exited during bootstrap (exit status %s)"
     )
     BAD_BOOTSTRAP = "gateway %s: unexpected bootstrap reply %r"
+    NOISE_DROPPED = "[%d earlier bytes of output not kept]"
     CONNECTION_LOST = "gateway %s: connection to the remote side lost%s"
     CLOSE_IN_EXEC = "cannot explicitly close channel within remote_exec"
     HAS_CALLBACK = "cannot receive(), channel has receiver callback"
     SEND_CLOSED = "cannot send to %r"
+    CHANNEL_PEER_CLOSED = "channel %d of gateway %s: closed by the other side"
+    CHANNEL_CLOSED = "channel %d of gateway %s: closed here"
+    CHANNEL_GATEWAY_ENDED = "channel %d of gateway %s: the gateway has ended"
     MAIN_THREAD_BUSY = (
         "concurrent remote_exec would cause deadlock for main_thread_only "
         "execmodel: another remote_exec is still running in the main thread"
     )
     INTERRUPTED = "keyboard-interrupted"
     FORKED = "this process is a fork of a gateway's process: it cannot use the gateway"
+    BAD_OUTPUT_FD = ("protocol error: the remote sent an output frame for fd %d "
+                     "(only fds 1 and 2 are forwarded)")
     CHANNEL_LOAD_FAILED = "gateway %s: could not load an item for channel %d: %s"
     ITEM_TOO_LARGE = (
         "gateway %s: an item for channel %d is larger than max_item=%d bytes: channel closed")
@@ -265,6 +295,7 @@ class _Text:
         "can't send an item of %d bytes: gateway %s takes items of at most max_item=%d bytes")
     NO_TRANSPORT = "no gateway type found for %r (known: %s)"
     BAD_SPEC_VALUE = "invalid value for xspec key %r in %r: %s"
+    BAD_FLAG = "expected %s alone or =1/true/yes/on or =0/false/no/off"
     DUMP_TOO_DEEP = "can't serialize containers nested more than %d deep"
     LOAD_TOO_DEEP = "containers nested more than %d deep near byte %d"
     DUMP_INT_TOO_LONG = "can't serialize an int of more than %d decimal digits"
@@ -274,6 +305,10 @@ class _Text:
               "or set the environment variable EXECNET_SINGLE_KEY")
     KEY_UNSAFE = ("key file %s is readable or writable by others (mode %04o): "
                   "refused; run: chmod 600 %s")
+    KEY_NOT_OWNED = ("key file %s belongs to uid %d, not to you (uid %d) or root: "
+                     "refused (its owner could run code as you)")
+    KEY_DIR_UNSAFE = ("directory %s (owner uid %d, mode %04o) of key file %s belongs to "
+                      "another user or is writable by others: refused")
     KEY_UNREADABLE = "cannot read key file %s: %s"
     KEY_TOO_SHORT = "key in %s is too short (%d bytes; at least 16 are needed)"
     KEY_EXISTS = "key file %s exists already (use --force to replace it)"
@@ -281,9 +316,13 @@ class _Text:
     SERVER_OPEN = ("socket server %s runs without authentication (--insecure): "
                    "refused; add the xspec key insecure to connect anyway")
     CLIENT_REJECTED = ("socket server %s closed the connection during authentication: "
-                       "wrong key?")
-    NO_GREETING = ("socket server %s closed the connection without a greeting "
-                   "(a TLS server? then add the xspec key tls_ca=CA_FILE or tls)")
+                       "wrong key? (or the server dropped us: too many handshakes at once, "
+                       "or its handshake timeout)")
+    NO_GREETING = ("socket server %s closed the connection after %.1f seconds without a "
+                   "greeting (a TLS server? then add the xspec key tls_ca=CA_FILE or tls)")
+    DROPPED_AT_ONCE = ("socket server %s closed the connection at once, without a greeting: "
+                       "it is busy (too many handshakes in progress: try again), serves one "
+                       "client only (--once) and has it, or is no execnet_single server")
     FAKE_SERVER = ("socket server %s failed to prove it holds the key: "
                    "it is not the server you meant (or has another key)")
     AUTH_TIMEOUT = "socket server %s: authentication did not complete within %s seconds"
@@ -295,7 +334,13 @@ class _Text:
     DROP_SHORT = "handshake ended after %d of 64 answer bytes"
     DROP_BAD_MAC = "wrong key (or not an execnet_single client)"
     DROP_TIMEOUT = "no complete handshake within %s seconds"
-    DROP_BUSY = "too many handshakes in progress (%d)"
+    DROP_BUSY = "too many handshakes in progress from this address (%d)"
+    SLOTS_FULL = ("too many handshakes in progress (%d): new connections wait until one "
+                  "ends or the oldest, after %.1f seconds, may be evicted")
+    DROP_EVICTED = ("evicted: all handshake slots were taken and this one was the oldest "
+                    "(a keyless or idle peer?)")
+    DROP_ONCE = "this server serves one client only (--once)"
+    BAD_MAX_HANDSHAKES = "--max-handshakes must be at least 1, not %d"
     # ssh transport
     SSH_FAILED = "gateway %s: ssh %s failed (exit status %s): %s"
     SSH_NO_PYTHON = "no python3 or python on the PATH of the remote shell"
@@ -1764,7 +1809,7 @@ class Channel:
             raise self.TimeoutError("no item after %r seconds" % (timeout,)) from None
         if entry is _ENDMARKER:
             items.put(entry)  # for other receivers
-            raise self._getremoteerror() or EOFError()
+            raise self._getremoteerror() or EOFError(self._eof_text())
         item, size = entry
         size = self._flow.item_read(size)
         if size:
@@ -1852,6 +1897,15 @@ class Channel:
     def reconfigure(self, py2str_as_py3str=True, py3str_as_py2str=False):
         """Accepted for execnet compatibility; both ends are Python 3."""
         self._strconfig = (py2str_as_py3str, py3str_as_py2str)
+
+    def _eof_text(self):
+        """Why receive() finds the channel at its end."""
+        gateway = self.gateway
+        if gateway._finished:
+            return _Text.CHANNEL_GATEWAY_ENDED % (self.id, gateway.id)
+        if self._peer_closed:
+            return _Text.CHANNEL_PEER_CLOSED % (self.id, gateway.id)
+        return _Text.CHANNEL_CLOSED % (self.id, gateway.id)
 
     def _getremoteerror(self):
         try:
@@ -2789,6 +2843,7 @@ def _importable(name):
 
 _STAGE1 = "import sys;exec(eval(sys.stdin.readline()))"
 _BOOTSTRAP_TIMEOUT = 60.0   # seconds; the xspec key bootstrap_timeout= overrides
+_NOISE_KEEP = 64 * 1024     # bytes of output before the ok line kept for errors
 _STAGE2 = r'''
 import sys, os
 v = sys.version_info
@@ -2883,19 +2938,7 @@ def _bootstrap(io, params, describe):
         pass  # the process died already; reading tells why
     # while the remote starts: ready our code for a remote just like us
     _code_for_remote(sys.hexversion, sys.implementation.cache_tag)
-    buf = b""
-    noise = []
-    while True:
-        data = io.read()
-        if not data:
-            _raise_died(io, describe, gwid, noise)
-        buf += data
-        if b"\n" not in buf:
-            continue
-        line, buf = buf.split(b"\n", 1)
-        if line.startswith(b"execnet_single:"):
-            break
-        noise.append(line.decode("utf-8", "replace"))  # e.g. a login banner
+    line, buf, noise = _read_first_line(io, describe, gwid)
     words = line.decode("ascii", "replace").split()
     if words[0] == "execnet_single:too-old":
         raise RemoteTooOld(_Text.TOO_OLD % (words[1], " ".join(words[2:]) or describe),
@@ -2929,6 +2972,46 @@ def _bootstrap(io, params, describe):
         _encode_frame(code_, cid, b"".join(payload) if type(payload) is _Pieces else payload)
         for code_, cid, payload in frames[1:]) + reader.leftover()
     return _loads(ready), leftover
+
+
+def _read_first_line(io, describe, gwid):
+    """(the execnet_single: line, bytes after it, [noise before it]).
+
+    Lines before it (a login banner, a shell's chatter) are noise: only the
+    last _NOISE_KEEP bytes of them are kept, for the error message, so a
+    peer that streams them forever cannot grow our memory.
+    """
+    buf = b""
+    noise = b""
+    dropped = 0
+    while True:
+        data = io.read()
+        if not data:
+            _raise_died(io, describe, gwid, _noise_lines(noise, dropped))
+        buf += data
+        if b"\n" in data:
+            lines = buf.split(b"\n")
+            buf = lines.pop()
+            for index, line in enumerate(lines):
+                if line.startswith(b"execnet_single:"):
+                    noise += b"".join(before + b"\n" for before in lines[:index])
+                    rest = b"\n".join(lines[index + 1:] + [buf])
+                    return line, rest, _noise_lines(noise, dropped)
+            noise += b"\n".join(lines) + b"\n"
+        if len(buf) > _NOISE_KEEP:   # a line that long is no execnet_single: line
+            noise += buf
+            buf = b""
+        if len(noise) > 2 * _NOISE_KEEP:
+            dropped += len(noise) - _NOISE_KEEP
+            noise = noise[-_NOISE_KEEP:]
+
+
+def _noise_lines(noise, dropped):
+    lines = noise[-_NOISE_KEEP:].decode("utf-8", "replace").splitlines()
+    dropped += max(0, len(noise) - _NOISE_KEEP)
+    if dropped:
+        lines.insert(0, _Text.NOISE_DROPPED % dropped)
+    return lines
 
 
 def _join_output(noise, text):
@@ -2984,6 +3067,24 @@ def _reap(io, timeout):
         io.wait(timeout)
 
 
+_FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}
+# xspec keys that are on or off: `key` alone, or key= one of _FLAG_VALUES
+_FLAG_KEYS = ("dont_write_bytecode", "insecure", "tls")
+
+
+def _flag(spec, key):
+    """The on/off value of a flag key (None, `key` or key=VALUE)."""
+    value = getattr(spec, key)
+    if value is None or value is False:
+        return False
+    if value is True:
+        return True
+    if not isinstance(value, str) or value.strip().lower() not in _FLAG_VALUES:
+        raise ValueError(_Text.BAD_SPEC_VALUE % (key, spec._spec, _Text.BAD_FLAG % key))
+    return _FLAG_VALUES[value.strip().lower()]
+
+
 def _gateway_params(spec, names=()):
     """What the remote needs to know, from an XSpec."""
     return {
@@ -2994,7 +3095,7 @@ def _gateway_params(spec, names=()):
         "env": dict(spec.env),
         "chdir": spec.chdir if isinstance(spec.chdir, str) else None,
         "nice": spec.nice if isinstance(spec.nice, str) else None,
-        "dont_write_bytecode": bool(spec.dont_write_bytecode),
+        "dont_write_bytecode": _flag(spec, "dont_write_bytecode"),
         "names": list(names),
     }
 
@@ -3302,6 +3403,8 @@ class Gateway(_GatewayBase):
     # -- output --
 
     def _on_output(self, fd, payload):
+        if fd != 1 and fd != 2:   # a broken (or hostile) remote
+            raise LoadError(_Text.BAD_OUTPUT_FD % fd)
         self._emit_output(fd, payload)
 
     def _emit_output(self, fd, data):
@@ -3615,6 +3718,7 @@ _NONCE_SIZE = 32
 _MAC_SIZE = 32
 _KEY_ENV = "EXECNET_SINGLE_KEY"
 _HANDSHAKE_TIMEOUT = 10.0   # seconds; the xspec key handshake_timeout= overrides
+_DROP_SOON = 0.5            # seconds: a close sooner than that is a drop, not a timeout
 
 
 def _mac(key, label, first, second):
@@ -3649,16 +3753,27 @@ def _client_auth(sock, key, timeout, where, allow_open=False):
     import socket
     import time
 
-    deadline = time.time() + timeout
+    start = time.time()
+    deadline = start + timeout
     try:
-        magic = _recv_exact(sock, len(_AUTH_MAGIC), deadline)
+        try:
+            magic = _recv_exact(sock, len(_AUTH_MAGIC), deadline)
+        except socket.timeout:
+            raise
+        except OSError as exc:   # reset before a greeting: dropped, not TLS
+            raise AuthenticationError(_Text.DROPPED_AT_ONCE % where + " (%s)" % exc) from None
         if magic == _OPEN_MAGIC:
             if allow_open:
                 return
             raise AuthenticationError(_Text.SERVER_OPEN % where)
         if magic != _AUTH_MAGIC:
             if not magic:
-                raise AuthenticationError(_Text.NO_GREETING % where)
+                # A TLS server waits for our hello, then its handshake
+                # timeout ends the connection; one that drops us does so at once.
+                waited = time.time() - start
+                if waited < _DROP_SOON:
+                    raise AuthenticationError(_Text.DROPPED_AT_ONCE % where)
+                raise AuthenticationError(_Text.NO_GREETING % (where, waited))
             raise AuthenticationError(_Text.NOT_A_SERVER % (where, magic))
         if key is None:
             raise AuthenticationError(_Text.NO_KEY % where)
@@ -3696,7 +3811,8 @@ def _server_auth(sock, key, deadline):
 
 
 def _read_key_file(path):
-    """The key in path; refuses a file that others may read or write."""
+    """The key in path; refuses a file that others may read or write, or
+    that belongs to another user (who could then run code as us)."""
     import stat
 
     try:
@@ -3704,9 +3820,12 @@ def _read_key_file(path):
     except OSError as exc:
         raise AuthenticationError(_Text.KEY_UNREADABLE % (path, exc.strerror or exc))
     try:
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        info = os.fstat(fd)
+        mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
             raise AuthenticationError(_Text.KEY_UNSAFE % (path, mode, path))
+        if info.st_uid not in (os.geteuid(), 0):
+            raise AuthenticationError(_Text.KEY_NOT_OWNED % (path, info.st_uid, os.geteuid()))
         data = os.read(fd, 4096)
     finally:
         os.close(fd)
@@ -3746,6 +3865,23 @@ def _write_new_key(path, force=False):
     finally:
         os.close(fd)
     return path
+
+
+def _check_key_dir(path):
+    """Refuse the directory of the per-user key file (and the one above it)
+    if another user owns it or others may write to it: they could swap
+    the key."""
+    import stat
+
+    directory = os.path.dirname(os.path.abspath(path))
+    for where in (directory, os.path.dirname(directory)):
+        try:
+            info = os.stat(where)
+        except OSError:
+            continue   # not made yet: _write_new_key makes it private
+        if info.st_uid not in (os.geteuid(), 0) or info.st_mode & 0o022:
+            raise AuthenticationError(_Text.KEY_DIR_UNSAFE % (
+                where, info.st_uid, stat.S_IMODE(info.st_mode), path))
 
 
 def _default_key_path():
@@ -3853,14 +3989,26 @@ def _split_hostport(value, specstr):
     return host, int(port)
 
 
+def _tls_1_2_or_later(context):
+    """Refuse TLS 1.0 and 1.1 whatever this Python's or OpenSSL's default
+    (3.6-3.9 leave them on where the system's OpenSSL allows them)."""
+    import ssl
+
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:  # 3.6: no minimum_version yet
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+
+
 def _client_tls_context(spec):
     """An ssl context for spec's tls keys, or None for plain TCP."""
-    if not (spec.tls or spec.tls_ca or spec.tls_cert):
+    if not (_flag(spec, "tls") or spec.tls_ca or spec.tls_cert):
         return None
     import ssl
 
     context = ssl.create_default_context(
         cafile=spec.tls_ca if isinstance(spec.tls_ca, str) else None)
+    _tls_1_2_or_later(context)
     if isinstance(spec.tls_cert, str):
         context.load_cert_chain(spec.tls_cert,
                                 spec.tls_key if isinstance(spec.tls_key, str) else None)
@@ -3891,7 +4039,8 @@ def _start_socket(spec, params, group=None):
         key = _read_key_file(spec.keyfile)
     else:
         key = _env_key()
-    if key is None and not spec.insecure:
+    insecure = _flag(spec, "insecure")
+    if key is None and not insecure:
         raise AuthenticationError(_Text.NO_KEY % spec.id)
     timeout = float(spec.handshake_timeout or _HANDSHAKE_TIMEOUT)
     try:
@@ -3906,7 +4055,7 @@ def _start_socket(spec, params, group=None):
     except OSError as exc:
         sock.close()
         raise HostNotFound(_Text.CONNECT_FAILED % (spec.id, where, exc))
-    io = _SocketIO(sock, where, key, bool(spec.insecure), timeout)
+    io = _SocketIO(sock, where, key, insecure, timeout)
     return _start_io(io, spec, params, "socket server " + where)
 
 
@@ -4511,6 +4660,8 @@ def _check_spec(spec):
             problem = check(value)
         if problem:
             raise ValueError(_Text.BAD_SPEC_VALUE % (key, spec._spec, problem))
+    for key in _FLAG_KEYS:
+        _flag(spec, key)
     for name, value in spec.env.items():
         if value is True:
             raise ValueError(_Text.BAD_SPEC_VALUE % ("env:" + name, spec._spec,
@@ -5124,13 +5275,33 @@ def _rsync_receive(channel):
 #
 # `python -m execnet_single serve`.  Each accepted connection gets a thread
 # for the handshake of section 9 (at most max_handshakes at once, each done
-# within handshake_timeout or dropped).  An authenticated connection becomes
+# within handshake_timeout or dropped).  Keyless peers that hold every slot
+# (idle, reconnecting when dropped) must not lock clients out: when the
+# slots are full, the next connection evicts the oldest pending handshake,
+# once that is older than _HANDSHAKE_GRACE of the timeout (so that no flood
+# cuts a client off mid-handshake); until then new connections wait in the
+# listen backlog, in order, and a peer that reconnects queues up behind the
+# client it was evicted for.  One address other than loopback holds at most
+# half the slots (beyond that its own oldest goes, or the new one is dropped).  An authenticated connection becomes
 # the stdin and stdout of a fresh `python -c _STAGE1`, which the client then
 # bootstraps like a popen gateway: every client has an interpreter of its
 # own, so its crash or os._exit ends only its session.  Under TLS the
 # interpreter gets pipes instead, relayed to the TLS socket by two threads.
 
 _MAX_HANDSHAKES = 32
+_HANDSHAKE_GRACE = 0.1   # of handshake_timeout: the age below which none is evicted
+
+
+class _Pending:
+    """A handshake in progress: its start, peer address and socket."""
+
+    __slots__ = ("start", "host", "conn", "evicted")
+
+    def __init__(self, start, host, conn):
+        self.start = start
+        self.host = host
+        self.conn = conn
+        self.evicted = False
 
 
 def _is_loopback(host):
@@ -5166,7 +5337,7 @@ class _SocketServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(addr)
-            sock.listen(128)
+            sock.listen(1024)   # a flood waits here, in order, not in threads
             sock.settimeout(0.5)   # how often the loop looks at stop()
         except OSError:
             sock.close()
@@ -5178,7 +5349,11 @@ class _SocketServer:
         self._tls = tls_context
         self._timeout = handshake_timeout
         self._max = max_handshakes
-        self._slots = threading.BoundedSemaphore(max_handshakes)
+        self._per_address = max(1, max_handshakes // 2)
+        self._grace = handshake_timeout * _HANDSHAKE_GRACE
+        self._pending = []   # _Pending entries, oldest first (under _lock)
+        self._freed = threading.Event()   # a pending handshake ended
+        self._full = False
         self._log = log
         self._lock = threading.Lock()
         self._sessions = set()
@@ -5197,6 +5372,14 @@ class _SocketServer:
 
         try:
             while not (self._stop.is_set() or self._done.is_set()):
+                self._freed.clear()
+                wait = self._full_for()
+                if wait:
+                    # every slot holds a young handshake: new connections wait
+                    # in the listen backlog, in order and holding no thread,
+                    # until a handshake ends or the oldest may be evicted
+                    self._freed.wait(wait)
+                    continue
                 try:
                     conn, addr = self._sock.accept()
                 except socket.timeout:
@@ -5206,47 +5389,111 @@ class _SocketServer:
                     time.sleep(0.1)
                     continue
                 peer = "%s:%s" % tuple(addr[:2])
-                if not self._slots.acquire(False):
-                    self._log("dropped %s: %s" % (peer, _Text.DROP_BUSY % self._max))
+                pending = self._admit(addr[0], conn, peer)
+                if pending is None:
                     conn.close()
                     continue
-                _daemon(self._handle, (conn, peer), "execnet_single-serve-%s" % peer)
+                _daemon(self._handle, (conn, peer, pending), "execnet_single-serve-%s" % peer)
         finally:
             self._sock.close()
         while self._sessions and not self._stop.wait(0.2):
             pass   # --once: the session ends by itself, or stop() ends it
         self._end_sessions()
 
-    def _handle(self, conn, peer):
+    def _full_for(self):
+        """Seconds until a new connection can have a slot (0: now), at most 0.5."""
+        import time
+
+        with self._lock:
+            if len(self._pending) < self._max or not self._pending:
+                self._full = False
+                return 0
+            wait = self._pending[0].start + self._grace - time.monotonic()
+            if wait > 0 and not self._full:
+                self._full = True
+                self._log(_Text.SLOTS_FULL % (self._max, self._grace))
+            return min(wait, 0.5) if wait > 0 else 0
+
+    def _admit(self, host, conn, peer):
+        """A _Pending slot for a new connection (evicting the oldest pending
+        handshake if all slots, or its address's share, are taken), or None:
+        drop the connection."""
+        import socket
+        import time
+
+        now = time.monotonic()
+        with self._lock:
+            pending = self._pending
+            victims = pending if len(pending) >= self._max else []
+            if not _is_loopback(host):
+                same = [entry for entry in pending if entry.host == host]
+                if len(same) >= self._per_address:
+                    victims = same
+            if victims:
+                oldest = victims[0]
+                if now - oldest.start < self._grace:
+                    self._log("dropped %s: %s" % (peer, _Text.DROP_BUSY % len(victims)))
+                    return None
+                pending.remove(oldest)
+                oldest.evicted = True
+                try:   # its thread's read ends; the thread drops it
+                    socket.socket.shutdown(oldest.conn, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            entry = _Pending(now, host, conn)
+            pending.append(entry)
+            return entry
+
+    def _release(self, pending):
+        """pending's handshake ended (lock held): its slot is free."""
+        if pending in self._pending:
+            self._pending.remove(pending)
+            self._freed.set()
+
+    def _handle(self, conn, peer, pending):
         """Authenticate one connection, then run its session (in this thread)."""
         import socket
         import time
 
         try:
             try:
+                if self._once and self._served:   # (checked again once authenticated)
+                    raise AuthenticationError(_Text.DROP_ONCE)
                 deadline = time.time() + self._timeout
                 conn.settimeout(self._timeout)
                 if self._tls is not None:
-                    conn = self._tls.wrap_socket(conn, server_side=True)
+                    conn = self._tls.wrap_socket(conn, server_side=True,
+                                                 do_handshake_on_connect=False)
+                    with self._lock:   # an eviction must shut this one down
+                        pending.conn = conn
+                        evicted = pending.evicted
+                    if evicted:
+                        raise AuthenticationError(_Text.DROP_EVICTED)
+                    conn.do_handshake()
                 if self._key is None:
                     conn.sendall(_OPEN_MAGIC)
                 else:
                     _server_auth(conn, self._key, deadline)
                 conn.settimeout(None)
                 with self._lock:
+                    if pending.evicted:
+                        raise AuthenticationError(_Text.DROP_EVICTED)
+                    self._release(pending)
                     if self._once and self._served:
-                        raise AuthenticationError("this server serves one client only (--once)")
+                        raise AuthenticationError(_Text.DROP_ONCE)
                     self._served = True
             finally:
-                self._slots.release()
+                with self._lock:
+                    self._release(pending)
         except socket.timeout:
             self._drop(conn, peer, _Text.DROP_TIMEOUT % self._timeout)
             return
         except AuthenticationError as exc:
-            self._drop(conn, peer, exc)
+            self._drop(conn, peer, _Text.DROP_EVICTED if pending.evicted else exc)
             return
         except Exception as exc:  # OSError, ssl.SSLError, anything: keep serving
-            self._drop(conn, peer, "%s: %s" % (type(exc).__name__, exc))
+            self._drop(conn, peer, _Text.DROP_EVICTED if pending.evicted else "%s: %s" % (
+                type(exc).__name__, exc))
             return
         try:
             self._session(conn, peer)
@@ -5403,6 +5650,7 @@ def _server_tls_context(cert, key=None, client_ca=None):
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _tls_1_2_or_later(context)
     context.load_cert_chain(cert, key)
     if client_ca:
         context.load_verify_locations(client_ca)
@@ -5421,6 +5669,7 @@ def _server_key(key_file=None, insecure=False):
     if key is not None:
         return key, None
     path = _default_key_path()
+    _check_key_dir(path)
     if not os.path.exists(path):
         _write_new_key(path)
         _log_stderr("created key file %s" % path)
@@ -5434,6 +5683,8 @@ def _make_server(host="127.0.0.1", port=0, key_file=None, insecure=False, once=F
     """(server, key file path or None) for serve() and the CLI."""
     if insecure and not _is_loopback(host):
         raise ValueError(_Text.INSECURE_NOT_LOOPBACK % (host,))
+    if max_handshakes < 1:
+        raise ValueError(_Text.BAD_MAX_HANDSHAKES % max_handshakes)
     key, key_path = _server_key(key_file, insecure)
     context = _server_tls_context(tls_cert, tls_key, tls_client_ca) if tls_cert else None
     server = _SocketServer(host, port, key, once, context, handshake_timeout,

@@ -730,6 +730,44 @@ def _check_limit_pairs_in_small_stack(pairs):
         proc.stdout, proc.stderr.decode("utf-8", "replace")[-2000:])
 
 
+# A host that plants a symlink where the trace file used to go (the temp
+# dir's execnet-debug-PID) and runs a gateway with EXECNET_DEBUG=1.
+TRACE_HOST_SCRIPT = IMPORT_LINE + """
+import os, tempfile
+os.symlink({victim!r}, os.path.join(tempfile.gettempdir(), "execnet-debug-%d" % os.getpid()))
+gw = execnet.makegateway("popen")
+print(os.getpid(), gw.remote_exec("import os; channel.send(os.getpid())").receive(30))
+gw.exit()
+gw.join(30)
+"""
+
+
+@single_only
+class TestTracing:
+    def test_trace_files_are_new_private_files(self, tmp_path):
+        temp = tmp_path / "tmp"
+        temp.mkdir()
+        victim = tmp_path / "victim"
+        victim.write_text(u"precious\n")
+        env = dict(os.environ, TMPDIR=str(temp), EXECNET_DEBUG="1")
+        proc = run_script(sys.executable, TRACE_HOST_SCRIPT.format(victim=str(victim)), env=env)
+        assert proc.returncode == 0, proc.stderr.decode()
+        host, remote = proc.stdout.split()
+        assert victim.read_text() == u"precious\n"   # the planted symlink was not followed
+        assert (temp / ("execnet-debug-" + host.decode())).is_symlink()
+        for pid in (host.decode(), remote.decode()):   # both ends trace, each to a file
+            found = [p for p in temp.iterdir() if p.name.startswith("execnet-debug-%s-" % pid)]
+            assert len(found) == 1, sorted(p.name for p in temp.iterdir())
+            random_part = found[0].name.rsplit("-", 1)[1]
+            assert len(random_part) == 12 and int(random_part, 16) >= 0
+            info = os.lstat(str(found[0]))
+            assert (info.st_mode & 0o777) == 0o600 and not os.path.islink(str(found[0]))
+            assert found[0].stat().st_size > 0
+        assert "started gateway" in "".join(
+            p.read_text() for p in temp.iterdir() if p.name.startswith(
+                "execnet-debug-%s-" % host.decode()))
+
+
 class TestSerializer:
     @pytest.mark.parametrize("index", range(len(SAMPLES)))
     def test_roundtrip(self, index):
@@ -1800,6 +1838,31 @@ class TestChannel:
         with pytest.raises(execnet.RemoteError) as excinfo:
             ch.waitclose(timeout=30)
         assert "EOFError" in str(excinfo.value)
+        if SINGLE:   # and it says what happened
+            assert "EOFError: channel %d of gateway %s: closed by the other side" % (
+                other.id, gw.id) in str(excinfo.value)
+
+    @single_only
+    def test_eof_says_who_closed_the_channel(self, gw):
+        # a channel we made, closed by the peer that got it (it does not own it)
+        other = gw.newchannel()
+        ch = gw.remote_exec("other = channel.receive()\nother.close()\n"
+                            "channel.receive()")
+        ch.send(other)
+        with pytest.raises(EOFError) as info:
+            other.receive(timeout=30)
+        assert str(info.value) == "channel %d of gateway %s: closed by the other side" % (
+            other.id, gw.id)
+        mine = gw.newchannel()
+        mine.close()
+        with pytest.raises(EOFError) as info:
+            mine.receive(timeout=30)
+        assert str(info.value) == "channel %d of gateway %s: closed here" % (mine.id, gw.id)
+        exit_and_join(gw)
+        with pytest.raises(EOFError) as info:
+            ch.receive(timeout=30)
+        assert str(info.value) == "channel %d of gateway %s: the gateway has ended" % (
+            ch.id, gw.id)
 
     def test_getremoteerror(self, gw):
         ch = gw.remote_exec("raise KeyError('gre-xyz')")
@@ -2512,6 +2575,75 @@ _thread.start()
 """
 
 
+# A "python" that runs the real one but sends a login banner and the
+# bootstrap's first line in a single write (as a login shell can).
+BANNER_WRAPPER = """#!{python} -S
+import os, subprocess, sys
+
+child = subprocess.Popen([{python!r}] + sys.argv[1:], stdout=subprocess.PIPE, bufsize=0)
+out = child.stdout.fileno()
+
+
+def write(data):
+    while data:
+        data = data[os.write(1, data):]
+
+
+buf = b""
+while b"\\n" not in buf:
+    data = os.read(out, 65536)
+    if not data:
+        break
+    buf += data
+line, _, rest = buf.partition(b"\\n")
+write(b"Welcome to banner-host\\nLast login: never\\n" + line + b"\\n" + rest)
+while True:
+    data = os.read(out, 65536)
+    if not data:
+        break
+    write(data)
+sys.exit(child.wait())
+"""
+
+# A "python" that prints numbered banner lines forever and never answers
+# (with end="": one endless line).
+CHATTY_PYTHON = """#!{python} -S
+import itertools, os
+for block in itertools.count():
+    os.write(1, b"".join(b"banner line %09d{end}" % (block * 1000 + i) for i in range(1000)))
+"""
+
+# A host that starts a gateway on CHATTY_PYTHON (bootstrap_timeout=3) with
+# its memory traced; past 16 MiB of growth it gives up at once (status 3).
+# It prints the peak growth, then the HostNotFound's message and output.
+CHATTY_HOST_SCRIPT = IMPORT_LINE + """
+import os, threading, time, tracemalloc
+execnet._code_for_remote(sys.hexversion, sys.implementation.cache_tag)   # (compiled once)
+tracemalloc.start()
+base = tracemalloc.get_traced_memory()[0]
+
+
+def watch():
+    while True:
+        if tracemalloc.get_traced_memory()[1] - base > 16 * 1024 * 1024:
+            sys.stdout.write("over the limit\\n")
+            sys.stdout.flush()
+            os._exit(3)
+        time.sleep(0.02)
+
+
+thread = threading.Thread(target=watch)
+thread.daemon = True
+thread.start()
+try:
+    execnet.makegateway("popen//python={chatty}//bootstrap_timeout=3")
+except execnet.HostNotFound as exc:
+    print(tracemalloc.get_traced_memory()[1] - base)
+    print(repr(exc.message))
+    print(repr(exc.output))
+"""
+
+
 class TestBootstrap:
     @pytest.mark.transports("popen", "via", "ssh")  # the server picks its Python
     def test_python_is_shell_split(self, group, transport):
@@ -2566,6 +2698,40 @@ class TestBootstrap:
         error = excinfo.value
         assert "fake-out-xyz" in error.output + str(error)
         assert len(group) == 0  # no dead gateway registered
+
+    @single_only
+    def test_banner_and_first_line_in_one_read(self, group, tmp_path):
+        wrapper = tmp_path / "python-with-banner"
+        wrapper.write_text(BANNER_WRAPPER.format(python=sys.executable))
+        os.chmod(str(wrapper), 0o755)
+        gw = mkgw(group, "popen//python=%s//bootstrap_timeout=10" % wrapper)
+        assert gw.remote_exec("channel.send(15)").receive(30) == 15
+
+    @single_only
+    @pytest.mark.parametrize("end", ["\\n", ""])
+    def test_endless_banner_keeps_memory_flat(self, tmp_path, end):
+        chatty = tmp_path / "chatty-python"
+        chatty.write_text(CHATTY_PYTHON.format(python=sys.executable, end=end))
+        os.chmod(str(chatty), 0o755)
+        proc = run_script(sys.executable, CHATTY_HOST_SCRIPT.format(chatty=str(chatty)),
+                          timeout=120)
+        assert proc.returncode == 0, (proc.stdout[-300:], proc.stderr.decode()[-2000:])
+        peak, message, output = proc.stdout.decode().splitlines()
+        message, output = eval(message), eval(output)
+        assert int(peak) < 4 * 1024 * 1024, peak
+        assert "did not complete the bootstrap within 3.0 seconds" in message
+        assert 60 * 1024 < len(output) < 70 * 1024
+        if not end:
+            assert " earlier bytes of output not kept]" in output.split("\n", 1)[0]
+            assert "banner line" in output[-40:]
+            return
+        # the tail of what it printed: 64 KiB of whole lines, the last ones
+        lines = output.splitlines()
+        assert lines[0].startswith("[") and lines[0].endswith(
+            " earlier bytes of output not kept]"), lines[0]
+        numbers = [int(line.split()[-1]) for line in lines[2:]]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        assert numbers[-1] > 100000
 
     @single_only
     def test_silent_interpreter_fails_after_bootstrap_timeout(self, group, tmp_path):
@@ -2852,6 +3018,23 @@ MIXED_OUTPUT_SHOWN = (
 
 @single_only
 class TestOutput:
+    @pytest.mark.parametrize("output", ["default", "callback"])
+    def test_output_frame_for_another_fd_is_a_clear_protocol_error(self, group, output):
+        # a broken remote sends output for fd 7: the gateway ends, saying so
+        got = []
+        gw = call_with_timeout(group.makegateway, 60, "popen//id=badfd",
+                               output=None if output == "default" else
+                               lambda fd, data: got.append(fd))
+        ch = gw.remote_exec("import execnet_single\n"
+                            "channel.gateway._send(execnet_single._MSG_OUTPUT, 7, b'x')\n"
+                            "channel.receive()")
+        with pytest.raises(EOFError) as info:
+            ch.receive(timeout=10)
+        assert str(info.value) == (
+            "gateway badfd: connection to the remote side lost: protocol error: the remote "
+            "sent an output frame for fd 7 (only fds 1 and 2 are forwarded)")
+        assert got == []
+
     def test_default_output_goes_to_local_stderr(self, gw, capsys):
         ch = gw.remote_exec(OUTPUT_SOURCE)
         assert ch.receive(timeout=30) == "after-output"
@@ -4220,6 +4403,33 @@ class TestXSpec:
         with pytest.raises(ValueError):
             execnet.XSpec("popen//id=a//id=b")
 
+    @single_only
+    @pytest.mark.parametrize("key", ["dont_write_bytecode", "insecure", "tls"])
+    def test_flag_keys_take_only_explicit_values(self, group, key):
+        for value in ("=", "=2", "=maybe", "=enabled", "=tru", "= ", "=n"):
+            with pytest.raises(ValueError) as info:
+                group.makegateway("popen//%s%s" % (key, value))
+            assert str(info.value) == (
+                "invalid value for xspec key %r in %r: expected %s alone or "
+                "=1/true/yes/on or =0/false/no/off" % (key, "popen//%s%s" % (key, value), key))
+        assert len(group) == 0
+        on = ("", "=1", "=true", "=yes", "=on", "=TRUE", "=On")
+        off = ("=0", "=false", "=no", "=off", "=False", "=NO")
+        for value in on + off:
+            spec = execnet.XSpec("popen//%s%s" % (key, value))
+            execnet._check_spec(spec)
+            assert execnet._flag(spec, key) is (value in on)
+        assert execnet._flag(execnet.XSpec("popen"), key) is False
+
+    @single_only
+    def test_dont_write_bytecode_off_and_on(self, group):
+        for value, expected in (("=0", False), ("=no", False), ("", True), ("=yes", True)):
+            # (an empty PYTHONDONTWRITEBYTECODE is no setting: the key decides)
+            gw = mkgw(group, "popen//dont_write_bytecode%s//env:PYTHONDONTWRITEBYTECODE=" % value)
+            got = gw.remote_exec("import sys; channel.send(sys.dont_write_bytecode)").receive(30)
+            assert got is expected, value
+            exit_and_join(gw)
+
 
 class TestGroup:
     def test_indexing_and_membership(self, group):
@@ -5434,6 +5644,107 @@ def send_and_drain(sock, data):
         sock.close()
 
 
+def refused_serve(tmp_path, *args):
+    """Run `serve --port 0 ARGS`, which must refuse to start; return its
+    stderr.  A server that starts anyway (prints its banner) fails the test
+    at once and is stopped."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "execnet_single", "serve", "--port", "0"] + list(args),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env(tmp_path))
+    try:
+        banner = call_with_timeout(proc.stdout.readline, 60)
+        if banner:
+            proc.terminate()
+        err = call_with_timeout(proc.stderr.read, 60).decode()
+        status = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert not banner, "the server started: %r" % banner
+    assert status == 1, (status, err)
+    return err
+
+
+def need_root():
+    """Fail in CI, skip elsewhere, unless we are root (to chown files)."""
+    if os.geteuid() != 0:
+        message = "this test needs root (it gives files to another user)"
+        if IN_CI:
+            pytest.fail(message + " (required when CI=true)")
+        pytest.skip(message)
+
+
+def own_address():
+    """An IPv4 address of this host that is not loopback (fail in CI, skip
+    elsewhere, if there is none)."""
+    import socket
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    if IN_CI:
+        pytest.fail("no non-loopback IPv4 address on this host (required when CI=true)")
+    pytest.skip("no non-loopback IPv4 address on this host")
+
+
+class IdlePeers:
+    """n keyless peers: each connects (from and to host), says nothing, and
+    connects again as soon as the server drops it, until stop() (bounded:
+    5 s timeouts, daemon threads joined by stop)."""
+
+    def __init__(self, port, n, host="127.0.0.1"):
+        self.port = port
+        self.host = host
+        self.most_greeted = 0
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.connects = 0
+        self.greeted = set()   # peers whose current connection got the greeting
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(n)]
+        for thread in self.threads:
+            thread.daemon = True
+            thread.start()
+
+    def _run(self, index):
+        import socket
+
+        while not self.stopping.is_set():
+            try:
+                sock = socket.create_connection((self.host, self.port), 5)
+            except OSError:
+                self.stopping.wait(0.01)
+                continue
+            with self.lock:
+                self.connects += 1
+            try:
+                sock.settimeout(0.1)
+                while not self.stopping.is_set():
+                    try:
+                        if not sock.recv(4096):
+                            break
+                        with self.lock:
+                            self.greeted.add(index)
+                            self.most_greeted = max(self.most_greeted, len(self.greeted))
+                    except socket.timeout:
+                        continue
+            except OSError:
+                pass
+            finally:
+                with self.lock:
+                    self.greeted.discard(index)
+                sock.close()
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(10)
+        assert not any(thread.is_alive() for thread in self.threads)
+
+
 class RecordingProxy:
     """A TCP relay for one connection that records what the client sent."""
 
@@ -5749,6 +6060,177 @@ class TestSocketServer:
             grown = me.memory_info().rss - rss_before
             assert grown < 4 * 1024 * 1024, grown  # (seen: 64 KiB)
 
+    @pytest.mark.parametrize("peers, tls", [(32, False), (40, False), (40, True)])
+    def test_idle_reconnecting_peers_do_not_lock_clients_out(self, tmp_path, group, peers,
+                                                             tls):
+        # keyless peers hold all 32 handshake slots (the default) and come
+        # back at once when dropped; clients still get in, one after another
+        # (the oldest pending handshake goes), with the default handshake
+        # timeout: within their normal time
+        args = ()
+        if tls:
+            ca, cert, key = make_certificates(tmp_path, "flood")
+            args = ("--tls-cert", cert, "--tls-key", key)
+        with socket_server(tmp_path, *args) as server:
+            spec = server.spec.replace("CA_FILE", ca) if tls else server.spec
+            flood = IdlePeers(server.port, peers)
+            try:
+                if tls:   # (a TLS server says nothing first: wait for the slots to fill)
+                    assert wait_for(lambda: flood.connects >= 32, timeout=30)
+                    assert wait_for(lambda: "too many handshakes" in server.logtext())
+                else:
+                    assert wait_for(lambda: len(flood.greeted) >= 32, timeout=30)
+                for attempt in range(3):
+                    gw = mkgw(group, spec, timeout=30)
+                    assert gw.remote_exec("channel.send(8)").receive(30) == 8
+                    exit_and_join(gw)
+                # the evicted peers were cut off (and came back), not just forgotten
+                assert wait_for(lambda: flood.connects > peers, timeout=2)
+            finally:
+                flood.stop()
+            assert "evicted" in server.logtext()
+
+    def test_one_address_holds_at_most_half_the_slots(self, tmp_path, group):
+        address = own_address()
+        with socket_server(tmp_path, "--host", "0.0.0.0", "--max-handshakes", "8",
+                           "--handshake-timeout", "30") as server:
+            flood = IdlePeers(server.port, 8, host=address)
+            try:
+                assert wait_for(lambda: len(flood.greeted) >= 4, timeout=30)
+                assert wait_for(lambda: "from this address (4)" in server.logtext())
+                # a client from elsewhere (loopback) finds free slots at once
+                gw = mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (
+                    server.port, server.keyfile))
+                assert gw.remote_exec("channel.send(9)").receive(30) == 9
+                exit_and_join(gw)
+            finally:
+                flood.stop()
+            assert flood.most_greeted == 4
+
+    def test_client_dropped_at_once_is_not_told_tls(self, tmp_path, group):
+        import socket
+
+        keyfile = tmp_path / "k"
+        write_key(keyfile)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(30)
+
+        def drop():
+            conn, _ = listener.accept()
+            conn.close()
+
+        thread = threading.Thread(target=drop)
+        thread.daemon = True
+        thread.start()
+        try:
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (
+                    listener.getsockname()[1], keyfile))
+            thread.join(30)
+        finally:
+            listener.close()
+        text = str(info.value)
+        assert "closed the connection at once, without a greeting" in text
+        assert "busy" in text and "--once" in text and "TLS" not in text
+
+    def test_key_file_modes(self, tmp_path, group):
+        # what others may read or write is refused on both ends; 0600 and 0400 work
+        for mode in (0o640, 0o660, 0o620, 0o604):
+            keyfile = tmp_path / ("k%o" % mode)
+            write_key(keyfile, mode)
+            assert refused_serve(tmp_path, "--key-file", str(keyfile)) == (
+                "execnet_single: error: key file %s is readable or writable by others "
+                "(mode %04o): refused; run: chmod 600 %s\n" % (keyfile, mode, keyfile))
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, "socket=127.0.0.1:1//keyfile=%s" % keyfile)
+            assert "readable or writable by others (mode %04o)" % mode in str(info.value)
+        for mode in (0o600, 0o400):
+            keyfile = tmp_path / ("k%o" % mode)
+            write_key(keyfile, mode)
+            server = ServerProcess(tmp_path, "--key-file", str(keyfile))
+            try:
+                gw = mkgw(group, server.spec)
+                assert gw.remote_exec("channel.send(%d)" % mode).receive(30) == mode
+                exit_and_join(gw)
+            finally:
+                assert server.stop() == 0
+
+    def test_key_file_of_another_user_is_refused(self, tmp_path, group):
+        need_root()
+        keyfile = tmp_path / "theirs.key"
+        write_key(keyfile)
+        os.chown(str(keyfile), 65534, 65534)
+        assert refused_serve(tmp_path, "--key-file", str(keyfile)).startswith(
+            "execnet_single: error: key file %s belongs to uid 65534, not to you" % keyfile)
+        with pytest.raises(execnet.AuthenticationError, match="belongs to uid 65534"):
+            mkgw(group, "socket=127.0.0.1:1//keyfile=%s" % keyfile)
+
+    def test_default_key_in_a_directory_of_another_user_is_refused(self, tmp_path, group):
+        need_root()
+        config = tmp_path / "cfg"
+        directory = config / "execnet_single"
+        directory.mkdir(parents=True)
+        write_key(directory / "server.key")
+
+        for where, uid, mode in ((directory, 65534, 0o700), (directory, 0, 0o777),
+                                 (directory, 0, 0o720), (config, 0, 0o757),
+                                 (config, 65534, 0o755)):
+            os.chown(str(where), uid, uid)
+            os.chmod(str(where), mode)
+            assert refused_serve(tmp_path) == (
+                "execnet_single: error: directory %s (owner uid %d, mode %04o) of key file %s "
+                "belongs to another user or is writable by others: refused\n"
+                % (where, uid, mode, directory / "server.key"))
+            os.chown(str(where), 0, 0)
+            os.chmod(str(where), 0o700)
+        server = ServerProcess(tmp_path)   # all private again: it serves
+        try:
+            gw = mkgw(group, server.spec)
+            assert gw.remote_exec("channel.send(10)").receive(30) == 10
+            exit_and_join(gw)
+        finally:
+            assert server.stop() == 0
+
+    def test_insecure_refused_on_every_non_loopback_address(self, tmp_path):
+        for host in ("::", own_address(), "10.11.12.13", "192.0.2.77", "0.0.0.0", "fe80::1"):
+            assert refused_serve(tmp_path, "--insecure", "--host", host) == (
+                "execnet_single: error: --insecure is only allowed on a loopback address "
+                "(127.0.0.1, ::1, localhost), not %r\n" % host)
+
+    def test_tls_false_means_plain_tcp(self, tmp_path, group):
+        with socket_server(tmp_path) as server:
+            for value in ("false", "0", "off"):
+                gw = mkgw(group, server.spec + "//tls=" + value)
+                assert gw.remote_exec("channel.send(14)").receive(30) == 14
+                exit_and_join(gw)
+
+    def test_max_handshakes_below_one_is_refused(self, tmp_path):
+        for value in ("0", "-3"):
+            assert refused_serve(tmp_path, "--max-handshakes", value) == (
+                "execnet_single: error: --max-handshakes must be at least 1, not %s\n" % value)
+
+    def test_insecure_false_means_authenticated(self, tmp_path, group, monkeypatch):
+        monkeypatch.delenv("EXECNET_SINGLE_KEY", raising=False)
+        keyfile = tmp_path / "client.key"
+        write_key(keyfile)
+        server = ServerProcess(tmp_path, "--insecure")
+        try:
+            for value in ("false", "0", "no", "off", "OFF"):
+                # a client with a key refuses the open server unless it asks for one
+                with pytest.raises(execnet.AuthenticationError, match="without authentication"):
+                    mkgw(group, "socket=127.0.0.1:%d//keyfile=%s//insecure=%s" % (
+                        server.port, keyfile, value))
+                with pytest.raises(execnet.AuthenticationError, match="no key"):
+                    mkgw(group, "socket=127.0.0.1:%d//insecure=%s" % (server.port, value))
+            for value in ("", "=1", "=true", "=yes", "=on", "=True"):
+                gw = mkgw(group, "socket=127.0.0.1:%d//insecure%s" % (server.port, value))
+                assert gw.remote_exec("channel.send(11)").receive(30) == 11
+                exit_and_join(gw)
+        finally:
+            assert server.stop() == 0
+
     def test_client_os_exit_ends_only_its_session(self, tmp_path, group):
         with socket_server(tmp_path) as server:
             gw = mkgw(group, server.spec)
@@ -5782,7 +6264,7 @@ class TestInstallvia:
         # the proxy still serves: the remote_exec that installed the server returned
         assert call_with_timeout(proxy.remote_exec("channel.send(7)").receive, 30) == 7
 
-    def test_new_remote_and_its_server_demands_the_key(self, group):
+    def test_new_remote_and_its_server_serves_no_one_else(self, group):
         import socket
 
         proxy = mkgw(group, "popen//id=nr-p")
@@ -5793,12 +6275,46 @@ class TestInstallvia:
         sock = socket.create_connection((host, int(port)), 10)
         try:
             sock.settimeout(10)
-            assert recv_exact(sock, len(execnet._AUTH_MAGIC)) == execnet._AUTH_MAGIC
+            # it has its one client: the next is dropped before any handshake
+            # (test_installed_server_serves_exactly_one_client: the key is demanded)
+            assert recv_exact(sock, len(execnet._AUTH_MAGIC)) == b""
         finally:
             sock.close()
         ch = gw.remote_exec("channel.send(channel.receive() * 2)")
         ch.send(21)
         assert ch.receive(timeout=30) == 42
+
+    def test_installed_server_serves_exactly_one_client(self, tmp_path, group):
+        # what installvia starts in the proxy (_serve_installed), here with a
+        # key we know, so that a second client can prove it holds it too
+        import binascii
+
+        got = []
+        proxy = call_with_timeout(group.makegateway, 60, "popen//id=once-p//env:EXECNET_DEBUG=2",
+                                  output=lambda fd, data: got.append(data))
+        key = binascii.hexlify(os.urandom(32))
+        keyfile = tmp_path / "once.key"
+        keyfile.write_bytes(key + b"\n")
+        os.chmod(str(keyfile), 0o600)
+        channel = proxy.remote_exec("import execnet_single\n"
+                                    "execnet_single._serve_installed(channel)")
+        channel.send(("127.0.0.1", 0, key))
+        host, port = channel.receive(timeout=30)
+        spec = "socket=%s:%d//keyfile=%s" % (host, port, keyfile)
+        # a peer without the key gets the challenge, is dropped, and is no client
+        sock = connect(port)
+        try:
+            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+            send_and_drain(sock, os.urandom(64))
+        finally:
+            sock.close()
+        assert wait_for(lambda: b"wrong key" in b"".join(got))
+        gw = mkgw(group, spec)
+        assert psutil.Process(rinfo(gw).pid).ppid() == rinfo(proxy).pid
+        with pytest.raises(execnet.AuthenticationError, match="--once"):
+            mkgw(group, spec)
+        assert wait_for(lambda: b"serves one client only (--once)" in b"".join(got))
+        assert gw.remote_exec("channel.send(13)").receive(30) == 13
 
     def test_installvia_proxies_end_last(self, group):
         proxy = mkgw(group, "popen//id=last-p")
@@ -5886,6 +6402,39 @@ class TestCLI:
                               stderr=subprocess.PIPE, timeout=60)
         assert proc.returncode == 1 and b"exists already" in proc.stderr
 
+    def test_once_serves_exactly_one_client(self, tmp_path, group):
+        import socket
+
+        with socket_server(tmp_path, "--once") as server:
+            gw = mkgw(group, server.spec)
+            assert gw.remote_exec("channel.send(1)").receive(30) == 1
+            # a second client with the right key, while the first is served
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, server.spec)
+            assert "--once" in str(info.value)
+            assert wait_for(lambda: "serves one client only (--once)" in server.logtext())
+            assert gw.remote_exec("channel.send(2)").receive(30) == 2   # the first goes on
+            exit_and_join(gw)
+            assert server.proc.wait(timeout=30) == 0
+        with pytest.raises(OSError):   # nobody listens any more
+            socket.create_connection(("127.0.0.1", server.port), 10).close()
+        assert server.logtext().count("started") == 1   # one session
+
+    def test_handshake_timeout_drops_a_silent_client_in_time(self, tmp_path):
+        with socket_server(tmp_path, "--handshake-timeout", "1") as server:
+            sock = connect(server.port, timeout=30)
+            try:
+                start = time.monotonic()
+                assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+                assert sock.recv(1) == b""   # say nothing: the server hangs up
+                elapsed = time.monotonic() - start
+            finally:
+                sock.close()
+            # about 1 s: well under the 10 s default
+            assert 0.5 < elapsed < 5, elapsed
+            assert wait_for(lambda: "no complete handshake within 1.0 seconds"
+                            in server.logtext())
+
     def test_serve_once_and_sigint(self, tmp_path, group):
         with socket_server(tmp_path, "--once") as server:
             gw = mkgw(group, server.spec)
@@ -5899,8 +6448,8 @@ class TestCLI:
         assert "Traceback" not in server.logtext()
 
 
-def make_certificates(directory, name, usage="serverAuth"):
-    """A CA and a certificate for 127.0.0.1 signed by it, made by `openssl`."""
+def make_certificates(directory, name, usage="serverAuth", host="127.0.0.1"):
+    """A CA and a certificate for host (127.0.0.1) signed by it, made by `openssl`."""
     openssl = shutil.which("openssl")
     if openssl is None:
         if IN_CI:
@@ -5912,21 +6461,98 @@ def make_certificates(directory, name, usage="serverAuth"):
     csr, ext = os.path.join(d, name + ".csr"), os.path.join(d, name + ".ext")
     with open(ext, "w") as f:
         # what 3.13's strict verification wants of a certificate
-        f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+        f.write("subjectAltName=%s:%s\nbasicConstraints=critical,CA:FALSE\n"
                 "keyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n"
-                "authorityKeyIdentifier=keyid,issuer\n" % usage)
+                "authorityKeyIdentifier=keyid,issuer\n" % (
+                    "IP" if host[0].isdigit() else "DNS", host, usage))
     curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     for cmd in (
             ["req", "-x509"] + curve + ["-keyout", ca_key, "-out", ca, "-days", "2",
                                         "-subj", "/CN=%s test CA" % name,
                                         "-addext", "basicConstraints=critical,CA:TRUE",
                                         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-            ["req"] + curve + ["-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+            ["req"] + curve + ["-keyout", key, "-out", csr, "-subj", "/CN=%s" % host],
             ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
              "-out", cert, "-days", "2", "-extfile", ext]):
         subprocess.run([openssl] + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        timeout=60, check=True)
     return ca, cert, key
+
+
+# In a fresh interpreter: the floor of our server and client contexts, then
+# whether a TLS 1.1-only peer (security level 0) gets through to each.
+TLS_FLOOR_SCRIPT = r"""
+import socket, ssl, sys, threading
+sys.path.insert(0, {here!r})
+import execnet_single
+
+
+def floor(context):
+    if hasattr(ssl, "TLSVersion"):
+        return context.minimum_version.name
+    both = ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    return "TLSv1_2" if context.options & both == both else "lower"
+
+
+server = execnet_single._server_tls_context({cert!r}, {key!r})
+client = execnet_single._client_tls_context(
+    execnet_single.XSpec("socket=127.0.0.1:1//tls_ca=" + {ca!r}))
+print(floor(server), floor(client))
+
+
+def old_context(side):
+    context = ssl.SSLContext(side)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_2
+        context.options |= getattr(ssl, "OP_NO_TLSv1_3", 0)
+    if side == ssl.PROTOCOL_TLS_CLIENT:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.load_cert_chain({cert!r}, {key!r})
+    return context
+
+
+def handshake(server_context, client_context):
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    result = []
+
+    def serve():
+        try:
+            server_context.wrap_socket(a, server_side=True).close()
+        except (ssl.SSLError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        client_context.wrap_socket(b, server_hostname="127.0.0.1").close()
+        result.append("accepted")
+    except (ssl.SSLError, OSError):
+        result.append("refused")
+    thread.join(20)
+    a.close()
+    b.close()
+    return result[0]
+
+
+# can this OpenSSL speak TLS 1.1 at all (security level 0 on both ends)?
+if handshake(old_context(ssl.PROTOCOL_TLS_SERVER), old_context(ssl.PROTOCOL_TLS_CLIENT)) != "accepted":
+    print("no TLS 1.1 here")
+else:
+    server.set_ciphers("DEFAULT:@SECLEVEL=0")   # lift OpenSSL's own policy: ours must hold
+    client.set_ciphers("DEFAULT:@SECLEVEL=0")
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    print(handshake(server, old_context(ssl.PROTOCOL_TLS_CLIENT)),
+          handshake(old_context(ssl.PROTOCOL_TLS_SERVER), client))
+"""
 
 
 @single_only
@@ -5964,6 +6590,36 @@ class TestSocketTLS:
             with pytest.raises(execnet.AuthenticationError, match="a TLS server?"):
                 mkgw(group, plain)
             assert wait_for(lambda: "dropped" in server.logtext())
+
+    def test_certificate_for_another_host_is_refused(self, tmp_path, group):
+        # signed by the CA the client trusts, but for another name: refused
+        for host in ("other.example", "127.0.0.2", "localhost"):
+            ca, cert, key = make_certificates(tmp_path, host, host=host)
+            with socket_server(tmp_path, "--tls-cert", cert, "--tls-key", key,
+                               "--handshake-timeout", "2") as server:
+                spec = server.spec.replace("CA_FILE", ca)
+                with pytest.raises(execnet.HostNotFound) as info:
+                    mkgw(group, spec)
+                assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+                assert "127.0.0.1" in str(info.value)   # the mismatch is named
+                if host == "localhost":   # the name it was made for works
+                    gw = mkgw(group, spec.replace("socket=127.0.0.1", "socket=localhost"))
+                    assert gw.remote_exec("channel.send(12)").receive(30) == 12
+                    exit_and_join(gw)
+
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_tls_below_1_2_is_refused_on_every_python(self, tmp_path, version):
+        # 3.6-3.9 (and older OpenSSL policies) would allow TLS 1.0 and 1.1;
+        # the contexts refuse them whatever the defaults.  Where OpenSSL
+        # still speaks TLS 1.1 at security level 0, a TLS 1.1 peer shows it.
+        python = host_python(version)
+        ca, cert, key = make_certificates(tmp_path, "floor")
+        proc = run_script(python, TLS_FLOOR_SCRIPT.format(
+            here=HERE, ca=ca, cert=cert, key=key))
+        assert proc.returncode == 0, proc.stderr.decode()
+        floors, handshakes = proc.stdout.decode().splitlines()
+        assert floors == "TLSv1_2 TLSv1_2", floors
+        assert handshakes in ("refused refused", "no TLS 1.1 here"), handshakes
 
 
 # ------------------------------------------------------------------- ssh
