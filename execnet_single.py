@@ -19,6 +19,9 @@ Sections (each uses only the ones above it):
  10. XSpec, exec models, Group, MultiChannel, RSync
  11. Socket server                        (python -m execnet_single serve)
  12. CLI
+
+(PYTEST_DONT_REWRITE: `-p execnet_single` loads this already imported module
+as a pytest plugin; this marker keeps pytest from warning about that.)
 """
 
 import os
@@ -57,6 +60,7 @@ __all__ = [
     "dump",
     "dumps",
     "get_execmodel",
+    "install_as_execnet",
     "load",
     "loads",
     "makegateway",
@@ -98,6 +102,9 @@ def _trace_off(*msg):
 
 _trace = _trace_off  # replaced by _setup_trace() when EXECNET_DEBUG is set
 _trace_state = {"setup": False}
+# Names install_as_execnet() took over here; every gateway started from
+# here takes them over too, even where that name is importable.
+_alias_state = {"forced": set()}
 
 
 def _setup_trace():
@@ -2738,6 +2745,10 @@ def _remote_main(source, params_bytes):
     for name in params.get("names", ()):
         if name not in sys.modules and not _importable(name):
             sys.modules[name] = me
+    for name in params.get("force_names", ()):
+        # install_as_execnet() on the local side: shadow an installed execnet
+        sys.modules[name] = me
+        _alias_state["forced"].add(name)
     rfd = os.dup(0)
     wfd = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -2996,6 +3007,7 @@ def _gateway_params(spec, names=()):
         "nice": spec.nice if isinstance(spec.nice, str) else None,
         "dont_write_bytecode": bool(spec.dont_write_bytecode),
         "names": list(names),
+        "force_names": sorted(_alias_state["forced"]),
     }
 
 
@@ -5474,6 +5486,57 @@ def _banner(server, key_path, insecure, tls):
 
 
 # === 12. CLI ===
+#
+# `python -m execnet_single pytest ARGS` runs pytest here with `execnet`
+# resolved to this module, and passes `-p execnet_single`: pytest loads this
+# module as a plugin here and (xdist copies the arguments) in every worker,
+# where pytest_plugin_registered below quiets the worker's own terminal
+# report.  execnet sends a popen remote's fd 1 to /dev/null and xdist counts
+# on that; this module forwards remote output, so the plugin is what keeps
+# xdist's terminal as on execnet, while `-s` test prints still arrive,
+# prefixed with the worker id.
+
+
+def install_as_execnet():
+    """Make `import execnet` give this module, here and on every gateway started from here."""
+    me = sys.modules[__name__]
+    sys.modules["execnet"] = me
+    _alias_state["forced"].add("execnet")
+    return me
+
+
+def pytest_plugin_registered(plugin, manager):
+    """pytest hook, active with `-p execnet_single`: quiets an xdist worker's terminal report."""
+    if manager.getplugin("terminalreporter") is not plugin:
+        return
+    config = getattr(plugin, "config", None)
+    if not hasattr(config, "workerinput"):
+        return  # not in an xdist worker: the report is the user's
+    import io
+
+    try:
+        from _pytest.config import create_terminal_writer
+    except ImportError:  # a pytest we do not know: leave it
+        return
+
+    class NullText(io.TextIOBase):
+        def write(self, text):
+            return len(text)
+
+    plugin._tw = create_terminal_writer(config, NullText())
+
+
+def _cli_pytest(args):
+    """`python -m execnet_single pytest ARGS`; returns pytest's exit status."""
+    if __name__ == "__main__":
+        # run as a script: the importable copy is the one pytest and xdist see
+        import execnet_single as module
+    else:
+        module = sys.modules[__name__]
+    module.install_as_execnet()
+    import pytest
+
+    return int(pytest.main(["-p", "execnet_single"] + list(args)))
 
 
 def _cli_parser():
@@ -5485,7 +5548,7 @@ def _cli_parser():
                     "and running code on gateways." % __version__)
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,keygen,run}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,keygen,run,pytest}")
     serve_p = sub.add_parser(
         "serve", help="run the authenticated socket server (the default)",
         description="Serve execnet_single clients: each authenticated client gets a fresh "
@@ -5535,14 +5598,18 @@ def _cli_parser():
                        help="seconds each gateway may take (default 60)")
     run_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help=argparse.SUPPRESS)
+    sub.add_parser("pytest", help="run pytest (and pytest-xdist) with execnet resolved to "
+                                  "execnet_single; all further arguments are pytest's")
     return parser
 
 
 def main(argv=None):
-    """`python -m execnet_single [serve|keygen|run] ...`; returns the exit status."""
+    """`python -m execnet_single [serve|keygen|run|pytest] ...`; returns the exit status."""
     if argv is None:
         argv = sys.argv[1:]
     argv = list(argv)
+    if argv[:1] == ["pytest"]:
+        return _cli_pytest(argv[1:])  # every other argument is pytest's
     commands = ("serve", "keygen", "run")
     if not any(arg in commands or arg in ("-h", "--help") for arg in argv):
         argv = [a for a in argv if a == "--debug"] + ["serve"] + [
