@@ -38,6 +38,7 @@ __all__ = [
     "DumpError",
     "ExecnetError",
     "Gateway",
+    "GatewayDied",
     "Group",
     "HostNotFound",
     "InterpreterNotFound",
@@ -186,6 +187,14 @@ class RemoteError(ExecnetError):
         _log(30, "unhandled RemoteError: %s" % self.formatted)
 
 
+class GatewayDied(RemoteError):
+    """The remote ended unasked; the text says how, with its last stderr lines.
+
+    channel._getremoteerror() gives it (pytest-xdist prints it as the reason
+    a node went down); receive() still raises EOFError.
+    """
+
+
 class TimeoutError(ExecnetError, _builtin_TimeoutError):
     """A receive() or waitclose() with a timeout saw nothing in time."""
 
@@ -256,6 +265,8 @@ class _Text:
     )
     BAD_BOOTSTRAP = "gateway %s: unexpected bootstrap reply %r"
     CONNECTION_LOST = "gateway %s: connection to the remote side lost%s"
+    DIED_UNKNOWN = "the remote side ended unasked (no reason known)"
+    STDERR_TAIL = "last lines it wrote to stderr:"
     CLOSE_IN_EXEC = "cannot explicitly close channel within remote_exec"
     HAS_CALLBACK = "cannot receive(), channel has receiver callback"
     SEND_CLOSED = "cannot send to %r"
@@ -1771,7 +1782,7 @@ class Channel:
             raise self.TimeoutError("no item after %r seconds" % (timeout,)) from None
         if entry is _ENDMARKER:
             items.put(entry)  # for other receivers
-            raise self._getremoteerror() or EOFError()
+            raise self._pop_error() or EOFError()
         item, size = entry
         size = self._flow.item_read(size)
         if size:
@@ -1802,7 +1813,7 @@ class Channel:
                 raise self.TimeoutError("Timeout after %r seconds" % (timeout,))
         finally:
             self._flow.end_eager()
-        error = self._getremoteerror()
+        error = self._pop_error()
         if error:
             raise error
 
@@ -1860,11 +1871,20 @@ class Channel:
         """Accepted for execnet compatibility; both ends are Python 3."""
         self._strconfig = (py2str_as_py3str, py3str_as_py2str)
 
-    def _getremoteerror(self):
+    def _pop_error(self):
+        """The error receive() and waitclose() raise, if any."""
         try:
             return self._remoteerrors.pop(0)
         except IndexError:
             return self.gateway._error
+
+    def _getremoteerror(self):
+        # execnet's name, called by pytest-xdist: the remote's own error, or
+        # why the remote died (a GatewayDied, not the EOFError receive raises)
+        try:
+            return self._remoteerrors.pop(0)
+        except IndexError:
+            return self.gateway._death or self.gateway._error
 
     # -- sending and flow control --
 
@@ -2056,6 +2076,7 @@ class _GatewayBase:
     """
 
     _error = None
+    _death = None   # a GatewayDied once the remote ended unasked (local side)
     _receiver = None
     _receiver_ident = None
     _close_requested = False   # the flusher closes the write side when idle
@@ -3139,6 +3160,8 @@ RemoteStatus = RInfo
 
 _OUTPUT_DELAY = 0.15          # seconds an unfinished line waits before it is shown
 _OUTPUT_HOLD = 64 * 1024      # characters of it held at most; more are shown at once
+_STDERR_TAIL = 4096           # bytes of a remote's stderr kept for GatewayDied
+_STDERR_LINES = 10            # lines of it shown
 _LINE_START, _IN_LINE, _AFTER_CR = range(3)
 
 
@@ -3303,6 +3326,7 @@ class Gateway(_GatewayBase):
         self._cache_rinfo = RInfo(rinfo)
         self._output = output
         self._console = _PrefixedStderr(spec.id) if output is None else None
+        self._stderr_tail = b""  # for GatewayDied
         io.set_output_handler(lambda data: self._emit_output(2, data))
         self._start_receiver(initial)
 
@@ -3317,6 +3341,8 @@ class Gateway(_GatewayBase):
         self._emit_output(fd, payload)
 
     def _emit_output(self, fd, data):
+        if fd == 2:
+            self._stderr_tail = (self._stderr_tail + data)[-_STDERR_TAIL:]
         target = self._output
         if target is not None:
             try:
@@ -3338,6 +3364,12 @@ class Gateway(_GatewayBase):
         if self._exit_requested:
             return None  # we asked it to go: a plain end of stream
         reason = str(error) if error is not None else self._io.death_reason()
+        self._io.output_text(0.2)  # lets the stderr reader deliver the last bytes
+        lines = self._stderr_tail.decode("utf-8", "replace").splitlines()[-_STDERR_LINES:]
+        text = reason or _Text.DIED_UNKNOWN
+        if lines:
+            text += "\n%s\n%s" % (_Text.STDERR_TAIL, "\n".join("  " + l for l in lines))
+        self._death = GatewayDied(text)
         return EOFError(_Text.CONNECTION_LOST % (self.id, ": %s" % reason if reason else ""))
 
     # -- remote execution --
