@@ -490,7 +490,20 @@ def _save(obj, w, depth):
 
 
 def _unknown(obj, w, depth):
+    # Only types without a saver of their own get here, so the hot path does
+    # not pay for this: members of Enums mixed with int/str/float/bytes
+    # (IntEnum, StrEnum, IntFlag...) travel as their plain value (xdist#1161).
+    enum = sys.modules.get("enum")  # not imported: obj is no Enum member
+    if enum is not None and isinstance(obj, enum.Enum):
+        for base, plain in _ENUM_PLAIN:
+            if isinstance(obj, base):
+                return _SAVERS[base](plain(obj), w, depth)
     raise _DumpFail("can't serialize %s" % (type(obj),))
+
+
+# (base, function giving the base's exact-type value of an instance)
+_ENUM_PLAIN = ((int, int.__int__), (str, str.__str__), (float, float.__float__),
+               (bytes, bytes))
 
 
 def _save_none(obj, w, depth):
