@@ -266,6 +266,10 @@ class _Text:
     BAD_BOOTSTRAP = "gateway %s: unexpected bootstrap reply %r"
     CONNECTION_LOST = "gateway %s: connection to the remote side lost%s"
     DIED_UNKNOWN = "the remote side ended unasked (no reason known)"
+    STACKS_CUT = "(stacks cut at %d characters)"
+    STACKS_ABANDONED = ("still busy %s seconds after the exit request; leaving anyway. "
+                        "Stacks of its threads:")
+    STACKS_KILLED = "did not end in time: killed.  Stacks of its threads at the exit request:"
     STDERR_TAIL = "last lines it wrote to stderr:"
     CLOSE_IN_EXEC = "cannot explicitly close channel within remote_exec"
     HAS_CALLBACK = "cannot receive(), channel has receiver callback"
@@ -1344,7 +1348,9 @@ _MSG_DATA_PART = 8       # a non-final piece of a large item
 _MSG_ACK = 9             # payload: count of data bytes consumed
 _MSG_OUTPUT = 10         # remote stdout/stderr bytes; channel id is the fd
 _MSG_READY = 11          # bootstrap done; payload: serialized rinfo dict
-_LAST_MSGCODE = 11
+_MSG_STACKS = 12         # to the remote: send every thread's stack (on the
+                         # channel id); from it, id 0: its stacks at exit
+_LAST_MSGCODE = 12
 
 _CHUNK = 256 * 1024
 _MAX_PAYLOAD = 1024 * 1024
@@ -2134,6 +2140,7 @@ class _GatewayBase:
             _MSG_ACK: self._on_ack,
             _MSG_OUTPUT: self._on_output,
             _MSG_READY: self._on_ignore,
+            _MSG_STACKS: self._on_stacks,
         }
 
     def __repr__(self):
@@ -2347,6 +2354,9 @@ class _GatewayBase:
     def _on_status(self, cid, payload):
         pass
 
+    def _on_stacks(self, cid, payload):
+        pass
+
     def _on_terminate(self, cid, payload):
         raise _GatewayTerminated()
 
@@ -2496,6 +2506,26 @@ class _StreamError(Exception):
     """Internal: a transport's read failed for a reason it can tell."""
 
 
+_STACKS_LIMIT = 64 * 1024   # characters of stack text sent or shown at most
+
+
+def _format_stacks(limit=_STACKS_LIMIT):
+    """Every other thread's stack in this process, main thread first, at most limit chars."""
+    import traceback
+
+    names = dict((t.ident, t.name) for t in threading.enumerate())
+    main = threading.main_thread().ident
+    me = threading.get_ident()  # the thread formatting: its stack tells nothing
+    frames = sorted((item for item in sys._current_frames().items() if item[0] != me),
+                    key=lambda item: item[0] != main)
+    text = "".join("Thread %s (%s):\n%s" % (names.get(ident, "?"), ident,
+                                          "".join(traceback.format_stack(frame)))
+                   for ident, frame in frames)
+    if len(text) > limit:
+        text = text[:limit] + "\n" + _Text.STACKS_CUT % limit
+    return text
+
+
 def _format_error(exc):
     """The traceback text of exc, as sent to the other side."""
     import traceback
@@ -2528,6 +2558,16 @@ class _RemoteGateway(_GatewayBase):
         self._idle = threading.Condition(threading.Lock())
         self._forwarder = None
         self._relayed = []   # processes started here for via= gateways
+
+    def _on_stacks(self, cid, payload):
+        # answered in the receiver thread: works while the main thread is busy
+        self._send(_MSG_DATA, cid, dumps(_format_stacks()))
+        self._send(_MSG_CLOSE, cid)
+
+    def _on_terminate(self, cid, payload):
+        if self._active:  # busy: the local side shows these if it must kill us
+            self._send(_MSG_STACKS, 0, dumps(_format_stacks()))
+        raise _GatewayTerminated()
 
     def _on_status(self, cid, payload):
         status = {
@@ -2618,7 +2658,13 @@ class _RemoteGateway(_GatewayBase):
         # local side asked us to go (or is gone).
         self._tasks.put(None)
         with self._idle:
-            self._idle.wait_for(lambda: not self._active, _EXIT_GRACE)
+            idle = self._idle.wait_for(lambda: not self._active, _EXIT_GRACE)
+        if not idle:  # leave a trace of where it hangs (our stderr is forwarded)
+            try:
+                sys.stderr.write("%s\n%s" % (_Text.STACKS_ABANDONED % _EXIT_GRACE,
+                                             _format_stacks()))
+            except Exception:
+                pass
         self._exit_process()
 
     def _exit_process(self):
@@ -3340,6 +3386,7 @@ class Gateway(_GatewayBase):
         self._output = output
         self._console = _PrefixedStderr(spec.id) if output is None else None
         self._stderr_tail = b""  # for GatewayDied
+        self._exit_stacks = None  # the remote's stacks when asked to exit busy
         io.set_output_handler(lambda data: self._emit_output(2, data))
         self._start_receiver(initial)
 
@@ -3476,7 +3523,34 @@ class Gateway(_GatewayBase):
     def _kill_if_alive(self):
         if self.hasreceiver():
             _trace(self.id, "did not exit in time: killing")
+            stacks = self._exit_stacks
+            if stacks:
+                prefix = "[%s] " % (self.id,)
+                text = "%s\n%s" % (_Text.STACKS_KILLED, stacks[:_STACKS_LIMIT])
+                try:
+                    sys.stderr.write("".join(prefix + line + "\n"
+                                             for line in text.splitlines()))
+                    sys.stderr.flush()
+                except Exception:
+                    pass
             self._io.kill()
+
+    def _on_stacks(self, cid, payload):
+        if cid == 0:  # the remote was busy when asked to exit
+            self._exit_stacks = _loads(payload)
+
+    def remote_stacks(self, timeout=10.0):
+        """Every thread's stack in the remote, as text; answered even while
+        its main thread is busy (TimeoutError if it does not answer in time)."""
+        channel = self.newchannel()
+        self._send(_MSG_STACKS, channel.id)
+        try:
+            return channel.receive(timeout)
+        finally:
+            self._local_close(channel.id)
+
+    def remote_init_threads(self, num=None):
+        """execnet's deprecated no-op, kept so its callers keep working."""
 
     def _finish_exit(self, deadline):
         """After a kill: let the receiver see the end, reap, release fds."""
@@ -4757,7 +4831,7 @@ class Group:
         return results
 
     def _prepare(self, spec, taken=()):
-        if spec is None:
+        if spec is None or spec == "":  # as execnet: the default, a popen gateway
             spec = self.defaultspec
         if not isinstance(spec, XSpec):
             spec = XSpec(spec)
@@ -4982,9 +5056,15 @@ class RSync:
                         dirnames.remove(name)
                     continue
                 rel = os.path.relpath(path, root).replace(os.sep, "/")
-                st = os.lstat(path)
-                if os.path.islink(path):
-                    entries.append(self._link_entry(rel, os.readlink(path), bases))
+                try:
+                    st = os.lstat(path)
+                    link = os.readlink(path) if os.path.islink(path) else None
+                except FileNotFoundError:  # gone since os.walk listed it
+                    if name in dirnames:
+                        dirnames.remove(name)
+                    continue
+                if link is not None:
+                    entries.append(self._link_entry(rel, link, bases))
                     if name in dirnames:
                         dirnames.remove(name)  # do not follow
                 elif name in dirnames:
@@ -5088,8 +5168,12 @@ class RSync:
             channel.send(request)
             wanted = job["inbox"].get()
             for rel in wanted or ():
-                with open(os.path.join(root, *rel.split("/")), "rb") as f:
-                    data = f.read()
+                try:
+                    with open(os.path.join(root, *rel.split("/")), "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:  # gone since the listing: skip it
+                    channel.send(None)
+                    continue
                 events.put((job, ("report", rel)))
                 channel.send(data)
         except Exception as exc:
@@ -5152,6 +5236,10 @@ def _rsync_receive(channel):
     bykey = {entry[0]: entry for entry in entries}
     for rel in wanted:
         data = channel.receive()
+        if data is None:  # the file went away on the sending side
+            bykey.pop(rel)
+            channel.send(0)
+            continue
         path = os.path.join(destdir, *rel.split("/"))
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
