@@ -2659,12 +2659,10 @@ class _RemoteGateway(_GatewayBase):
         self._tasks.put(None)
         with self._idle:
             idle = self._idle.wait_for(lambda: not self._active, _EXIT_GRACE)
-        if not idle:  # leave a trace of where it hangs (our stderr is forwarded)
-            try:
-                sys.stderr.write("%s\n%s" % (_Text.STACKS_ABANDONED % _EXIT_GRACE,
-                                             _format_stacks()))
-            except Exception:
-                pass
+        if not idle:  # leave a trace of where it hangs, as output on fd 2 (the
+            # fd itself may be captured, e.g. by pytest in an xdist worker)
+            text = "%s\n%s" % (_Text.STACKS_ABANDONED % _EXIT_GRACE, _format_stacks())
+            self._send(_MSG_OUTPUT, 2, text.encode("utf-8", "backslashreplace"))
         self._exit_process()
 
     def _exit_process(self):
@@ -5633,8 +5631,10 @@ def _banner(server, key_path, insecure, tls):
 def install_as_execnet():
     """Make `import execnet` give this module, here and on every gateway started from here."""
     me = sys.modules[__name__]
-    sys.modules["execnet"] = me
-    _alias_state["forced"].add("execnet")
+    # execnet.gateway_base: where pytest-xdist before 3.6 imports dumps from
+    for name in ("execnet", "execnet.gateway_base"):
+        sys.modules[name] = me
+        _alias_state["forced"].add(name)
     return me
 
 

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import importlib.util
 import io
+import re
 import itertools
 import os
 import shutil
@@ -4996,6 +4997,15 @@ def _xdist_host_script(args, single=True):
     return "\n".join(lines) + "\n"
 
 
+def _need_xdist():
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        if IN_CI:
+            pytest.fail("pytest-xdist is not installed (required when CI=true)")
+        pytest.skip("pytest-xdist is not installed")
+
+
 @single_only
 class TestPytestXdist:
     def test_xdist_runs_on_execnet_single(self, tmp_path):
@@ -5022,6 +5032,144 @@ class TestPytestXdist:
         out = proc.stdout.decode()
         assert "6 passed" in out and "1 failed" in out, out + proc.stderr.decode()
         assert "RESULT 1 execnet_single" in out
+
+    # -- the `python -m execnet_single pytest` command --
+
+    SUITE = textwrap.dedent("""
+        import os, sys, pytest
+        @pytest.mark.parametrize("i", range(30))
+        def test_many(i):
+            print("hello from test %d" % i)
+        def test_records_library():
+            # which module `import execnet` gives in this worker
+            name = os.environ["PYTEST_XDIST_WORKER"]
+            with open("library-%s.txt" % name, "w") as f:
+                f.write(sys.modules["execnet"].__name__)
+    """)
+
+    @staticmethod
+    def _pytest(tmp_path, args, single=True, timeout=300):
+        """The suite in tmp_path under `python -m execnet_single pytest ARGS`
+        (single=False: plain pytest on the installed execnet)."""
+        _need_xdist()
+        command = [sys.executable, "-m"] + (["execnet_single", "pytest"] if single else ["pytest"])
+        env = dict(os.environ, PYTHONPATH=HERE)
+        for name in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "PYTEST_PLUGINS"):
+            env.pop(name, None)
+        return subprocess.run(command + ["-p", "no:cacheprovider"] + list(args),
+                              cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout)
+
+    def test_command_runs_every_worker_on_execnet_single(self, tmp_path):
+        (tmp_path / "test_suite.py").write_text(self.SUITE)
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        proc = self._pytest(tmp_path, ["-n", "2", "test_suite.py"])
+        out = proc.stdout.decode() + proc.stderr.decode()
+        assert proc.returncode == 0, out
+        assert "31 passed" in out
+        assert "warning" not in out.lower(), out   # e.g. about assertion rewriting
+        recorded = [p.read_text() for p in tmp_path.glob("library-gw*.txt")]
+        assert recorded == ["execnet_single"], recorded
+
+    def test_install_as_execnet_reaches_gateways_where_execnet_is_importable(self):
+        # what the command relies on, for any execnet client: the worker's
+        # `import execnet` gives execnet_single although execnet is installed
+        real_execnet()
+        source = textwrap.dedent("""
+            import sys
+            sys.path.insert(0, %r)
+            import execnet_single
+            assert "execnet" not in sys.modules
+            module = execnet_single.install_as_execnet()
+            import execnet
+            assert execnet is module is execnet_single
+            gw = execnet.makegateway("popen")
+            ch = gw.remote_exec("import execnet, importlib.machinery as m; "
+                                "channel.send((execnet.__name__, "
+                                "m.PathFinder.find_spec('execnet') is not None))")
+            print("REMOTE", ch.receive(30))
+            gw.exit()
+        """ % HERE)
+        proc = run_script(sys.executable, source, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert "REMOTE ('execnet_single', True)" in proc.stdout.decode()
+
+    def test_terminal_output_is_as_on_execnet(self, tmp_path):
+        real_execnet()
+        (tmp_path / "test_suite.py").write_text(self.SUITE + textwrap.dedent("""
+            def test_fails():
+                print("shown in the failure report")
+                assert 1 == 2
+        """))
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        outputs = []
+        for single in (False, True):
+            proc = self._pytest(tmp_path, ["-n", "2", "test_suite.py"], single=single)
+            text = (proc.stdout + proc.stderr).decode()
+            text = re.sub(r"\d+\.\d+s\b", "N.NNs", text)           # timings
+            text = re.sub(r"\[gw\d\]", "[gwN]", text)            # which worker failed
+            # the order in which results arrive
+            text = re.sub(r"(?m)^([.FE]+)( +\[)", lambda m: "".join(sorted(m.group(1)))
+                          + m.group(2), text)
+            text = re.sub(r"(?m)^(plugins|rootdir|platform): .*$", r"\1: ...", text)
+            outputs.append(text.splitlines())
+        assert outputs[1] == outputs[0]
+        assert "1 failed, 31 passed" in "\n".join(outputs[1])
+
+    def test_dash_s_shows_each_print_once_with_worker_prefix(self, tmp_path):
+        (tmp_path / "test_suite.py").write_text(self.SUITE)
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        proc = self._pytest(tmp_path, ["-n", "2", "-s", "test_suite.py"])
+        out = (proc.stdout + proc.stderr).decode()
+        assert proc.returncode == 0, out
+        for i in range(30):
+            found = re.findall(r"\[gw[01]\] hello from test %d\n" % i, out)
+            assert len(found) == 1, (i, out)
+        assert out.count("hello from test") == 30, out
+        # the workers' own reports stay quiet, with -s too
+        assert not re.search(r"\[gw\d\] .*(passed|test session starts)", out), out
+        quiet = self._pytest(tmp_path, ["-n", "2", "test_suite.py"])
+        assert "hello from" not in (quiet.stdout + quiet.stderr).decode()
+
+    def test_killed_worker_reason_reaches_xdist(self, tmp_path):
+        (tmp_path / "test_die.py").write_text(textwrap.dedent("""
+            import os
+            def test_dies():
+                os.kill(os.getpid(), 9)
+        """))
+        proc = self._pytest(tmp_path, ["-n", "1", "test_die.py"])
+        out = (proc.stdout + proc.stderr).decode()
+        assert re.search(r"\[gw0\] node down: remote process \d+ was killed by signal 9\n",
+                         out), out
+        assert "Not properly terminated" not in out
+
+    def test_interrupted_session_shows_where_a_worker_hangs(self, tmp_path):
+        _need_xdist()
+        (tmp_path / "test_hang.py").write_text(textwrap.dedent("""
+            import time
+            def hang_in_this_test():
+                open("started", "w").close()
+                time.sleep(120)
+            def test_hangs():
+                hang_in_this_test()
+        """))
+        env = dict(os.environ, PYTHONPATH=HERE)
+        env.pop("PYTEST_ADDOPTS", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "execnet_single", "pytest", "-p", "no:cacheprovider",
+             "-n", "1", "test_hang.py"], cwd=str(tmp_path), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(lambda: (tmp_path / "started").exists(), timeout=120)
+            proc.send_signal(signal.SIGINT)   # the session ends, as on a timeout
+            out = call_with_timeout(proc.communicate, 120)[0].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert "[gw0] " + execnet._Text.STACKS_ABANDONED % execnet._EXIT_GRACE in out, out
+        assert re.search(r"\[gw0\]   File .*test_hang.py\", line \d+, in hang_in_this_test",
+                         out), out
 
 
 # ====================================================== socket server and CLI
