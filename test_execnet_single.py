@@ -486,6 +486,37 @@ def remote_uses_global(channel):
     channel.send(SOME_GLOBAL)
 
 
+def remote_busy_in_a_long_call(channel):
+    def busy_in_a_long_call():
+        channel.send("started")
+        return channel.receive()
+
+    busy_in_a_long_call()
+    channel.send("finished")
+
+
+def remote_stuck_in_sleep(channel):
+    import time
+
+    def stuck_in_sleep():
+        channel.send("started")
+        time.sleep(120)   # not woken when the channel closes
+
+    stuck_in_sleep()
+
+
+def remote_last_words_then_sigkill(channel):
+    import os
+    import sys
+
+    for i in range(20):
+        sys.stderr.write("last words %d\n" % i)
+    sys.stderr.flush()
+    channel.send("said")   # after the output, on the same stream
+    channel.receive()
+    os.kill(os.getpid(), 9)
+
+
 def remote_bad_first_arg(chan):
     chan.send(1)
 
@@ -731,6 +762,54 @@ def _check_limit_pairs_in_small_stack(pairs):
 
 
 class TestSerializer:
+    @single_only
+    def test_enum_members_mixed_with_plain_types_dump_as_their_value(self):
+        import enum
+
+        class Color(str, enum.Enum):
+            RED = "red"
+
+        class Ratio(float, enum.Enum):
+            HALF = 0.5
+
+        class Raw(bytes, enum.Enum):
+            X = b"x"
+
+        class Level(enum.IntEnum):
+            HIGH = 3
+
+        class Perm(enum.IntFlag):
+            R = 4
+            W = 2
+
+        value = [Color.RED, Ratio.HALF, Raw.X, Level.HIGH, Perm.R | Perm.W,
+                 {Level.HIGH: (Color.RED, {Perm.R})}]
+        expected = ["red", 0.5, b"x", 3, 6, {3: ("red", {4})}]
+        if hasattr(enum, "StrEnum"):  # 3.11+
+            value.append(enum.StrEnum("Mode", ["fast"]).fast)
+            expected.append("fast")
+        data = execnet.dumps(value)
+        assert data == execnet.dumps(expected)
+        loaded = execnet.loads(data)
+        assert loaded == expected
+        assert [type(v) for v in loaded] == [type(v) for v in expected]
+
+    @single_only
+    def test_other_subclasses_and_plain_enums_still_refused(self):
+        import enum
+
+        class Plain(enum.Enum):
+            A = 1
+
+        class MyInt(int):
+            pass
+
+        for value, where in ((Plain.A, ""), (MyInt(1), ""), ([1, Plain.A], " at [1]")):
+            with pytest.raises(execnet.DumpError) as excinfo:
+                execnet.dumps(value)
+            assert str(excinfo.value) == "can't serialize %s%s" % (type(value) if not where
+                                                                   else Plain, where)
+
     @pytest.mark.parametrize("index", range(len(SAMPLES)))
     def test_roundtrip(self, index):
         value = SAMPLES[index]
@@ -2360,6 +2439,80 @@ class TestGateway:
         assert ch.receive(timeout=30) == 1
         exit_and_join(gw)
         assert gw not in execnet.default_group
+
+    def test_makegateway_with_empty_spec_starts_popen(self):
+        # execnet's makegateway("") is its default, a popen gateway
+        gw = call_with_timeout(execnet.makegateway, 60, "")
+        try:
+            assert gw.spec.popen and rinfo(gw).pid != os.getpid()
+        finally:
+            exit_and_join(gw)
+
+    def test_remote_init_threads_is_accepted(self, gw):
+        # execnet's deprecated no-op: callers keep working
+        assert gw.remote_init_threads(3) is None
+        assert gw.remote_exec("channel.send(2)").receive(timeout=30) == 2
+
+    @single_only
+    def test_remote_stacks_while_the_remote_is_busy(self, gw):
+        ch = gw.remote_exec(remote_busy_in_a_long_call)
+        assert ch.receive(timeout=30) == "started"
+        stacks = gw.remote_stacks(30)
+        assert "in busy_in_a_long_call" in stacks
+        assert stacks.startswith("Thread MainThread")
+        ch.send("done")
+        assert ch.receive(timeout=30) == "finished"
+
+    @single_only
+    @pytest.mark.transports("popen")
+    def test_main_thread_only_remote_busy_in_main_thread_answers_stacks(self, group):
+        gw = mkgw(group, "popen//execmodel=main_thread_only")
+        ch = gw.remote_exec(remote_busy_in_a_long_call)
+        assert ch.receive(timeout=30) == "started"
+        stacks = gw.remote_stacks(30)
+        main = stacks.split("\nThread ")[0]
+        assert main.startswith("Thread MainThread") and "in busy_in_a_long_call" in main
+        ch.send("done")
+        assert ch.receive(timeout=30) == "finished"
+
+    @single_only
+    @pytest.mark.transports("popen")
+    def test_exit_shows_stacks_of_a_remote_it_must_kill(self, group, capfd):
+        gw = mkgw(group, "popen")
+        ch = gw.remote_exec(remote_stuck_in_sleep)
+        assert ch.receive(timeout=30) == "started"
+        # shorter than the remote's own grace: the local side kills it
+        call_with_timeout(group.terminate, 30, execnet._EXIT_GRACE / 3)
+        err = capfd.readouterr().err
+        prefix = "[%s] " % gw.id
+        assert prefix + execnet._Text.STACKS_KILLED + "\n" in err, err
+        assert re.search(r"(?m)^%s  File .*, in stuck_in_sleep$" % re.escape(prefix),
+                         err), err
+
+    @single_only
+    def test_stack_text_is_bounded(self):
+        text = execnet._format_stacks(limit=300)
+        assert len(text) <= 300 + len(execnet._Text.STACKS_CUT % 300) + 1
+        assert text.endswith(execnet._Text.STACKS_CUT % 300)
+
+    @single_only
+    @pytest.mark.transports("popen")
+    def test_getremoteerror_says_why_the_remote_died(self, group):
+        gw = mkgw(group, "popen")
+        ch = gw.remote_exec(remote_last_words_then_sigkill)
+        assert ch.receive(timeout=30) == "said"
+        ch.send("die")
+        with pytest.raises(EOFError):   # receive keeps execnet's EOFError
+            ch.receive(timeout=30)
+        error = ch._getremoteerror()
+        assert isinstance(error, execnet.GatewayDied) and not isinstance(error, EOFError)
+        assert isinstance(error, execnet.RemoteError)
+        text = str(error)
+        assert text.startswith("remote process %s was killed by signal 9\n" % gw.remoteaddress)
+        assert execnet._Text.STACKS_CUT not in text
+        # its last lines, no more
+        tail = "".join("\n  last words %d" % i for i in range(20 - execnet._STDERR_LINES, 20))
+        assert text.endswith("\n" + execnet._Text.STDERR_TAIL + tail)
 
 
 # =========================================================== bootstrap
@@ -4742,6 +4895,46 @@ class TestRSync:
         del want["skip.me"]
         assert _tree(dest) == want
         assert sent == ["a.txt"]
+
+    def test_file_disappearing_while_listed_is_skipped(self, gw, tmp_path):
+        # execnet's test_file_disappearing: gone between os.walk and lstat
+        source = tmp_path / "src"
+        source.mkdir()
+        (source / "ex").write_bytes(b"a" * 100)
+        (source / "ex2").write_bytes(b"a" * 100)
+
+        class Vanishing(execnet.RSync):
+            def filter(self, path):
+                if path.endswith("ex2"):
+                    os.remove(path)
+                return True
+
+        rsync = Vanishing(str(source), verbose=False)
+        rsync.add_target(gw, str(tmp_path / "dest"))
+        call_with_timeout(rsync.send, 120)
+        assert _tree(str(tmp_path / "dest")) == {"ex": ("f", 0o644, b"a" * 100)}
+
+    def test_file_disappearing_between_listing_and_sending_is_skipped(self, gw, tmp_path):
+        source = tmp_path / "src"
+        source.mkdir()
+        for name in ("a", "b", "c"):
+            (source / name).write_bytes(name.encode() * 10)
+            os.chmod(str(source / name), 0o644)
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        (dest / "b").write_bytes(b"old")
+
+        def callback(kind, size, channel):
+            if kind == "list":   # the target has asked for the files
+                os.remove(str(source / "b"))
+
+        finished = []
+        rsync = execnet.RSync(str(source), callback=callback, verbose=False)
+        rsync.add_target(gw, str(dest), finishedcallback=lambda: finished.append(1),
+                         delete=True)
+        call_with_timeout(rsync.send, 120)
+        assert finished == [1]
+        assert _tree(str(dest)) == {"a": ("f", 0o644, b"a" * 10), "c": ("f", 0o644, b"c" * 10)}
 
     def test_send_without_targets(self, tmp_path):
         rsync = execnet.RSync(str(tmp_path))
