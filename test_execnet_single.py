@@ -438,6 +438,7 @@ def ssh_server_session(request, tmp_path_factory):
     def needs_ssh(item):
         callspec = getattr(item, "callspec", None)
         return (getattr(item, "cls", None) is TestSsh
+                or getattr(getattr(item, "function", None), "uses_sshd", False)
                 or (callspec is not None and callspec.params.get("transport") == "ssh"))
 
     if not SINGLE or not any(needs_ssh(item) for item in request.session.items):
@@ -5190,6 +5191,34 @@ def _xdist_host_script(args, single=True):
     return "\n".join(lines) + "\n"
 
 
+def uses_sshd(test):
+    """Mark a test that calls ssh_server_or_skip() without the ssh transport."""
+    test.uses_sshd = True
+    return test
+
+
+# The end-to-end run (a venv from PyPI, ~30 s) on two tox envs, not on all eight
+e2e_pythons = pytest.mark.skipif(
+    sys.version_info[:2] not in ((3, 11), (3, 13)),
+    reason="the virtualenv end-to-end run is limited to CPython 3.11 and 3.13")
+
+
+@pytest.fixture(scope="session")
+def xdist_venv(tmp_path_factory):
+    """A virtualenv with pytest and pytest-xdist (and so execnet) from PyPI,
+    made once per session for this Python; returns its python."""
+    _need_xdist()
+    path = tmp_path_factory.getbasetemp() / ("xdist-venv-py%d%d" % sys.version_info[:2])
+    python = str(path / "bin" / "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.run([python, "-m", "pip", "install", "-q", "pytest", "pytest-xdist"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+        assert proc.returncode == 0, proc.stdout.decode()
+    return python
+
+
 def _need_xdist():
     try:
         import xdist  # noqa: F401
@@ -5363,6 +5392,60 @@ class TestPytestXdist:
         assert "[gw0] " + execnet._Text.STACKS_ABANDONED % execnet._EXIT_GRACE in out, out
         assert re.search(r"\[gw0\]   File .*test_hang.py\", line \d+, in hang_in_this_test",
                          out), out
+
+    # -- end to end, in a virtualenv of its own --
+
+    E2E_SUITE = textwrap.dedent("""
+        import importlib.machinery, os, sys, pytest
+        RESULTS = %r
+        @pytest.mark.parametrize("i", range(4))
+        def test_worker_runs_execnet_single(i):
+            # `import execnet` gives execnet_single although execnet is installed
+            assert sys.modules["execnet"].__name__ == "execnet_single"
+            assert importlib.machinery.PathFinder.find_spec("execnet") is not None
+            name = "%%s-%%s-%%d" %% (os.environ["E2E_RUN"] if "E2E_RUN" in os.environ
+                                   else "ssh", os.environ["PYTEST_XDIST_WORKER"], i)
+            with open(os.path.join(RESULTS, name), "w") as f:
+                f.write(sys.modules["execnet"].__name__)
+    """)
+
+    @e2e_pythons
+    @uses_sshd
+    def test_command_in_a_fresh_virtualenv(self, xdist_venv, tmp_path):
+        # pytest and pytest-xdist from PyPI (with the real execnet); this
+        # file copied beside the suite, nothing installed
+        python = xdist_venv
+        suite, results = tmp_path / "suite", tmp_path / "results"
+        suite.mkdir()
+        results.mkdir()
+        shutil.copy(LIBRARY_PATH, str(suite))
+        (suite / "test_e2e.py").write_text(self.E2E_SUITE % str(results))
+        (suite / "pytest.ini").write_text("[pytest]\n")
+        runs = {"n2": ["-n", "2"], "auto": ["-n", "auto"],
+                "loadfile": ["-n", "2", "--dist", "loadfile"]}
+        server = ssh_server_or_skip()
+        work = tmp_path / "sshwork"
+        runs["ssh"] = ["--dist", "load", "--tx",
+                       server.spec("//python=%s//chdir=%s" % (python, work)),
+                       "--rsyncdir", str(suite)]
+        for run, args in runs.items():
+            env = dict(os.environ, E2E_RUN=run)
+            for name in ("PYTHONPATH", "PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER"):
+                env.pop(name, None)
+            proc = subprocess.run(
+                [python, "-m", "execnet_single", "pytest", "-p", "no:cacheprovider"] + args,
+                cwd=str(suite), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                timeout=300)
+            out = proc.stdout.decode()
+            assert proc.returncode == 0, (run, out)
+            assert "4 passed" in out, (run, out)
+            assert "execnet_single" not in run_script(python, "import execnet; "
+                                                      "print(execnet.__file__)").stdout.decode()
+        found = sorted(p.name for p in results.iterdir())
+        for run in ("n2", "auto", "loadfile"):
+            assert len([n for n in found if n.startswith(run + "-gw")]) == 4, found
+        assert len([n for n in found if n.startswith("ssh-gw0-")]) == 4, found
+        assert {p.read_text() for p in results.iterdir()} == {"execnet_single"}
 
 
 # ====================================================== socket server and CLI
