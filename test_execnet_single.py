@@ -5293,6 +5293,29 @@ class TestPytestXdist:
         recorded = [p.read_text() for p in tmp_path.glob("library-gw*.txt")]
         assert recorded == ["execnet_single"], recorded
 
+    def test_command_reaches_socket_and_proxied_workers(self, tmp_path):
+        # --tx socket= (a server of ours) and --px (workers started via a proxy)
+        suite = tmp_path / "suite"
+        suite.mkdir()
+        (suite / "test_suite.py").write_text(self.SUITE)
+        (suite / "pytest.ini").write_text("[pytest]\n")
+        with socket_server(tmp_path) as server:
+            spec = "socket=%s:%d//keyfile=%s//chdir=%s" % (
+                server.host, server.port, server.keyfile, tmp_path / "socketwork")
+            proc = self._pytest(suite, ["--dist", "load", "--tx", spec, "--rsyncdir",
+                                        str(suite)])
+            out = (proc.stdout + proc.stderr).decode()
+            assert proc.returncode == 0 and "31 passed" in out, out
+        proc = self._pytest(suite, ["--dist", "load", "--px", "popen//id=proxy",
+                                    "--tx", "2*popen//via=proxy",
+                                    "test_suite.py"])
+        out = (proc.stdout + proc.stderr).decode()
+        assert proc.returncode == 0 and "31 passed" in out, out
+        recorded = sorted(p.read_text() for p in suite.glob("library-gw*.txt"))
+        assert recorded == ["execnet_single"], recorded
+        work = [p.read_text() for p in (tmp_path / "socketwork").glob("**/library-gw*.txt")]
+        assert work == ["execnet_single"], work
+
     def test_install_as_execnet_reaches_gateways_where_execnet_is_importable(self):
         # what the command relies on, for any execnet client: the worker's
         # `import execnet` gives execnet_single although execnet is installed
@@ -5306,15 +5329,23 @@ class TestPytestXdist:
             import execnet
             assert execnet is module is execnet_single
             gw = execnet.makegateway("popen")
-            ch = gw.remote_exec("import execnet, importlib.machinery as m; "
-                                "channel.send((execnet.__name__, "
-                                "m.PathFinder.find_spec('execnet') is not None))")
+            probe = ("import execnet, importlib.machinery as m; "
+                     "channel.send((execnet.__name__, "
+                     "m.PathFinder.find_spec('execnet') is not None))")
+            ch = gw.remote_exec(probe)
             print("REMOTE", ch.receive(30))
+            # and in a gateway that gateway starts (the mark travels on)
+            ch = gw.remote_exec("import execnet\\n"
+                                "inner = execnet.makegateway('popen')\\n"
+                                "channel.send(inner.remote_exec(%%r).receive(30))\\n"
+                                "inner.exit()" %% probe)
+            print("INNER", ch.receive(60))
             gw.exit()
         """ % HERE)
         proc = run_script(sys.executable, source, timeout=120)
         assert proc.returncode == 0, proc.stderr.decode()
         assert "REMOTE ('execnet_single', True)" in proc.stdout.decode()
+        assert "INNER ('execnet_single', True)" in proc.stdout.decode()
 
     def test_terminal_output_is_as_on_execnet(self, tmp_path):
         real_execnet()
