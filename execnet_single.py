@@ -19,6 +19,9 @@ Sections (each uses only the ones above it):
  10. XSpec, exec models, Group, MultiChannel, RSync
  11. Socket server                        (python -m execnet_single serve)
  12. CLI
+
+(PYTEST_DONT_REWRITE: `-p execnet_single` loads this already imported module
+as a pytest plugin; this marker keeps pytest from warning about that.)
 """
 
 import os
@@ -35,6 +38,7 @@ __all__ = [
     "DumpError",
     "ExecnetError",
     "Gateway",
+    "GatewayDied",
     "Group",
     "HostNotFound",
     "InterpreterNotFound",
@@ -57,6 +61,7 @@ __all__ = [
     "dump",
     "dumps",
     "get_execmodel",
+    "install_as_execnet",
     "load",
     "loads",
     "makegateway",
@@ -98,6 +103,9 @@ def _trace_off(*msg):
 
 _trace = _trace_off  # replaced by _setup_trace() when EXECNET_DEBUG is set
 _trace_state = {"setup": False}
+# Names install_as_execnet() took over here; every gateway started from
+# here takes them over too, even where that name is importable.
+_alias_state = {"forced": set()}
 
 
 def _setup_trace():
@@ -203,6 +211,14 @@ class RemoteError(ExecnetError):
         _log(30, "unhandled RemoteError: %s" % self.formatted)
 
 
+class GatewayDied(RemoteError):
+    """The remote ended unasked; the text says how, with its last stderr lines.
+
+    channel._getremoteerror() gives it (pytest-xdist prints it as the reason
+    a node went down); receive() still raises EOFError.
+    """
+
+
 class TimeoutError(ExecnetError, _builtin_TimeoutError):
     """A receive() or waitclose() with a timeout saw nothing in time."""
 
@@ -274,6 +290,12 @@ class _Text:
     BAD_BOOTSTRAP = "gateway %s: unexpected bootstrap reply %r"
     NOISE_DROPPED = "[%d earlier bytes of output not kept]"
     CONNECTION_LOST = "gateway %s: connection to the remote side lost%s"
+    DIED_UNKNOWN = "the remote side ended unasked (no reason known)"
+    STACKS_CUT = "(stacks cut at %d characters)"
+    STACKS_ABANDONED = ("still busy %s seconds after the exit request; leaving anyway. "
+                        "Stacks of its threads:")
+    STACKS_KILLED = "did not end in time: killed.  Stacks of its threads at the exit request:"
+    STDERR_TAIL = "last lines it wrote to stderr:"
     CLOSE_IN_EXEC = "cannot explicitly close channel within remote_exec"
     HAS_CALLBACK = "cannot receive(), channel has receiver callback"
     SEND_CLOSED = "cannot send to %r"
@@ -517,7 +539,20 @@ def _save(obj, w, depth):
 
 
 def _unknown(obj, w, depth):
+    # Only types without a saver of their own get here, so the hot path does
+    # not pay for this: members of Enums mixed with int/str/float/bytes
+    # (IntEnum, StrEnum, IntFlag...) travel as their plain value (xdist#1161).
+    enum = sys.modules.get("enum")  # not imported: obj is no Enum member
+    if enum is not None and isinstance(obj, enum.Enum):
+        for base, plain in _ENUM_PLAIN:
+            if isinstance(obj, base):
+                return _SAVERS[base](plain(obj), w, depth)
     raise _DumpFail("can't serialize %s" % (type(obj),))
+
+
+# (base, function giving the base's exact-type value of an instance)
+_ENUM_PLAIN = ((int, int.__int__), (str, str.__str__), (float, float.__float__),
+               (bytes, bytes))
 
 
 def _save_none(obj, w, depth):
@@ -1358,7 +1393,9 @@ _MSG_DATA_PART = 8       # a non-final piece of a large item
 _MSG_ACK = 9             # payload: count of data bytes consumed
 _MSG_OUTPUT = 10         # remote stdout/stderr bytes; channel id is the fd
 _MSG_READY = 11          # bootstrap done; payload: serialized rinfo dict
-_LAST_MSGCODE = 11
+_MSG_STACKS = 12         # to the remote: send every thread's stack (on the
+                         # channel id); from it, id 0: its stacks at exit
+_LAST_MSGCODE = 12
 
 _CHUNK = 256 * 1024
 _MAX_PAYLOAD = 1024 * 1024
@@ -1809,7 +1846,7 @@ class Channel:
             raise self.TimeoutError("no item after %r seconds" % (timeout,)) from None
         if entry is _ENDMARKER:
             items.put(entry)  # for other receivers
-            raise self._getremoteerror() or EOFError(self._eof_text())
+            raise self._pop_error() or EOFError(self._eof_text())
         item, size = entry
         size = self._flow.item_read(size)
         if size:
@@ -1840,7 +1877,7 @@ class Channel:
                 raise self.TimeoutError("Timeout after %r seconds" % (timeout,))
         finally:
             self._flow.end_eager()
-        error = self._getremoteerror()
+        error = self._pop_error()
         if error:
             raise error
 
@@ -1907,11 +1944,20 @@ class Channel:
             return _Text.CHANNEL_PEER_CLOSED % (self.id, gateway.id)
         return _Text.CHANNEL_CLOSED % (self.id, gateway.id)
 
-    def _getremoteerror(self):
+    def _pop_error(self):
+        """The error receive() and waitclose() raise, if any."""
         try:
             return self._remoteerrors.pop(0)
         except IndexError:
             return self.gateway._error
+
+    def _getremoteerror(self):
+        # execnet's name, called by pytest-xdist: the remote's own error, or
+        # why the remote died (a GatewayDied, not the EOFError receive raises)
+        try:
+            return self._remoteerrors.pop(0)
+        except IndexError:
+            return self.gateway._death or self.gateway._error
 
     # -- sending and flow control --
 
@@ -2103,6 +2149,7 @@ class _GatewayBase:
     """
 
     _error = None
+    _death = None   # a GatewayDied once the remote ended unasked (local side)
     _receiver = None
     _receiver_ident = None
     _close_requested = False   # the flusher closes the write side when idle
@@ -2147,6 +2194,7 @@ class _GatewayBase:
             _MSG_ACK: self._on_ack,
             _MSG_OUTPUT: self._on_output,
             _MSG_READY: self._on_ignore,
+            _MSG_STACKS: self._on_stacks,
         }
 
     def __repr__(self):
@@ -2360,6 +2408,9 @@ class _GatewayBase:
     def _on_status(self, cid, payload):
         pass
 
+    def _on_stacks(self, cid, payload):
+        pass
+
     def _on_terminate(self, cid, payload):
         raise _GatewayTerminated()
 
@@ -2509,6 +2560,26 @@ class _StreamError(Exception):
     """Internal: a transport's read failed for a reason it can tell."""
 
 
+_STACKS_LIMIT = 64 * 1024   # characters of stack text sent or shown at most
+
+
+def _format_stacks(limit=_STACKS_LIMIT):
+    """Every other thread's stack in this process, main thread first, at most limit chars."""
+    import traceback
+
+    names = dict((t.ident, t.name) for t in threading.enumerate())
+    main = threading.main_thread().ident
+    me = threading.get_ident()  # the thread formatting: its stack tells nothing
+    frames = sorted((item for item in sys._current_frames().items() if item[0] != me),
+                    key=lambda item: item[0] != main)
+    text = "".join("Thread %s (%s):\n%s" % (names.get(ident, "?"), ident,
+                                          "".join(traceback.format_stack(frame)))
+                   for ident, frame in frames)
+    if len(text) > limit:
+        text = text[:limit] + "\n" + _Text.STACKS_CUT % limit
+    return text
+
+
 def _format_error(exc):
     """The traceback text of exc, as sent to the other side."""
     import traceback
@@ -2541,6 +2612,16 @@ class _RemoteGateway(_GatewayBase):
         self._idle = threading.Condition(threading.Lock())
         self._forwarder = None
         self._relayed = []   # processes started here for via= gateways
+
+    def _on_stacks(self, cid, payload):
+        # answered in the receiver thread: works while the main thread is busy
+        self._send(_MSG_DATA, cid, dumps(_format_stacks()))
+        self._send(_MSG_CLOSE, cid)
+
+    def _on_terminate(self, cid, payload):
+        if self._active:  # busy: the local side shows these if it must kill us
+            self._send(_MSG_STACKS, 0, dumps(_format_stacks()))
+        raise _GatewayTerminated()
 
     def _on_status(self, cid, payload):
         status = {
@@ -2631,7 +2712,11 @@ class _RemoteGateway(_GatewayBase):
         # local side asked us to go (or is gone).
         self._tasks.put(None)
         with self._idle:
-            self._idle.wait_for(lambda: not self._active, _EXIT_GRACE)
+            idle = self._idle.wait_for(lambda: not self._active, _EXIT_GRACE)
+        if not idle:  # leave a trace of where it hangs, as output on fd 2 (the
+            # fd itself may be captured, e.g. by pytest in an xdist worker)
+            text = "%s\n%s" % (_Text.STACKS_ABANDONED % _EXIT_GRACE, _format_stacks())
+            self._send(_MSG_OUTPUT, 2, text.encode("utf-8", "backslashreplace"))
         self._exit_process()
 
     def _exit_process(self):
@@ -2792,6 +2877,10 @@ def _remote_main(source, params_bytes):
     for name in params.get("names", ()):
         if name not in sys.modules and not _importable(name):
             sys.modules[name] = me
+    for name in params.get("force_names", ()):
+        # install_as_execnet() on the local side: shadow an installed execnet
+        sys.modules[name] = me
+        _alias_state["forced"].add(name)
     rfd = os.dup(0)
     wfd = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -3097,6 +3186,7 @@ def _gateway_params(spec, names=()):
         "nice": spec.nice if isinstance(spec.nice, str) else None,
         "dont_write_bytecode": _flag(spec, "dont_write_bytecode"),
         "names": list(names),
+        "force_names": sorted(_alias_state["forced"]),
     }
 
 
@@ -3228,6 +3318,8 @@ RemoteStatus = RInfo
 
 _OUTPUT_DELAY = 0.15          # seconds an unfinished line waits before it is shown
 _OUTPUT_HOLD = 64 * 1024      # characters of it held at most; more are shown at once
+_STDERR_TAIL = 4096           # bytes of a remote's stderr kept for GatewayDied
+_STDERR_LINES = 10            # lines of it shown
 _LINE_START, _IN_LINE, _AFTER_CR = range(3)
 
 
@@ -3392,6 +3484,8 @@ class Gateway(_GatewayBase):
         self._cache_rinfo = RInfo(rinfo)
         self._output = output
         self._console = _PrefixedStderr(spec.id) if output is None else None
+        self._stderr_tail = b""  # for GatewayDied
+        self._exit_stacks = None  # the remote's stacks when asked to exit busy
         io.set_output_handler(lambda data: self._emit_output(2, data))
         self._start_receiver(initial)
 
@@ -3408,6 +3502,8 @@ class Gateway(_GatewayBase):
         self._emit_output(fd, payload)
 
     def _emit_output(self, fd, data):
+        if fd == 2:
+            self._stderr_tail = (self._stderr_tail + data)[-_STDERR_TAIL:]
         target = self._output
         if target is not None:
             try:
@@ -3429,6 +3525,12 @@ class Gateway(_GatewayBase):
         if self._exit_requested:
             return None  # we asked it to go: a plain end of stream
         reason = str(error) if error is not None else self._io.death_reason()
+        self._io.output_text(0.2)  # lets the stderr reader deliver the last bytes
+        lines = self._stderr_tail.decode("utf-8", "replace").splitlines()[-_STDERR_LINES:]
+        text = reason or _Text.DIED_UNKNOWN
+        if lines:
+            text += "\n%s\n%s" % (_Text.STDERR_TAIL, "\n".join("  " + l for l in lines))
+        self._death = GatewayDied(text)
         return EOFError(_Text.CONNECTION_LOST % (self.id, ": %s" % reason if reason else ""))
 
     # -- remote execution --
@@ -3522,7 +3624,34 @@ class Gateway(_GatewayBase):
     def _kill_if_alive(self):
         if self.hasreceiver():
             _trace(self.id, "did not exit in time: killing")
+            stacks = self._exit_stacks
+            if stacks:
+                prefix = "[%s] " % (self.id,)
+                text = "%s\n%s" % (_Text.STACKS_KILLED, stacks[:_STACKS_LIMIT])
+                try:
+                    sys.stderr.write("".join(prefix + line + "\n"
+                                             for line in text.splitlines()))
+                    sys.stderr.flush()
+                except Exception:
+                    pass
             self._io.kill()
+
+    def _on_stacks(self, cid, payload):
+        if cid == 0:  # the remote was busy when asked to exit
+            self._exit_stacks = _loads(payload)
+
+    def remote_stacks(self, timeout=10.0):
+        """Every thread's stack in the remote, as text; answered even while
+        its main thread is busy (TimeoutError if it does not answer in time)."""
+        channel = self.newchannel()
+        self._send(_MSG_STACKS, channel.id)
+        try:
+            return channel.receive(timeout)
+        finally:
+            self._local_close(channel.id)
+
+    def remote_init_threads(self, num=None):
+        """execnet's deprecated no-op, kept so its callers keep working."""
 
     def _finish_exit(self, deadline):
         """After a kill: let the receiver see the end, reap, release fds."""
@@ -4851,7 +4980,7 @@ class Group:
         return results
 
     def _prepare(self, spec, taken=()):
-        if spec is None:
+        if spec is None or spec == "":  # as execnet: the default, a popen gateway
             spec = self.defaultspec
         if not isinstance(spec, XSpec):
             spec = XSpec(spec)
@@ -5076,9 +5205,15 @@ class RSync:
                         dirnames.remove(name)
                     continue
                 rel = os.path.relpath(path, root).replace(os.sep, "/")
-                st = os.lstat(path)
-                if os.path.islink(path):
-                    entries.append(self._link_entry(rel, os.readlink(path), bases))
+                try:
+                    st = os.lstat(path)
+                    link = os.readlink(path) if os.path.islink(path) else None
+                except FileNotFoundError:  # gone since os.walk listed it
+                    if name in dirnames:
+                        dirnames.remove(name)
+                    continue
+                if link is not None:
+                    entries.append(self._link_entry(rel, link, bases))
                     if name in dirnames:
                         dirnames.remove(name)  # do not follow
                 elif name in dirnames:
@@ -5182,8 +5317,12 @@ class RSync:
             channel.send(request)
             wanted = job["inbox"].get()
             for rel in wanted or ():
-                with open(os.path.join(root, *rel.split("/")), "rb") as f:
-                    data = f.read()
+                try:
+                    with open(os.path.join(root, *rel.split("/")), "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:  # gone since the listing: skip it
+                    channel.send(None)
+                    continue
                 events.put((job, ("report", rel)))
                 channel.send(data)
         except Exception as exc:
@@ -5246,6 +5385,10 @@ def _rsync_receive(channel):
     bykey = {entry[0]: entry for entry in entries}
     for rel in wanted:
         data = channel.receive()
+        if data is None:  # the file went away on the sending side
+            bykey.pop(rel)
+            channel.send(0)
+            continue
         path = os.path.join(destdir, *rel.split("/"))
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
@@ -5725,6 +5868,59 @@ def _banner(server, key_path, insecure, tls):
 
 
 # === 12. CLI ===
+#
+# `python -m execnet_single pytest ARGS` runs pytest here with `execnet`
+# resolved to this module, and passes `-p execnet_single`: pytest loads this
+# module as a plugin here and (xdist copies the arguments) in every worker,
+# where pytest_plugin_registered below quiets the worker's own terminal
+# report.  execnet sends a popen remote's fd 1 to /dev/null and xdist counts
+# on that; this module forwards remote output, so the plugin is what keeps
+# xdist's terminal as on execnet, while `-s` test prints still arrive,
+# prefixed with the worker id.
+
+
+def install_as_execnet():
+    """Make `import execnet` give this module, here and on every gateway started from here."""
+    me = sys.modules[__name__]
+    # execnet.gateway_base: where pytest-xdist before 3.6 imports dumps from
+    for name in ("execnet", "execnet.gateway_base"):
+        sys.modules[name] = me
+        _alias_state["forced"].add(name)
+    return me
+
+
+def pytest_plugin_registered(plugin, manager):
+    """pytest hook, active with `-p execnet_single`: quiets an xdist worker's terminal report."""
+    if manager.getplugin("terminalreporter") is not plugin:
+        return
+    config = getattr(plugin, "config", None)
+    if not hasattr(config, "workerinput"):
+        return  # not in an xdist worker: the report is the user's
+    import io
+
+    try:
+        from _pytest.config import create_terminal_writer
+    except ImportError:  # a pytest we do not know: leave it
+        return
+
+    class NullText(io.TextIOBase):
+        def write(self, text):
+            return len(text)
+
+    plugin._tw = create_terminal_writer(config, NullText())
+
+
+def _cli_pytest(args):
+    """`python -m execnet_single pytest ARGS`; returns pytest's exit status."""
+    if __name__ == "__main__":
+        # run as a script: the importable copy is the one pytest and xdist see
+        import execnet_single as module
+    else:
+        module = sys.modules[__name__]
+    module.install_as_execnet()
+    import pytest
+
+    return int(pytest.main(["-p", "execnet_single"] + list(args)))
 
 
 def _cli_parser():
@@ -5736,7 +5932,7 @@ def _cli_parser():
                     "and running code on gateways." % __version__)
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,keygen,run}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,keygen,run,pytest}")
     serve_p = sub.add_parser(
         "serve", help="run the authenticated socket server (the default)",
         description="Serve execnet_single clients: each authenticated client gets a fresh "
@@ -5786,14 +5982,18 @@ def _cli_parser():
                        help="seconds each gateway may take (default 60)")
     run_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help=argparse.SUPPRESS)
+    sub.add_parser("pytest", help="run pytest (and pytest-xdist) with execnet resolved to "
+                                  "execnet_single; all further arguments are pytest's")
     return parser
 
 
 def main(argv=None):
-    """`python -m execnet_single [serve|keygen|run] ...`; returns the exit status."""
+    """`python -m execnet_single [serve|keygen|run|pytest] ...`; returns the exit status."""
     if argv is None:
         argv = sys.argv[1:]
     argv = list(argv)
+    if argv[:1] == ["pytest"]:
+        return _cli_pytest(argv[1:])  # every other argument is pytest's
     commands = ("serve", "keygen", "run")
     if not any(arg in commands or arg in ("-h", "--help") for arg in argv):
         argv = [a for a in argv if a == "--debug"] + ["serve"] + [

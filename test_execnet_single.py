@@ -13,6 +13,7 @@ import glob
 import hashlib
 import importlib.util
 import io
+import re
 import itertools
 import json
 import os
@@ -438,6 +439,7 @@ def ssh_server_session(request, tmp_path_factory):
     def needs_ssh(item):
         callspec = getattr(item, "callspec", None)
         return (getattr(item, "cls", None) is TestSsh
+                or getattr(getattr(item, "function", None), "uses_sshd", False)
                 or (callspec is not None and callspec.params.get("transport") == "ssh"))
 
     if not SINGLE or not any(needs_ssh(item) for item in request.session.items):
@@ -484,6 +486,37 @@ SOME_GLOBAL = 42
 
 def remote_uses_global(channel):
     channel.send(SOME_GLOBAL)
+
+
+def remote_busy_in_a_long_call(channel):
+    def busy_in_a_long_call():
+        channel.send("started")
+        return channel.receive()
+
+    busy_in_a_long_call()
+    channel.send("finished")
+
+
+def remote_stuck_in_sleep(channel):
+    import time
+
+    def stuck_in_sleep():
+        channel.send("started")
+        time.sleep(120)   # not woken when the channel closes
+
+    stuck_in_sleep()
+
+
+def remote_last_words_then_sigkill(channel):
+    import os
+    import sys
+
+    for i in range(20):
+        sys.stderr.write("last words %d\n" % i)
+    sys.stderr.flush()
+    channel.send("said")   # after the output, on the same stream
+    channel.receive()
+    os.kill(os.getpid(), 9)
 
 
 def remote_bad_first_arg(chan):
@@ -769,6 +802,54 @@ class TestTracing:
 
 
 class TestSerializer:
+    @single_only
+    def test_enum_members_mixed_with_plain_types_dump_as_their_value(self):
+        import enum
+
+        class Color(str, enum.Enum):
+            RED = "red"
+
+        class Ratio(float, enum.Enum):
+            HALF = 0.5
+
+        class Raw(bytes, enum.Enum):
+            X = b"x"
+
+        class Level(enum.IntEnum):
+            HIGH = 3
+
+        class Perm(enum.IntFlag):
+            R = 4
+            W = 2
+
+        value = [Color.RED, Ratio.HALF, Raw.X, Level.HIGH, Perm.R | Perm.W,
+                 {Level.HIGH: (Color.RED, {Perm.R})}]
+        expected = ["red", 0.5, b"x", 3, 6, {3: ("red", {4})}]
+        if hasattr(enum, "StrEnum"):  # 3.11+
+            value.append(enum.StrEnum("Mode", ["fast"]).fast)
+            expected.append("fast")
+        data = execnet.dumps(value)
+        assert data == execnet.dumps(expected)
+        loaded = execnet.loads(data)
+        assert loaded == expected
+        assert [type(v) for v in loaded] == [type(v) for v in expected]
+
+    @single_only
+    def test_other_subclasses_and_plain_enums_still_refused(self):
+        import enum
+
+        class Plain(enum.Enum):
+            A = 1
+
+        class MyInt(int):
+            pass
+
+        for value, where in ((Plain.A, ""), (MyInt(1), ""), ([1, Plain.A], " at [1]")):
+            with pytest.raises(execnet.DumpError) as excinfo:
+                execnet.dumps(value)
+            assert str(excinfo.value) == "can't serialize %s%s" % (type(value) if not where
+                                                                   else Plain, where)
+
     @pytest.mark.parametrize("index", range(len(SAMPLES)))
     def test_roundtrip(self, index):
         value = SAMPLES[index]
@@ -2488,6 +2569,89 @@ class TestGateway:
         assert ch.receive(timeout=30) == 1
         exit_and_join(gw)
         assert gw not in execnet.default_group
+
+    def test_makegateway_with_empty_spec_starts_popen(self):
+        # execnet's makegateway("") is its default, a popen gateway
+        gw = call_with_timeout(execnet.makegateway, 60, "")
+        try:
+            assert gw.spec.popen and rinfo(gw).pid != os.getpid()
+        finally:
+            exit_and_join(gw)
+
+    def test_remote_init_threads_is_accepted(self, gw):
+        # execnet's deprecated no-op: callers keep working
+        assert gw.remote_init_threads(3) is None
+        assert gw.remote_exec("channel.send(2)").receive(timeout=30) == 2
+
+    @single_only
+    def test_remote_stacks_while_the_remote_is_busy(self, gw):
+        ch = gw.remote_exec(remote_busy_in_a_long_call)
+        assert ch.receive(timeout=30) == "started"
+        stacks = gw.remote_stacks(30)
+        assert "in busy_in_a_long_call" in stacks
+        assert stacks.startswith("Thread MainThread")
+        ch.send("done")
+        assert ch.receive(timeout=30) == "finished"
+
+    @single_only
+    @pytest.mark.transports("popen")
+    def test_main_thread_only_remote_busy_in_main_thread_answers_stacks(self, group):
+        gw = mkgw(group, "popen//execmodel=main_thread_only")
+        ch = gw.remote_exec(remote_busy_in_a_long_call)
+        assert ch.receive(timeout=30) == "started"
+        stacks = gw.remote_stacks(30)
+        main = stacks.split("\nThread ")[0]
+        assert main.startswith("Thread MainThread") and "in busy_in_a_long_call" in main
+        ch.send("done")
+        assert ch.receive(timeout=30) == "finished"
+
+    @single_only
+    @pytest.mark.transports("popen")
+    def test_exit_shows_stacks_of_a_remote_it_must_kill(self, group, capfd):
+        gw = mkgw(group, "popen")
+        ch = gw.remote_exec(remote_stuck_in_sleep)
+        assert ch.receive(timeout=30) == "started"
+        # shorter than the remote's own grace: the local side kills it
+        call_with_timeout(group.terminate, 30, execnet._EXIT_GRACE / 3)
+        err = capfd.readouterr().err
+        prefix = "[%s] " % gw.id
+        assert prefix + execnet._Text.STACKS_KILLED + "\n" in err, err
+        assert re.search(r"(?m)^%s  File .*, in stuck_in_sleep$" % re.escape(prefix),
+                         err), err
+
+    @single_only
+    def test_stack_text_is_bounded(self):
+        # another thread to show (the calling one is left out)
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait, args=(60,))
+        thread.start()
+        try:
+            full = execnet._format_stacks()
+            text = execnet._format_stacks(limit=300)
+        finally:
+            stop.set()
+            thread.join(30)
+        assert len(full) > 300 and "in wait" in full
+        assert text == full[:300] + "\n" + execnet._Text.STACKS_CUT % 300
+
+    @single_only
+    @pytest.mark.transports("popen")
+    def test_getremoteerror_says_why_the_remote_died(self, group):
+        gw = mkgw(group, "popen")
+        ch = gw.remote_exec(remote_last_words_then_sigkill)
+        assert ch.receive(timeout=30) == "said"
+        ch.send("die")
+        with pytest.raises(EOFError):   # receive keeps execnet's EOFError
+            ch.receive(timeout=30)
+        error = ch._getremoteerror()
+        assert isinstance(error, execnet.GatewayDied) and not isinstance(error, EOFError)
+        assert isinstance(error, execnet.RemoteError)
+        text = str(error)
+        assert text.startswith("remote process %s was killed by signal 9\n" % gw.remoteaddress)
+        assert execnet._Text.STACKS_CUT not in text
+        # its last lines, no more
+        tail = "".join("\n  last words %d" % i for i in range(20 - execnet._STDERR_LINES, 20))
+        assert text.endswith("\n" + execnet._Text.STDERR_TAIL + tail)
 
 
 # =========================================================== bootstrap
@@ -5231,6 +5395,47 @@ class TestRSync:
         assert _tree(dest) == want
         assert sent == ["a.txt"]
 
+    def test_file_disappearing_while_listed_is_skipped(self, gw, tmp_path):
+        # execnet's test_file_disappearing: gone between os.walk and lstat
+        source = tmp_path / "src"
+        source.mkdir()
+        (source / "ex").write_bytes(b"a" * 100)
+        (source / "ex2").write_bytes(b"a" * 100)
+
+        class Vanishing(execnet.RSync):
+            def filter(self, path):
+                if path.endswith("ex2"):
+                    os.remove(path)
+                return True
+
+        rsync = Vanishing(str(source), verbose=False)
+        rsync.add_target(gw, str(tmp_path / "dest"))
+        call_with_timeout(rsync.send, 120)
+        assert _tree(str(tmp_path / "dest")) == {"ex": ("f", 0o644, b"a" * 100)}
+
+    def test_file_disappearing_between_listing_and_sending_is_skipped(self, gw, tmp_path):
+        source = tmp_path / "src"
+        source.mkdir()
+        for name in ("a", "b", "c"):
+            (source / name).write_bytes(name.encode() * 10)
+            os.chmod(str(source / name), 0o644)
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        (dest / "b").write_bytes(b"old")
+
+        def callback(kind, size, channel):
+            if kind == "list":   # the target has asked for the files
+                os.remove(str(source / "b"))
+
+        finished = []
+        rsync = execnet.RSync(str(source), callback=callback, verbose=False)
+        rsync.add_target(gw, str(dest), finishedcallback=lambda: finished.append(1),
+                         delete=True)
+        call_with_timeout(rsync.send, 120)
+        assert finished == [1]
+        assert _tree(str(dest)) == {"a": ("f", 0o644, b"a" * 10), "c": ("f", 0o644, b"c" * 10)}
+        assert call_with_timeout(gw.remote_exec(remote_add, a=1).receive, 30) == 1
+
     def test_send_without_targets(self, tmp_path):
         rsync = execnet.RSync(str(tmp_path))
         with pytest.raises(OSError):
@@ -5417,24 +5622,6 @@ class TestRSync:
             call_with_timeout(rsync.send, 120)
         assert finished == []
 
-    def test_file_vanishing_during_send_is_reported(self, gw, tmp_path):
-        source = str(tmp_path / "src")
-        _make_tree(source)
-        finished = []
-
-        def remove_a_file(command, size, channel):
-            # listed, but gone before it is read
-            if command == "list":
-                os.remove(os.path.join(source, "sub", "run.sh"))
-
-        rsync = _SkippingRSync(source, callback=remove_a_file, verbose=False)
-        rsync.add_target(gw, str(tmp_path / "dest"), lambda: finished.append(1))
-        with pytest.raises(OSError) as excinfo:
-            call_with_timeout(rsync.send, 120)
-        assert "run.sh" in str(excinfo.value)
-        assert finished == []
-        assert call_with_timeout(gw.remote_exec(remote_add, a=1).receive, 30) == 1
-
     def test_failing_callback_ends_the_remote_side(self, gw, tmp_path):
         source = str(tmp_path / "src")
         _make_tree(source)
@@ -5485,6 +5672,43 @@ def _xdist_host_script(args, single=True):
     return "\n".join(lines) + "\n"
 
 
+def uses_sshd(test):
+    """Mark a test that calls ssh_server_or_skip() without the ssh transport."""
+    test.uses_sshd = True
+    return test
+
+
+# The end-to-end run (a venv from PyPI, ~30 s) on two tox envs, not on all eight
+e2e_pythons = pytest.mark.skipif(
+    sys.version_info[:2] not in ((3, 11), (3, 13)),
+    reason="the virtualenv end-to-end run is limited to CPython 3.11 and 3.13")
+
+
+@pytest.fixture(scope="session")
+def xdist_venv(tmp_path_factory):
+    """A virtualenv with pytest and pytest-xdist (and so execnet) from PyPI,
+    made once per session for this Python; returns its python."""
+    _need_xdist()
+    path = tmp_path_factory.getbasetemp() / ("xdist-venv-py%d%d" % sys.version_info[:2])
+    python = str(path / "bin" / "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.run([python, "-m", "pip", "install", "-q", "pytest", "pytest-xdist"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+        assert proc.returncode == 0, proc.stdout.decode()
+    return python
+
+
+def _need_xdist():
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        if IN_CI:
+            pytest.fail("pytest-xdist is not installed (required when CI=true)")
+        pytest.skip("pytest-xdist is not installed")
+
+
 @single_only
 class TestPytestXdist:
     def test_xdist_runs_on_execnet_single(self, tmp_path):
@@ -5511,6 +5735,229 @@ class TestPytestXdist:
         out = proc.stdout.decode()
         assert "6 passed" in out and "1 failed" in out, out + proc.stderr.decode()
         assert "RESULT 1 execnet_single" in out
+
+    # -- the `python -m execnet_single pytest` command --
+
+    SUITE = textwrap.dedent("""
+        import os, sys, pytest
+        @pytest.mark.parametrize("i", range(30))
+        def test_many(i):
+            print("hello from test %d" % i)
+        def test_records_library():
+            # which module `import execnet` gives in this worker
+            name = os.environ["PYTEST_XDIST_WORKER"]
+            with open("library-%s.txt" % name, "w") as f:
+                f.write(sys.modules["execnet"].__name__)
+    """)
+
+    @staticmethod
+    def _pytest(tmp_path, args, single=True, timeout=300):
+        """The suite in tmp_path under `python -m execnet_single pytest ARGS`
+        (single=False: plain pytest on the installed execnet)."""
+        _need_xdist()
+        command = [sys.executable, "-m"] + (["execnet_single", "pytest"] if single else ["pytest"])
+        env = dict(os.environ, PYTHONPATH=HERE)
+        for name in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "PYTEST_PLUGINS"):
+            env.pop(name, None)
+        return subprocess.run(command + ["-p", "no:cacheprovider"] + list(args),
+                              cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout)
+
+    def test_command_runs_every_worker_on_execnet_single(self, tmp_path):
+        (tmp_path / "test_suite.py").write_text(self.SUITE)
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        proc = self._pytest(tmp_path, ["-n", "2", "test_suite.py"])
+        out = proc.stdout.decode() + proc.stderr.decode()
+        assert proc.returncode == 0, out
+        assert "31 passed" in out
+        assert "warning" not in out.lower(), out   # e.g. about assertion rewriting
+        recorded = [p.read_text() for p in tmp_path.glob("library-gw*.txt")]
+        assert recorded == ["execnet_single"], recorded
+
+    def test_command_reaches_socket_and_proxied_workers(self, tmp_path):
+        # --tx socket= (a server of ours) and --px (workers started via a proxy)
+        suite = tmp_path / "suite"
+        suite.mkdir()
+        (suite / "test_suite.py").write_text(self.SUITE)
+        (suite / "pytest.ini").write_text("[pytest]\n")
+        with socket_server(tmp_path) as server:
+            spec = "socket=%s:%d//keyfile=%s//chdir=%s" % (
+                server.host, server.port, server.keyfile, tmp_path / "socketwork")
+            proc = self._pytest(suite, ["--dist", "load", "--tx", spec, "--rsyncdir",
+                                        str(suite)])
+            out = (proc.stdout + proc.stderr).decode()
+            assert proc.returncode == 0 and "31 passed" in out, out
+        proc = self._pytest(suite, ["--dist", "load", "--px", "popen//id=proxy",
+                                    "--tx", "2*popen//via=proxy",
+                                    "test_suite.py"])
+        out = (proc.stdout + proc.stderr).decode()
+        assert proc.returncode == 0 and "31 passed" in out, out
+        recorded = sorted(p.read_text() for p in suite.glob("library-gw*.txt"))
+        assert recorded == ["execnet_single"], recorded
+        work = [p.read_text() for p in (tmp_path / "socketwork").glob("**/library-gw*.txt")]
+        assert work == ["execnet_single"], work
+
+    def test_install_as_execnet_reaches_gateways_where_execnet_is_importable(self):
+        # what the command relies on, for any execnet client: the worker's
+        # `import execnet` gives execnet_single although execnet is installed
+        real_execnet()
+        source = textwrap.dedent("""
+            import sys
+            sys.path.insert(0, %r)
+            import execnet_single
+            assert "execnet" not in sys.modules
+            module = execnet_single.install_as_execnet()
+            import execnet
+            assert execnet is module is execnet_single
+            gw = execnet.makegateway("popen")
+            probe = ("import execnet, importlib.machinery as m; "
+                     "channel.send((execnet.__name__, "
+                     "m.PathFinder.find_spec('execnet') is not None))")
+            ch = gw.remote_exec(probe)
+            print("REMOTE", ch.receive(30))
+            # and in a gateway that gateway starts (the mark travels on)
+            ch = gw.remote_exec("import execnet\\n"
+                                "inner = execnet.makegateway('popen')\\n"
+                                "channel.send(inner.remote_exec(%%r).receive(30))\\n"
+                                "inner.exit()" %% probe)
+            print("INNER", ch.receive(60))
+            gw.exit()
+        """ % HERE)
+        proc = run_script(sys.executable, source, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert "REMOTE ('execnet_single', True)" in proc.stdout.decode()
+        assert "INNER ('execnet_single', True)" in proc.stdout.decode()
+
+    def test_terminal_output_is_as_on_execnet(self, tmp_path):
+        real_execnet()
+        (tmp_path / "test_suite.py").write_text(self.SUITE + textwrap.dedent("""
+            def test_fails():
+                print("shown in the failure report")
+                assert 1 == 2
+        """))
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        outputs = []
+        for single in (False, True):
+            proc = self._pytest(tmp_path, ["-n", "2", "test_suite.py"], single=single)
+            text = (proc.stdout + proc.stderr).decode()
+            text = re.sub(r"\d+\.\d+s\b", "N.NNs", text)           # timings
+            text = re.sub(r"\[gw\d\]", "[gwN]", text)            # which worker failed
+            # the order in which results arrive
+            text = re.sub(r"(?m)^([.FE]+)( +\[)", lambda m: "".join(sorted(m.group(1)))
+                          + m.group(2), text)
+            text = re.sub(r"(?m)^(plugins|rootdir|platform): .*$", r"\1: ...", text)
+            outputs.append(text.splitlines())
+        assert outputs[1] == outputs[0]
+        assert "1 failed, 31 passed" in "\n".join(outputs[1])
+
+    def test_dash_s_shows_each_print_once_with_worker_prefix(self, tmp_path):
+        (tmp_path / "test_suite.py").write_text(self.SUITE)
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        proc = self._pytest(tmp_path, ["-n", "2", "-s", "test_suite.py"])
+        out = (proc.stdout + proc.stderr).decode()
+        assert proc.returncode == 0, out
+        for i in range(30):
+            found = re.findall(r"\[gw[01]\] hello from test %d\n" % i, out)
+            assert len(found) == 1, (i, out)
+        assert out.count("hello from test") == 30, out
+        # the workers' own reports stay quiet, with -s too
+        assert not re.search(r"\[gw\d\] .*(passed|test session starts)", out), out
+        quiet = self._pytest(tmp_path, ["-n", "2", "test_suite.py"])
+        assert "hello from" not in (quiet.stdout + quiet.stderr).decode()
+
+    def test_killed_worker_reason_reaches_xdist(self, tmp_path):
+        (tmp_path / "test_die.py").write_text(textwrap.dedent("""
+            import os
+            def test_dies():
+                os.kill(os.getpid(), 9)
+        """))
+        proc = self._pytest(tmp_path, ["-n", "1", "test_die.py"])
+        out = (proc.stdout + proc.stderr).decode()
+        assert re.search(r"\[gw0\] node down: remote process \d+ was killed by signal 9\n",
+                         out), out
+        assert "Not properly terminated" not in out
+
+    def test_interrupted_session_shows_where_a_worker_hangs(self, tmp_path):
+        _need_xdist()
+        (tmp_path / "test_hang.py").write_text(textwrap.dedent("""
+            import time
+            def hang_in_this_test():
+                open("started", "w").close()
+                time.sleep(120)
+            def test_hangs():
+                hang_in_this_test()
+        """))
+        env = dict(os.environ, PYTHONPATH=HERE)
+        env.pop("PYTEST_ADDOPTS", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "execnet_single", "pytest", "-p", "no:cacheprovider",
+             "-n", "1", "test_hang.py"], cwd=str(tmp_path), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(lambda: (tmp_path / "started").exists(), timeout=120)
+            proc.send_signal(signal.SIGINT)   # the session ends, as on a timeout
+            out = call_with_timeout(proc.communicate, 120)[0].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert "[gw0] " + execnet._Text.STACKS_ABANDONED % execnet._EXIT_GRACE in out, out
+        assert re.search(r"\[gw0\]   File .*test_hang.py\", line \d+, in hang_in_this_test",
+                         out), out
+
+    # -- end to end, in a virtualenv of its own --
+
+    E2E_SUITE = textwrap.dedent("""
+        import importlib.machinery, os, sys, pytest
+        RESULTS = %r
+        @pytest.mark.parametrize("i", range(4))
+        def test_worker_runs_execnet_single(i):
+            # `import execnet` gives execnet_single although execnet is installed
+            assert sys.modules["execnet"].__name__ == "execnet_single"
+            assert importlib.machinery.PathFinder.find_spec("execnet") is not None
+            name = "%%s-%%s-%%d" %% (os.environ["E2E_RUN"] if "E2E_RUN" in os.environ
+                                   else "ssh", os.environ["PYTEST_XDIST_WORKER"], i)
+            with open(os.path.join(RESULTS, name), "w") as f:
+                f.write(sys.modules["execnet"].__name__)
+    """)
+
+    @e2e_pythons
+    @uses_sshd
+    def test_command_in_a_fresh_virtualenv(self, xdist_venv, tmp_path):
+        # pytest and pytest-xdist from PyPI (with the real execnet); this
+        # file copied beside the suite, nothing installed
+        python = xdist_venv
+        suite, results = tmp_path / "suite", tmp_path / "results"
+        suite.mkdir()
+        results.mkdir()
+        shutil.copy(LIBRARY_PATH, str(suite))
+        (suite / "test_e2e.py").write_text(self.E2E_SUITE % str(results))
+        (suite / "pytest.ini").write_text("[pytest]\n")
+        runs = {"n2": ["-n", "2"], "auto": ["-n", "auto"],
+                "loadfile": ["-n", "2", "--dist", "loadfile"]}
+        server = ssh_server_or_skip()
+        work = tmp_path / "sshwork"
+        runs["ssh"] = ["--dist", "load", "--tx",
+                       server.spec("//python=%s//chdir=%s" % (python, work)),
+                       "--rsyncdir", str(suite)]
+        for run, args in runs.items():
+            env = dict(os.environ, E2E_RUN=run)
+            for name in ("PYTHONPATH", "PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER"):
+                env.pop(name, None)
+            proc = subprocess.run(
+                [python, "-m", "execnet_single", "pytest", "-p", "no:cacheprovider"] + args,
+                cwd=str(suite), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                timeout=300)
+            out = proc.stdout.decode()
+            assert proc.returncode == 0, (run, out)
+            assert "4 passed" in out, (run, out)
+            assert "execnet_single" not in run_script(python, "import execnet; "
+                                                      "print(execnet.__file__)").stdout.decode()
+        found = sorted(p.name for p in results.iterdir())
+        for run in ("n2", "auto", "loadfile"):
+            assert len([n for n in found if n.startswith(run + "-gw")]) == 4, found
+        assert len([n for n in found if n.startswith("ssh-gw0-")]) == 4, found
+        assert {p.read_text() for p in results.iterdir()} == {"execnet_single"}
 
 
 # ====================================================== socket server and CLI
