@@ -296,6 +296,18 @@ class _Text:
     DROP_BAD_MAC = "wrong key (or not an execnet_single client)"
     DROP_TIMEOUT = "no complete handshake within %s seconds"
     DROP_BUSY = "too many handshakes in progress (%d)"
+    SEAL_BROKEN = ("session with %s ended: %s (the connection was cut, or bytes were "
+                   "injected, dropped or altered on the way)")
+    SEAL_BAD_TAG = "record %d failed its authentication check"
+    SEAL_BAD_LENGTH = "record %d has an invalid length word 0x%08x"
+    SEAL_CUT_RECORD = "the stream ended inside a record"
+    SEAL_NO_END = "the stream ended without its end record"
+    SEAL_AFTER_END = "bytes arrived after the end record"
+    SEAL_LOG = ": the client's stream failed its check (tampered with, or cut)"
+    SEAL_MISMATCH = ("socket server %s answered for another kind of session (%r): refused")
+    NOT_ENCRYPTED_WARNING = (
+        "WARNING: listening on %s without TLS: sessions are authenticated and "
+        "integrity-protected, but not encrypted (anyone on the path can read them)")
     # ssh transport
     SSH_FAILED = "gateway %s: ssh %s failed (exit status %s): %s"
     SSH_NO_PYTHON = "no python3 or python on the PATH of the remote shell"
@@ -1436,9 +1448,12 @@ class _IO:
     output_text()    what arrived beside the stream so far, for error messages
     death_reason()   why the stream ended, as far as the transport knows
     remoteaddress    where the remote runs, for users
+    session          after handshake(): the keys and interpreter of a
+                     session to seal (_SealedIO), or None
     """
 
     remoteaddress = ""
+    session = None
     _read_error = None
 
     def handshake(self):
@@ -1558,6 +1573,243 @@ class _FdIO(_IO):
     def kill(self):
         """A bare pipe pair has no process to kill: end both directions."""
         self.close_write()
+
+
+# --- Sealed streams: plain-TCP socket sessions ---
+#
+# A socket session over plain TCP (section 9: the handshake gives both ends
+# one key per direction) carries its bytes in records, so that a relay on
+# the path can neither inject, drop, reorder, replay nor truncate unseen:
+#
+#   offset  size  field
+#   0       4     length word (unsigned, big-endian): payload size, at most
+#                 _RECORD_MAX; the top bit (_RECORD_END) marks the end record
+#                 (payload size 0) that close_write() sends
+#   4       n     payload: stream bytes
+#   4+n     16    tag: HMAC-SHA256(direction key, seq + length word + payload),
+#                 first 16 bytes; seq is the record's number in its
+#                 direction, 8 bytes big-endian, from 0
+#
+# The first record the client sends (seq 0) is the bootstrap itself, up to
+# _BOOT_RECORD_MAX bytes (see _STAGE1_SEALED).  A reader hands on no byte of
+# a record before its tag is checked, refuses a length beyond the bound
+# before reading the payload, and tells an end of stream without the end
+# record (cut or truncated) from a clean end.
+
+_RECORD = struct.Struct("!I")
+_SEQ = struct.Struct("!Q")
+_RECORD_MAX = _CHUNK + _HEADER_SIZE   # one full data frame per record
+_RECORD_END = 0x80000000
+_BOOT_RECORD_MAX = 64 * 1024 * 1024
+_TAG_SIZE = 16
+_SEAL_STATUS = 5   # exit status of a session whose stream failed its check
+
+
+class _SealedIO(_IO):
+    """An _IO whose bytes travel in authenticated records (see the table
+    above) over an inner _IO; everything but the bytes is the inner one's."""
+
+    def __init__(self, inner, read_key, write_key, peer, read_seq=0, write_seq=0):
+        import hashlib
+        import hmac
+
+        self._inner = inner
+        self.remoteaddress = inner.remoteaddress
+        self.session = inner.session
+        self._peer = peer
+        self._rbase = hmac.new(read_key, digestmod=hashlib.sha256)
+        self._wbase = hmac.new(write_key, digestmod=hashlib.sha256)
+        self._compare = hmac.compare_digest
+        self._rseq = read_seq
+        self._wseq = write_seq
+        self._wlock = threading.Lock()
+        self._wended = False
+        self._buf = b""
+        self._ready = []       # verified payloads not yet returned
+        self._large = None     # a large record in progress: [hmac, pieces, missing, tag]
+        self._ended = False
+        self._broken = None
+
+    # -- writing --
+
+    def _seal(self, buffers, size, out, end=False):
+        """Append one record of buffers (size bytes in all) to out (lock held)."""
+        head = _SEQ.pack(self._wseq) + _RECORD.pack(_RECORD_END if end else size)
+        self._wseq += 1
+        mac = self._wbase.copy()
+        mac.update(head)
+        for data in buffers:
+            mac.update(data)
+        out.append(head[8:])
+        out.extend(buffers)
+        out.append(mac.digest()[:_TAG_SIZE])
+
+    def write(self, data):
+        """Send data in records (OSError once the peer is gone)."""
+        if len(data) <= _RECORD_MAX:
+            with self._wlock:
+                self._check_open()
+                out = []
+                self._seal((data,), len(data), out)
+                self._inner.write(b"".join(out))
+            return
+        self.writev((data,))
+
+    def writev(self, buffers):
+        """Send buffers in records of at most _RECORD_MAX bytes, MACed piece
+        by piece and written together (no joining of large buffers)."""
+        with self._wlock:
+            self._check_open()
+            out = []
+            record, size = [], 0
+            for data in buffers:
+                view = memoryview(data)
+                while len(view):
+                    take = view[:_RECORD_MAX - size]
+                    record.append(take)
+                    size += len(take)
+                    view = view[len(take):]
+                    if size == _RECORD_MAX:
+                        self._seal(record, size, out)
+                        record, size = [], 0
+            if record:
+                self._seal(record, size, out)
+            self._inner.writev(out)
+
+    def write_boot(self, buffers):
+        """The client's bootstrap: buffers as the one first record (seq 0)."""
+        with self._wlock:
+            out = []
+            self._seal(buffers, sum(map(len, buffers)), out)
+            self._inner.writev(out)
+
+    def _check_open(self):
+        if self._wended:
+            raise BrokenPipeError("stream to %s closed for writing" % self._peer)
+
+    def close_write(self):
+        """Send the end record (unless a writer is stuck), then end the stream."""
+        if self._wlock.acquire(timeout=1.0):
+            try:
+                if not self._wended:
+                    self._wended = True
+                    out = []
+                    self._seal((), 0, out, end=True)
+                    try:
+                        self._inner.write(b"".join(out))
+                    except (OSError, ValueError):
+                        pass
+            finally:
+                self._wlock.release()
+        self._wended = True
+        self._inner.close_write()
+
+    # -- reading --
+
+    def read(self):
+        """Verified payload bytes; b'' after the end record.  Raises
+        _StreamError when the stream fails its check (and from then on)."""
+        ready = self._ready
+        while not ready:
+            if self._broken is not None:
+                raise _StreamError(self._broken)
+            if self._ended:
+                return b""
+            data = self._inner.read()
+            if not data:
+                self._ended = True
+                if self._buf or self._large is not None:
+                    self._fail(_Text.SEAL_CUT_RECORD)
+                self._fail(_Text.SEAL_NO_END)
+            self._feed(data)
+        return ready.pop(0)
+
+    def _fail(self, what):
+        self._broken = _Text.SEAL_BROKEN % (self._peer, what)
+        raise _StreamError(self._broken)
+
+    def _verify(self, mac, tag):
+        if not self._compare(mac.digest()[:_TAG_SIZE], tag):
+            self._fail(_Text.SEAL_BAD_TAG % self._rseq)
+        self._rseq += 1
+
+    def _feed(self, data):
+        large = self._large
+        if large is not None:   # continue a large record
+            take = min(large[2], len(data))
+            if take:
+                piece = data if take == len(data) else data[:take]
+                large[0].update(piece)
+                large[1].append(piece)
+                large[2] -= take
+            if large[2]:
+                return
+            need = _TAG_SIZE - len(large[3])
+            large[3] += data[take:take + need]
+            if len(large[3]) < _TAG_SIZE:
+                return
+            self._large = None
+            self._verify(large[0], large[3])
+            self._ready.extend(large[1])
+            data = data[take + need:]
+            if not data:
+                return
+        buf = self._buf + data if self._buf else data
+        pos, size = 0, len(buf)
+        while size - pos >= 4:
+            word = _RECORD.unpack_from(buf, pos)[0]
+            length = word & 0x7FFFFFFF
+            if length > _RECORD_MAX or (word & _RECORD_END and length):
+                self._fail(_Text.SEAL_BAD_LENGTH % (self._rseq, word))
+            if self._ended:
+                self._fail(_Text.SEAL_AFTER_END)
+            stop = pos + 4 + length + _TAG_SIZE
+            mac = self._rbase.copy()
+            mac.update(_SEQ.pack(self._rseq))
+            if stop > size:
+                if length > _READ_SIZE:   # collect it piece by piece
+                    view = memoryview(buf)
+                    part = bytes(view[pos + 4:min(size, pos + 4 + length)])
+                    mac.update(view[pos:pos + 4])
+                    mac.update(part)
+                    self._large = [mac, [part] if part else [], length - len(part),
+                                   bytes(view[pos + 4 + length:size])]
+                    pos = size
+                break
+            mac.update(buf[pos:pos + 4 + length])
+            self._verify(mac, buf[stop - _TAG_SIZE:stop])
+            if word & _RECORD_END:
+                self._ended = True
+            elif length:
+                self._ready.append(buf[pos + 4:stop - _TAG_SIZE])
+            pos = stop
+        self._buf = buf[pos:] if pos < size else b""
+
+    # -- the rest is the inner stream's --
+
+    def close_read(self):
+        self._inner.close_read()
+
+    def kill(self):
+        self._inner.kill()
+
+    def wait(self, timeout=0.0):
+        return self._inner.wait(timeout)
+
+    def handshake(self):
+        """(Done by the inner stream before it was sealed.)"""
+
+    def widen(self):
+        self._inner.widen()
+
+    def set_output_handler(self, handler):
+        self._inner.set_output_handler(handler)
+
+    def output_text(self, timeout=0.0):
+        return self._inner.output_text(timeout)
+
+    def death_reason(self):
+        return self._broken or self._inner.death_reason()
 
 
 # === 5. Channels ===
@@ -2578,9 +2830,10 @@ class _RemoteGateway(_GatewayBase):
         self._tasks.put(None)
         with self._idle:
             self._idle.wait_for(lambda: not self._active, _EXIT_GRACE)
-        self._exit_process()
+        # a sealed stream that failed its check: the server logs why
+        self._exit_process(_SEAL_STATUS if isinstance(error, _StreamError) else 0)
 
-    def _exit_process(self):
+    def _exit_process(self, status=0):
         _flush_std_streams()
         if self._forwarder is not None:
             self._forwarder.finish()
@@ -2592,7 +2845,7 @@ class _RemoteGateway(_GatewayBase):
             except (OSError, ValueError):
                 pass
         self._io.close_write()
-        os._exit(0)
+        os._exit(status)
 
 
 def _flush_std_streams():
@@ -2717,8 +2970,12 @@ def _rinfo_dict():
     }
 
 
-def _remote_main(source, params_bytes):
-    """Entry point on the remote side, called by the bootstrap."""
+def _remote_main(source, params_bytes, seal=None):
+    """Entry point on the remote side, called by the bootstrap.
+
+    seal: (read key, write key, next read sequence number, peer) when the
+    stream is a sealed socket session (_STAGE1_SEALED).
+    """
     global _SOURCE
     _SOURCE = source
     params = loads(params_bytes)
@@ -2743,7 +3000,10 @@ def _remote_main(source, params_bytes):
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    gateway = _RemoteGateway(_FdIO(rfd, wfd), params)
+    io = _FdIO(rfd, wfd)
+    if seal is not None:
+        io = _SealedIO(io, seal[0], seal[1], seal[3], read_seq=seal[2])
+    gateway = _RemoteGateway(io, params)
     info = _rinfo_dict()
     spawner = None
     if params.get("spawner_key"):
@@ -2786,6 +3046,14 @@ def _importable(name):
 #    remote interpreter is exactly ours; else compiled there) and the
 #    serialized params; execs the module and calls _remote_main().
 # 4. The remote sends _MSG_READY with its rinfo; from then on, frames.
+#
+# A sealed socket session (section 9) skips steps 1-3: the server starts
+# `python -c _STAGE1_SEALED KEYFD PEER`, which reads the session keys from
+# the pipe KEYFD, then one sealed record (section 4) holding the 12-byte
+# header, source, code and params of step 3; it checks the record's tag
+# before it looks at any of it, and hands the keys on to _remote_main, so
+# the stream stays sealed.  The client knows the interpreter from the
+# handshake: no unauthenticated line is read or evaluated by either end.
 
 _STAGE1 = "import sys;exec(eval(sys.stdin.readline()))"
 _BOOTSTRAP_TIMEOUT = 60.0   # seconds; the xspec key bootstrap_timeout= overrides
@@ -2820,6 +3088,42 @@ sys.modules["execnet_single"] = mod
 mod._remote_main(source, params)
 '''
 _STAGE2_LINE = (repr(_STAGE2) + "\n").encode("ascii")
+_STAGE1_SEALED = r'''
+import sys, os, struct, hmac, hashlib
+def _readexact(fd, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = os.read(fd, min(n - len(data), 1048576))
+        if not chunk:
+            sys.exit(4)
+        data += chunk
+    return bytes(data)
+fd = int(sys.argv[1])
+keys = _readexact(fd, 64)
+os.close(fd)
+head = _readexact(0, 4)
+size = struct.unpack("!I", head)[0]
+if size > %d:
+    sys.exit(%d)
+payload = _readexact(0, size)
+mac = hmac.new(keys[:32], bytes(8) + head, hashlib.sha256)
+mac.update(payload)
+if not hmac.compare_digest(mac.digest()[:%d], _readexact(0, %d)):
+    sys.exit(%d)
+slen, clen, plen = struct.unpack("!III", payload[:12])
+source = payload[12:12 + slen]
+code = payload[12 + slen:12 + slen + clen]
+params = payload[12 + slen + clen:12 + slen + clen + plen]
+if clen:
+    import marshal
+    code = marshal.loads(code)
+else:
+    code = compile(source, "execnet_single.py", "exec")
+mod = type(sys)("execnet_single")
+exec(code, mod.__dict__)
+sys.modules["execnet_single"] = mod
+mod._remote_main(source, params, (keys[:32], keys[32:], 1, sys.argv[2]))
+''' % (_BOOT_RECORD_MAX, _SEAL_STATUS, _TAG_SIZE, _TAG_SIZE, _SEAL_STATUS)
 _code_cache = {}
 
 
@@ -2931,6 +3235,41 @@ def _bootstrap(io, params, describe):
     return _loads(ready), leftover
 
 
+def _bootstrap_sealed(io, params, describe):
+    """_bootstrap for a sealed socket session (io: a _SealedIO whose inner
+    handshake told the server's interpreter): the source goes out as the
+    first record; returns (rinfo dict, bytes already read past the ready frame)."""
+    gwid = params["id"]
+    source = _get_source()
+    code = _code_for_remote(io.session[2], io.session[3])
+    payload = dumps(params)
+    try:
+        io.write_boot([struct.pack("!III", len(source), len(code), len(payload)),
+                       source, code, payload])
+    except OSError:
+        pass  # the server dropped us; reading tells why
+    reader = _FrameReader()
+    frames = []
+    data = b""
+    try:
+        while not frames:
+            data = io.read()
+            if not data:
+                _raise_died(io, describe, gwid, [])
+            frames = reader.feed(data)
+    except _StreamError as exc:
+        raise HostNotFound(str(exc)) from None
+    except LoadError:
+        raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, data[:200]))
+    code_, cid, ready = frames[0]
+    if code_ != _MSG_READY:
+        raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, frames[0][:2]))
+    leftover = b"".join(
+        _encode_frame(code_, cid, b"".join(payload) if type(payload) is _Pieces else payload)
+        for code_, cid, payload in frames[1:]) + reader.leftover()
+    return _loads(ready), leftover
+
+
 def _join_output(noise, text):
     return "\n".join(noise + ([text] if text else []))
 
@@ -2963,7 +3302,11 @@ def _start_io(io, spec, params, describe):
     watchdog.start()
     try:
         io.handshake()
-        rinfo, leftover = _bootstrap(io, params, describe)
+        if io.session is None:
+            rinfo, leftover = _bootstrap(io, params, describe)
+        else:   # plain TCP to a socket server: seal every byte from here on
+            io = _SealedIO(io, io.session[1], io.session[0], describe)
+            rinfo, leftover = _bootstrap_sealed(io, params, describe)
     except BaseException as exc:
         io.kill()
         io.close_write()
@@ -3595,22 +3938,33 @@ def _serve_via(channel):
 # same key K (HMAC-SHA256, nonces of 32 fresh random bytes from `secrets`):
 #
 #   from    size  field
-#   server  23    _AUTH_MAGIC  b"execnet_single-auth v1\n"
+#   server  23    _AUTH_MAGIC  b"execnet_single-auth v2\n"
 #   server  32    nonce_s
 #   client  32    nonce_c
 #   client  32    HMAC(K, b"client" + nonce_s + nonce_c)
-#   server  32    HMAC(K, b"server" + nonce_c + nonce_s)
+#   server  1     n, the size of info
+#   server  n     info, ASCII: b"S <sys.hexversion> <cache_tag>" (a sealed
+#                 session in a child running the server's own interpreter)
+#                 or b"T" (TLS carries the session)
+#   server  32    HMAC(K, b"server" + nonce_c + nonce_s + info)
 #
 # The labels differ per direction, so neither answer can be reflected as the
 # other; fresh nonces on both sides make a recorded exchange worthless.  The
 # server drops a client with a wrong MAC; the client refuses a server with a
 # wrong one (a fake server).  A server run with --insecure sends _OPEN_MAGIC
 # (same length) and nothing else.  Every read has a fixed size and a deadline.
-# Then the usual bootstrap (section 8) runs over the connection, talking to
-# a fresh interpreter the server started for this client alone.
+#
+# Over plain TCP every later byte, both ways, travels in records sealed with
+# a key per direction (_SealedIO, section 4):
+#   client to server  HMAC(K, b"c2s" + nonce_c + nonce_s)
+#   server to client  HMAC(K, b"s2c" + nonce_c + nonce_s)
+# The first record is the bootstrap (_STAGE1_SEALED, section 8), sent to a
+# fresh interpreter the server started for this client alone; the info
+# tells the client which interpreter that is, so no unauthenticated byte
+# precedes it.  Under TLS the usual bootstrap runs, and TLS protects it.
 
-_AUTH_MAGIC = b"execnet_single-auth v1\n"
-_OPEN_MAGIC = b"execnet_single-open v1\n"
+_AUTH_MAGIC = b"execnet_single-auth v2\n"
+_OPEN_MAGIC = b"execnet_single-open v2\n"
 _NONCE_SIZE = 32
 _MAC_SIZE = 32
 _KEY_ENV = "EXECNET_SINGLE_KEY"
@@ -3643,7 +3997,11 @@ def _recv_exact(sock, size, deadline):
 
 
 def _client_auth(sock, key, timeout, where, allow_open=False):
-    """Client side of the handshake; raises AuthenticationError."""
+    """Client side of the handshake; raises AuthenticationError.
+
+    Returns None (an open or TLS server) or the session to seal:
+    (client-to-server key, server-to-client key, hexversion, cache_tag).
+    """
     import hmac
     import secrets
     import socket
@@ -3668,6 +4026,8 @@ def _client_auth(sock, key, timeout, where, allow_open=False):
         nonce_c = secrets.token_bytes(_NONCE_SIZE)
         sock.settimeout(max(0.01, deadline - time.time()))
         sock.sendall(nonce_c + _mac(key, b"client", nonce_s, nonce_c))
+        size = _recv_exact(sock, 1, deadline)
+        info = _recv_exact(sock, ord(size), deadline) if size else b""
         proof = _recv_exact(sock, _MAC_SIZE, deadline)
     except socket.timeout:
         raise AuthenticationError(_Text.AUTH_TIMEOUT % (where, timeout)) from None
@@ -3675,12 +4035,23 @@ def _client_auth(sock, key, timeout, where, allow_open=False):
         raise AuthenticationError(_Text.CLIENT_REJECTED % where + " (%s)" % exc) from None
     if len(proof) != _MAC_SIZE:
         raise AuthenticationError(_Text.CLIENT_REJECTED % where)
-    if not hmac.compare_digest(proof, _mac(key, b"server", nonce_c, nonce_s)):
+    if not hmac.compare_digest(proof, _mac(key, b"server", nonce_c, nonce_s + info)):
         raise AuthenticationError(_Text.FAKE_SERVER % where)
+    words = info.decode("ascii", "replace").split()
+    if words == ["T"]:
+        return None
+    if len(words) != 3 or words[0] != "S" or not words[1].isdigit():
+        raise AuthenticationError(_Text.SEAL_MISMATCH % (where, info))
+    return (_mac(key, b"c2s", nonce_c, nonce_s), _mac(key, b"s2c", nonce_c, nonce_s),
+            int(words[1]), words[2])
 
 
-def _server_auth(sock, key, deadline):
-    """Server side of the handshake; raises AuthenticationError (or OSError)."""
+def _server_auth(sock, key, deadline, sealed=True):
+    """Server side of the handshake; raises AuthenticationError (or OSError).
+
+    Returns the session keys (client-to-server, server-to-client) for a
+    sealed session, else None.
+    """
     import hmac
     import secrets
 
@@ -3692,7 +4063,14 @@ def _server_auth(sock, key, deadline):
     nonce_c, mac = answer[:_NONCE_SIZE], answer[_NONCE_SIZE:]
     if not hmac.compare_digest(mac, _mac(key, b"client", nonce_s, nonce_c)):
         raise AuthenticationError(_Text.DROP_BAD_MAC)
-    sock.sendall(_mac(key, b"server", nonce_c, nonce_s))
+    info = b"T"
+    if sealed:
+        info = ("S %d %s" % (sys.hexversion, sys.implementation.cache_tag)).encode("ascii")
+    sock.sendall(struct.pack("!B", len(info)) + info
+                 + _mac(key, b"server", nonce_c, nonce_s + info))
+    if sealed:
+        return _mac(key, b"c2s", nonce_c, nonce_s), _mac(key, b"s2c", nonce_c, nonce_s)
+    return None
 
 
 def _read_key_file(path):
@@ -3770,8 +4148,8 @@ class _SocketIO(_IO):
 
     def handshake(self):
         """Prove we hold the key and check that the server does."""
-        _client_auth(self.sock, self._key, self._timeout, self.remoteaddress,
-                     self._allow_open)
+        self.session = _client_auth(self.sock, self._key, self._timeout,
+                                    self.remoteaddress, self._allow_open)
         self._key = None
         self.sock.settimeout(None)
 
@@ -4197,8 +4575,8 @@ class _SshIO(_PopenIO):
 
     def handshake(self):
         if self.spawner_key is not None:
-            _client_auth(_PipeEnd(self), self.spawner_key, _HANDSHAKE_TIMEOUT,
-                         "the spawner on %s" % self.remoteaddress)
+            self.session = _client_auth(_PipeEnd(self), self.spawner_key, _HANDSHAKE_TIMEOUT,
+                                        "the spawner on %s" % self.remoteaddress)
 
     def close_read(self):
         _PopenIO.close_read(self)
@@ -5228,10 +5606,11 @@ class _SocketServer:
                 conn.settimeout(self._timeout)
                 if self._tls is not None:
                     conn = self._tls.wrap_socket(conn, server_side=True)
+                keys = None
                 if self._key is None:
                     conn.sendall(_OPEN_MAGIC)
                 else:
-                    _server_auth(conn, self._key, deadline)
+                    keys = _server_auth(conn, self._key, deadline, self._tls is None)
                 conn.settimeout(None)
                 with self._lock:
                     if self._once and self._served:
@@ -5249,7 +5628,7 @@ class _SocketServer:
             self._drop(conn, peer, "%s: %s" % (type(exc).__name__, exc))
             return
         try:
-            self._session(conn, peer)
+            self._session(conn, peer, keys)
         except Exception as exc:
             self._log("session %s failed: %s: %s" % (peer, type(exc).__name__, exc))
         finally:
@@ -5263,20 +5642,35 @@ class _SocketServer:
         except OSError:
             pass
 
-    def _session(self, conn, peer):
-        """A fresh interpreter for an authenticated client; returns when it ends."""
+    def _session(self, conn, peer, keys=None):
+        """A fresh interpreter for an authenticated client; returns when it ends.
+
+        keys: the session keys of a sealed session (plain TCP with a key),
+        handed to the child on a pipe of their own, never in argv or the
+        environment.
+        """
         import subprocess
 
         env = dict(os.environ)
         env.pop(_KEY_ENV, None)   # the session gets no copy of the server's key
         args = [sys.executable, "-c", _STAGE1]
         if self._tls is None:
+            keyfds = ()
+            if keys is not None:
+                keyfds = os.pipe()
+                os.write(keyfds[1], keys[0] + keys[1])   # (fits any pipe buffer)
+                os.close(keyfds[1])
+                args = [sys.executable, "-c", _STAGE1_SEALED, str(keyfds[0]), peer]
             try:
                 child = subprocess.Popen(args, stdin=conn.fileno(), stdout=conn.fileno(),
-                                         env=env, start_new_session=True)
+                                         env=env, start_new_session=True,
+                                         pass_fds=keyfds[:1])
             except OSError:
                 conn.close()
                 raise
+            finally:
+                if keyfds:
+                    os.close(keyfds[0])
             relay = None
         else:
             try:
@@ -5303,7 +5697,8 @@ class _SocketServer:
         finally:
             with self._lock:
                 self._sessions.discard(child)
-        self._log("session %s: ended (pid %d, status %s)" % (peer, child.pid, status))
+        self._log("session %s: ended (pid %d, status %s)%s" % (
+            peer, child.pid, status, _Text.SEAL_LOG if status == _SEAL_STATUS else ""))
 
     @staticmethod
     def _watch_client(conn, child):
