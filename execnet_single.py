@@ -302,7 +302,6 @@ class _Text:
     SEAL_BAD_LENGTH = "record %d has an invalid length word 0x%08x"
     SEAL_CUT_RECORD = "the stream ended inside a record"
     SEAL_NO_END = "the stream ended without its end record"
-    SEAL_AFTER_END = "bytes arrived after the end record"
     SEAL_LOG = ": the client's stream failed its check (tampered with, or cut)"
     SEAL_MISMATCH = ("socket server %s answered for another kind of session (%r): refused")
     NOT_ENCRYPTED_WARNING = (
@@ -1688,10 +1687,12 @@ class _SealedIO(_IO):
             raise BrokenPipeError("stream to %s closed for writing" % self._peer)
 
     def close_write(self):
-        """Send the end record (unless a writer is stuck), then end the stream."""
+        """Send the end record, then end the stream.  No end record once
+        the other direction failed its check (the peer sees a cut stream,
+        not a clean end), nor while a writer is stuck."""
         if self._wlock.acquire(timeout=1.0):
             try:
-                if not self._wended:
+                if not self._wended and self._broken is None:
                     self._wended = True
                     out = []
                     self._seal((), 0, out, end=True)
@@ -1761,8 +1762,6 @@ class _SealedIO(_IO):
             length = word & 0x7FFFFFFF
             if length > _RECORD_MAX or (word & _RECORD_END and length):
                 self._fail(_Text.SEAL_BAD_LENGTH % (self._rseq, word))
-            if self._ended:
-                self._fail(_Text.SEAL_AFTER_END)
             stop = pos + 4 + length + _TAG_SIZE
             mac = self._rbase.copy()
             mac.update(_SEQ.pack(self._rseq))
@@ -1779,8 +1778,10 @@ class _SealedIO(_IO):
             mac.update(buf[pos:pos + 4 + length])
             self._verify(mac, buf[stop - _TAG_SIZE:stop])
             if word & _RECORD_END:
-                self._ended = True
-            elif length:
+                self._ended = True   # (nothing after it is read)
+                pos = size
+                break
+            if length:
                 self._ready.append(buf[pos + 4:stop - _TAG_SIZE])
             pos = stop
         self._buf = buf[pos:] if pos < size else b""

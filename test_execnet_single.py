@@ -5124,16 +5124,38 @@ def recv_exact(sock, size):
 
 
 def raw_auth(sock, key):
-    """The client side of the documented handshake, written independently."""
+    """The client side of the documented handshake (v2), written independently.
+
+    Returns (client-to-server key, server-to-client key, the server's info)."""
     import hmac
 
     magic = recv_exact(sock, 23)
-    assert magic == b"execnet_single-auth v1\n"
+    assert magic == b"execnet_single-auth v2\n"
     nonce_s = recv_exact(sock, 32)
     nonce_c = os.urandom(32)
     sock.sendall(nonce_c + hmac.new(key, b"client" + nonce_s + nonce_c, "sha256").digest())
+    size = recv_exact(sock, 1)
+    assert len(size) == 1
+    info = recv_exact(sock, size[0])
     proof = recv_exact(sock, 32)
-    assert proof == hmac.new(key, b"server" + nonce_c + nonce_s, "sha256").digest()
+    assert proof == hmac.new(key, b"server" + nonce_c + nonce_s + info, "sha256").digest()
+    return (hmac.new(key, b"c2s" + nonce_c + nonce_s, "sha256").digest(),
+            hmac.new(key, b"s2c" + nonce_c + nonce_s, "sha256").digest(), info)
+
+
+def seal_record(key, seq, payload, end=False):
+    """One record of a sealed session, as the docs describe it."""
+    import hmac
+
+    word = struct.pack("!I", 0x80000000 if end else len(payload))
+    tag = hmac.new(key, struct.pack("!Q", seq) + word + payload, "sha256").digest()[:16]
+    return word + payload + tag
+
+
+def boot_record(key, source):
+    """A sealed first record that makes the session's stage run source."""
+    source = source.encode()
+    return seal_record(key, 0, struct.pack("!III", len(source), 0, 0) + source)
 
 
 def attack_payload(marker):
@@ -5233,12 +5255,13 @@ class TestSocketServer:
             exit_and_join(gw)
 
     def test_positive_control_payload_runs_after_a_real_handshake(self, tmp_path):
-        # shows that the attack payload below would be noticed if it ran
+        # shows that the attack payloads below would be noticed if they ran,
+        # and that sealing the first record as documented is all it takes
         marker = tmp_path / "ran"
         with socket_server(tmp_path) as server:
             sock = connect(server.port)
-            raw_auth(sock, server.key)
-            sock.sendall(attack_payload(marker))
+            c2s = raw_auth(sock, server.key)[0]
+            sock.sendall(boot_record(c2s, "open(%r, 'w').close()" % str(marker)))
             assert wait_for(marker.exists, timeout=30)
             sock.close()
 
@@ -5251,7 +5274,7 @@ class TestSocketServer:
             assert "EXECNET_SINGLE_KEY" in str(info.value)
             # without the key: nothing but the payload, after the server's challenge
             sock = connect(server.port)
-            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v2\n"
             send_and_drain(sock, b"\0" * 64 + attack_payload(marker))
             assert wait_for(lambda: "wrong key" in server.logtext())
             assert not marker.exists()
@@ -5284,7 +5307,7 @@ class TestSocketServer:
             assert len(recorded) > 64 + len(b"open(")
             marker.unlink()
             sock = connect(server.port)
-            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v2\n"
             send_and_drain(sock, recorded)
             assert wait_for(lambda: "wrong key" in server.logtext())
             assert not marker.exists()
@@ -5311,9 +5334,9 @@ class TestSocketServer:
         def fake():
             conn, _ = listener.accept()
             conn.settimeout(10)
-            conn.sendall(b"execnet_single-auth v1\n" + os.urandom(32))
+            conn.sendall(b"execnet_single-auth v2\n" + os.urandom(32))
             got.append(recv_exact(conn, 64))
-            conn.sendall(os.urandom(32))
+            conn.sendall(b"\x01T" + os.urandom(32))
             try:
                 got.append(conn.recv(65536))   # the client must not go on
             except OSError:
@@ -5451,7 +5474,7 @@ class TestSocketServer:
                 sock.sendall(os.urandom(20))
             for sock in silent:
                 sock.settimeout(15)
-                assert recv_exact(sock, 100)[:23] in (b"execnet_single-auth v1\n", b"")
+                assert recv_exact(sock, 100)[:23] in (b"execnet_single-auth v2\n", b"")
                 sock.close()
             # a flood: more connections at once than handshakes allowed
             flood = [connect(server.port) for i in range(40)]
@@ -5482,6 +5505,223 @@ class TestSocketServer:
             assert gw2.remote_exec("channel.send(6)").receive(30) == 6
             exit_and_join(gw2)
             assert server.proc.poll() is None
+
+
+class TamperingRelay:
+    """A TCP relay for one connection, on loopback, that passes the handshake
+    through untouched and then works on the sealed records of one direction
+    ("c2s" or "s2c"): at record number `at` it injects bytes before it
+    ("inject"), drops it ("drop"), swaps it with the next ("swap"), sends it
+    twice ("replay") or closes both connections after it ("truncate")."""
+
+    def __init__(self, port, direction, action, at, inject=b""):
+        import socket
+
+        self.target = port
+        self.direction, self.action, self.at, self.inject = direction, action, at, inject
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.done = []   # what the relay did, for the test to check
+        self.thread = threading.Thread(target=self._run)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _run(self):
+        import socket
+
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        finally:
+            self.listener.close()
+        server = connect(self.target, 60)
+        client.settimeout(60)
+        self.socks = (client, server)
+        back = threading.Thread(target=self._pump, args=(server, client, "s2c"))
+        back.daemon = True
+        back.start()
+        self._pump(client, server, "c2s")
+        back.join(60)
+        client.close()
+        server.close()
+
+    @staticmethod
+    def _read(sock, size):
+        data = recv_exact(sock, size)
+        if len(data) < size:
+            raise EOFError
+        return data
+
+    def _pump(self, src, dst, direction):
+        import socket
+
+        try:
+            if direction == "c2s":
+                dst.sendall(self._read(src, 64))
+            else:
+                dst.sendall(self._read(src, 55))   # magic, nonce: the client answers
+                size = self._read(src, 1)
+                dst.sendall(size + self._read(src, size[0] + 32))
+            seq = 0
+            held = None
+            while True:
+                word = self._read(src, 4)
+                record = word + self._read(
+                    src, (struct.unpack("!I", word)[0] & 0x7FFFFFFF) + 16)
+                if direction != self.direction or seq < self.at:
+                    dst.sendall(record)
+                elif seq == self.at:
+                    if self.action != "swap":
+                        self.done.append(self.action)
+                    if self.action == "inject":
+                        dst.sendall(self.inject + record)
+                    elif self.action == "swap":
+                        held = record
+                    elif self.action == "replay":
+                        dst.sendall(record + record)
+                    elif self.action == "truncate":
+                        dst.sendall(record)
+                        break
+                    elif self.action != "drop":   # (none: a positive control)
+                        dst.sendall(record)
+                elif held is not None:
+                    self.done.append(self.action)
+                    dst.sendall(record + held)
+                    held = None
+                else:
+                    dst.sendall(record)
+                seq += 1
+        except (OSError, EOFError):
+            pass
+        for sock in self.socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+ATTACKS = [("c2s", "inject", 0), ("c2s", "inject", 3), ("c2s", "drop", 3),
+           ("c2s", "swap", 3), ("c2s", "replay", 3), ("c2s", "truncate", 3),
+           ("s2c", "inject", 2), ("s2c", "drop", 2), ("s2c", "swap", 2),
+           ("s2c", "replay", 2), ("s2c", "truncate", 2)]
+
+
+def echo_through(group, spec, marker):
+    """Start a gateway for spec and echo a burst of items; returns the error
+    the session ended with (a tampered session must end with one)."""
+    try:
+        gw = mkgw(group, spec)
+    except execnet.HostNotFound as exc:
+        return exc
+    try:
+        ch = gw.remote_exec("for item in channel: channel.send(item)")
+        for i in range(6):
+            ch.send(i)
+        for i in range(6):
+            assert ch.receive(30) == i
+        ch.close()
+        ch.waitclose(30)
+    except (EOFError, execnet.RemoteError, OSError) as exc:
+        return exc
+    finally:
+        exit_and_join(gw)
+    return None
+
+
+@single_only
+class TestSealedSessions:
+    """Section 4's sealed records and section 9's v2 handshake, attacked by a
+    relay on the path that does not know the key."""
+
+    @pytest.mark.parametrize("direction,action,at", ATTACKS,
+                             ids=["%s-%s-%d" % attack for attack in ATTACKS])
+    def test_tampering_relay_is_detected(self, tmp_path, group, direction, action, at):
+        marker = tmp_path / "ran"
+        inject = attack_payload(marker) if direction == "c2s" else b"\0\0\0\1x" + bytes(16)
+        with socket_server(tmp_path) as server:
+            relay = TamperingRelay(server.port, direction, action, at, inject)
+            error = echo_through(group, "socket=127.0.0.1:%d//keyfile=%s" % (
+                relay.port, server.keyfile), marker)
+            relay.thread.join(30)
+            assert relay.done == [action]
+            assert error is not None
+            text = str(error)
+            assert "session with socket server 127.0.0.1:%d ended: " % relay.port in text
+            assert "injected, dropped or altered" in text
+            if direction == "c2s" and action != "truncate":
+                # the server's session saw it first and says so in the log
+                assert wait_for(lambda: "failed its check" in server.logtext()), \
+                    server.logtext()
+            assert wait_for(lambda: "ended" in server.logtext())
+            assert not marker.exists()
+            # the server keeps serving others
+            assert echo_through(group, server.spec, marker) is None
+
+    def test_untouched_relay_and_what_travels(self, tmp_path, group):
+        # positive control for the relay: passing everything through works
+        with socket_server(tmp_path) as server:
+            relay = TamperingRelay(server.port, "c2s", "none", 3)
+            spec = "socket=127.0.0.1:%d//keyfile=%s" % (relay.port, server.keyfile)
+            assert echo_through(group, spec, tmp_path / "ran") is None
+            relay.thread.join(30)
+            assert relay.done == ["none"]
+            assert wait_for(lambda: "ended (pid" in server.logtext())
+            assert "failed its check" not in server.logtext()
+
+    def test_sealed_only_on_plain_tcp_with_a_key(self, tmp_path, group):
+        with socket_server(tmp_path) as server:
+            gw = mkgw(group, server.spec)
+            assert type(gw._io) is execnet._SealedIO
+            exit_and_join(gw)
+        server = ServerProcess(tmp_path, "--insecure")
+        try:
+            gw = mkgw(group, server.spec)
+            assert type(gw._io) is execnet._SocketIO
+            exit_and_join(gw)
+        finally:
+            assert server.stop() == 0
+
+    def test_records_refused_one_by_one(self, tmp_path):
+        # the record layer alone, fed what a relay could send
+        key = os.urandom(32)
+
+        class Feed(execnet._IO):
+            def __init__(self, data):
+                self.data = [data[i:i + 7] for i in range(0, len(data), 7)]
+
+            def read(self):
+                return self.data.pop(0) if self.data else b""
+
+        def read_all(data):
+            io = execnet._SealedIO(Feed(data), key, key, "PEER")
+            out = []
+            while True:
+                piece = io.read()
+                if not piece:
+                    return b"".join(out)
+                out.append(piece)
+
+        good = [seal_record(key, n, b"item %d" % n) for n in range(3)]
+        end = seal_record(key, 3, b"", end=True)
+        assert read_all(b"".join(good) + end) == b"item 0item 1item 2"
+        cases = {
+            "record 1 failed": good[0] + good[2] + end,                # dropped
+            "record 1 failed ": good[0] + good[2] + good[1] + end,     # swapped
+            "record 2 failed": good[0] + good[1] + good[1] + end,      # replayed
+            "record 0 failed": b"\0" + b"".join(good) + end,          # injected
+            "without its end record": b"".join(good),                  # truncated
+            "inside a record": b"".join(good) + end[:-1],              # cut in a record
+            "invalid length word": struct.pack("!I", 2 ** 30) + bytes(16),
+        }
+        for what, data in cases.items():
+            with pytest.raises(execnet._StreamError) as info:
+                read_all(data)
+            assert "session with PEER ended: " in str(info.value)
+            assert what.strip() in str(info.value), (what, str(info.value))
 
 
 # ------------------------------------------------------------------- CLI
