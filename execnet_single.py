@@ -5845,11 +5845,21 @@ def serve(host="127.0.0.1", port=0, key_file=None, insecure=False, once=False,
     $EXECNET_SINGLE_KEY, else the per-user key file (created if missing)."""
     server, key_path = _make_server(host, port, key_file, insecure, once, tls_cert, tls_key,
                                     tls_client_ca, handshake_timeout, max_handshakes)
+    _warn_unprotected(server, insecure, bool(tls_cert))
     _log_stderr(_banner(server, key_path, insecure, bool(tls_cert)))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         server._end_sessions()
+
+
+def _warn_unprotected(server, insecure, tls):
+    """One line on stderr when sessions lack a protection users may assume."""
+    where = "%s:%d" % (server.host, server.port)
+    if insecure:
+        _log_stderr(_Text.INSECURE_WARNING % where)
+    elif not tls and not _is_loopback(server.host):
+        _log_stderr(_Text.NOT_ENCRYPTED_WARNING % where)
 
 
 def _banner(server, key_path, insecure, tls):
@@ -5966,8 +5976,7 @@ def _cli_serve(args):
     server, key_path = _make_server(
         args.host, args.port, args.key_file, args.insecure, args.once, args.tls_cert,
         args.tls_key, args.tls_client_ca, args.handshake_timeout, args.max_handshakes)
-    if args.insecure:
-        _log_stderr(_Text.INSECURE_WARNING % ("%s:%d" % (server.host, server.port)))
+    _warn_unprotected(server, args.insecure, bool(args.tls_cert))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, frame: server.stop())
     print(_banner(server, key_path, args.insecure, bool(args.tls_cert)))

@@ -5685,6 +5685,54 @@ class TestSealedSessions:
         finally:
             assert server.stop() == 0
 
+    def test_installvia_server_is_sealed_and_a_relay_is_caught(self, tmp_path, group):
+        marker = tmp_path / "ran"
+        proxy = mkgw(group, "popen//id=seal-p")
+        gw = mkgw(group, "socket//installvia=seal-p")
+        assert type(gw._io) is execnet._SealedIO
+        assert gw.remote_exec("channel.send(8)").receive(30) == 8
+        # the same one-client server, installed by hand so a relay can sit in front
+        keyfile = tmp_path / "iv.key"
+        key = write_key(keyfile)
+        ch = proxy.remote_exec("import execnet_single\n"
+                               "execnet_single._serve_installed(channel)")
+        ch.send(("127.0.0.1", 0, key))
+        port = ch.receive(30)[1]
+        relay = TamperingRelay(port, "c2s", "inject", 3, attack_payload(marker))
+        error = echo_through(group, "socket=127.0.0.1:%d//keyfile=%s" % (relay.port, keyfile),
+                             marker)
+        relay.thread.join(30)
+        assert relay.done == ["inject"]
+        assert error is not None and "injected, dropped or altered" in str(error)
+        assert not marker.exists()
+        assert call_with_timeout(proxy.remote_exec("channel.send(9)").receive, 30) == 9
+
+    def test_warning_when_not_loopback_and_not_tls(self, tmp_path, group):
+        with socket_server(tmp_path) as server:   # loopback: no warning
+            pass
+        assert "WARNING" not in server.logtext()
+        with socket_server(tmp_path, "--host", "0.0.0.0") as server:
+            gw = mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (server.port, server.keyfile))
+            assert type(gw._io) is execnet._SealedIO
+            exit_and_join(gw)
+        assert server.logtext().splitlines()[0] == (
+            "execnet_single serve: WARNING: listening on 0.0.0.0:%d without TLS: sessions "
+            "are authenticated and integrity-protected, but not encrypted (anyone on the "
+            "path can read them)" % server.port)
+        # serve() itself says the same
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import execnet_single as e; e.serve('0.0.0.0', "
+             "key_file=%r)" % server.keyfile], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=server_env(tmp_path))
+        try:
+            line = call_with_timeout(proc.stderr.readline, 60).decode()
+            assert "WARNING: listening on 0.0.0.0:" in line and "not encrypted" in line
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+
     def test_records_refused_one_by_one(self, tmp_path):
         # the record layer alone, fed what a relay could send
         key = os.urandom(32)
