@@ -4587,6 +4587,75 @@ class TestBenchmarks:
             self._close_gateways(made)
         bench_table.figure("bulk local->remote, one 64 MiB item", times, 1.0)
 
+    def test_socket_sealing(self, bench_table, tmp_path):
+        # execnet_single only: the socket transport with sealed records (a
+        # server with a key, plain TCP) against the same without (an
+        # --insecure server), both on loopback, side by side in one run
+        write_key(tmp_path / "k")
+        sealed = ServerProcess(tmp_path, "--key-file", str(tmp_path / "k"))
+        unsealed = ServerProcess(tmp_path, "--insecure")
+        gws = {}
+        try:
+            gws["sealed"] = execnet.makegateway(
+                "socket=127.0.0.1:%d//keyfile=%s" % (sealed.port, tmp_path / "k"))
+            gws["unsealed"] = execnet.makegateway(unsealed.spec)
+            assert type(gws["sealed"]._io) is execnet._SealedIO
+            assert type(gws["unsealed"]._io) is execnet._SocketIO
+            echo = "for item in channel:\n    channel.send(item)\n    if item is None: break"
+
+            def round_trips(gw):
+                def trial():
+                    ch = gw.remote_exec(echo)
+                    ch.send(-1)
+                    assert ch.receive(timeout=30) == -1
+                    start = time.perf_counter()
+                    for i in range(1000):
+                        ch.send(i)
+                        assert ch.receive(timeout=30) == i
+                    elapsed = time.perf_counter() - start
+                    ch.send(None)
+                    assert ch.receive(timeout=30) is None
+                    ch.waitclose(timeout=30)
+                    return elapsed
+                return _best_of(trial, 3)
+
+            def bulk(gw, direction):
+                def trial():
+                    ch = gw.remote_exec(BULK_REMOTE)
+                    chunk = bytes(range(256)) * (1048576 // 256)
+                    start = time.perf_counter()
+                    if direction == "remote->local":
+                        ch.send(("source", 64, 1048576))
+                        for _ in range(64):
+                            assert len(ch.receive(timeout=60)) == 1048576
+                    else:
+                        ch.send(("sink", 64, 1048576))
+                        for _ in range(64):
+                            ch.send(chunk)
+                        assert ch.receive(timeout=60) == (64 * 1048576, True)
+                    elapsed = time.perf_counter() - start
+                    ch.send(None)
+                    ch.waitclose(timeout=30)
+                    return elapsed
+                return _best_of(trial, 2)
+
+            times = _run_rounds([(label, round_trips(gws[label])) for label in gws])
+            bench_table.figure("socket latency, 1000 round trips", times, 1.15,
+                               ours="sealed", reference="unsealed")
+            for direction in ("remote->local", "local->remote"):
+                times = _run_rounds([(label, bulk(gws[label], direction)) for label in gws])
+                bench_table.figure("socket bulk %s, 64 x 1 MiB" % direction, times, None,
+                                   ours="sealed", reference="unsealed")
+                print("      sealed %.0f MiB/s, unsealed %.0f MiB/s (best rounds; "
+                      "target: sealed above 300 MiB/s)" % (
+                          64 / min(times["sealed"]), 64 / min(times["unsealed"])))
+        finally:
+            for gw in gws.values():
+                gw.exit()
+                gw.join(timeout=30)
+            for server in (sealed, unsealed):
+                assert server.stop() == 0
+
     @pytest.mark.parametrize("kind", ["mixed", "nested"])
     def test_dumps(self, bench_other, bench_table, kind):
         import pickle
