@@ -1809,6 +1809,26 @@ class _SealedIO(_IO):
             pos = stop
         self._buf = buf[pos:] if pos < size else b""
 
+    def drain(self, timeout):
+        """Read and drop what the peer still sends (its end record, after
+        _MSG_TERMINATE), until its end or timeout: a socket closed with
+        unread input is reset, and the reset can discard our last bytes
+        before the peer has read them."""
+        import select
+        import time
+
+        rfd = getattr(self._inner, "rfd", -1)
+        deadline = time.time() + timeout
+        while rfd >= 0:
+            remaining = deadline - time.time()
+            try:
+                if remaining <= 0 or not select.select([rfd], [], [], remaining)[0]:
+                    return
+                if not os.read(rfd, _READ_SIZE):
+                    return
+            except (OSError, ValueError):
+                return
+
     # -- the rest is the inner stream's --
 
     def close_read(self):
@@ -2869,6 +2889,8 @@ class _RemoteGateway(_GatewayBase):
             except (OSError, ValueError):
                 pass
         self._io.close_write()
+        if self._io.__class__ is _SealedIO:
+            self._io.drain(_EXIT_GRACE)
         os._exit(status)
 
 
@@ -5526,11 +5548,14 @@ def _rsync_receive(channel):
 #
 # `python -m execnet_single serve`.  Each accepted connection gets a thread
 # for the handshake of section 9 (at most max_handshakes at once, each done
-# within handshake_timeout or dropped).  An authenticated connection becomes
-# the stdin and stdout of a fresh `python -c _STAGE1`, which the client then
-# bootstraps like a popen gateway: every client has an interpreter of its
-# own, so its crash or os._exit ends only its session.  Under TLS the
-# interpreter gets pipes instead, relayed to the TLS socket by two threads.
+# within handshake_timeout or dropped).  An authenticated plain-TCP
+# connection becomes the stdin and stdout of a fresh `python -c
+# _STAGE1_SEALED` (the session keys on a pipe of their own), which runs
+# only the sealed bootstrap record the client sends (sections 4 and 8):
+# every client has an interpreter of its own, so its crash or os._exit ends
+# only its session.  Under TLS the interpreter is a `python -c _STAGE1`
+# bootstrapped like a popen gateway, on pipes relayed to the TLS socket by
+# two threads; --insecure servers give it the connection itself.
 
 _MAX_HANDSHAKES = 32
 
