@@ -5802,6 +5802,25 @@ class TestSealedSessions:
             proc.stdout.close()
             proc.stderr.close()
 
+    def test_stage_runs_no_unverified_bootstrap(self, tmp_path):
+        # a raw client with the key, whose first record's tag is wrong
+        # (one bit), then one under the wrong direction's key: nothing runs
+        marker = tmp_path / "ran"
+        with socket_server(tmp_path) as server:
+            for which in ("bit", "s2c"):
+                sock = connect(server.port)
+                c2s, s2c, info = raw_auth(sock, server.key)
+                assert info.startswith(b"S %d " % sys.hexversion)
+                source = "open(%r, 'w').close()" % str(marker)
+                if which == "bit":
+                    record = bytearray(boot_record(c2s, source))
+                    record[-1] ^= 1
+                else:
+                    record = boot_record(s2c, source)
+                send_and_drain(sock, bytes(record))
+            assert wait_for(lambda: server.logtext().count("failed its check") == 2)
+            assert not marker.exists()
+
     def test_records_refused_one_by_one(self, tmp_path):
         # the record layer alone, fed what a relay could send
         key = os.urandom(32)
