@@ -3956,7 +3956,10 @@ def _serve_via(channel):
 
     def from_child():
         while True:
-            data = io.read()
+            try:
+                data = io.read()
+            except _StreamError:   # a sealed session broken: death_reason() says how
+                break
             if not data:
                 break
             try:

@@ -5730,6 +5730,20 @@ class TestSealedSessions:
             # the server keeps serving others
             assert echo_through(group, server.spec, marker) is None
 
+    def test_tampering_seen_through_a_via_proxy(self, tmp_path, group):
+        # the sealed socket gateway is started from a proxy's process: the
+        # proxy's relay reports the broken session instead of hanging
+        marker = tmp_path / "ran"
+        mkgw(group, "popen//id=vp")
+        with socket_server(tmp_path) as server:
+            relay = TamperingRelay(server.port, "s2c", "replay", 2)
+            error = echo_through(group, "socket=127.0.0.1:%d//keyfile=%s//via=vp" % (
+                relay.port, server.keyfile), marker)
+            relay.thread.join(30)
+            assert relay.done == ["replay"]
+            assert error is not None
+            assert "record 3 failed its authentication check" in str(error), str(error)
+
     def test_untouched_relay_and_what_travels(self, tmp_path, group):
         # positive control for the relay: passing everything through works
         with socket_server(tmp_path) as server:
