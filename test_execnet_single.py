@@ -5694,7 +5694,14 @@ def echo_through(group, spec, marker):
             assert ch.receive(30) == i
         ch.close()
         ch.waitclose(30)
-    except (EOFError, execnet.RemoteError, OSError) as exc:
+    except (EOFError, execnet.RemoteError) as exc:
+        return exc
+    except OSError as exc:
+        # a send hit the cut first: the receivers get the session's error
+        try:
+            ch.receive(30)
+        except (EOFError, execnet.RemoteError) as error:
+            return error
         return exc
     finally:
         exit_and_join(gw)
