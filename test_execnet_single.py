@@ -5634,7 +5634,11 @@ class TamperingRelay:
             else:
                 dst.sendall(self._read(src, 55))   # magic, nonce: the client answers
                 size = self._read(src, 1)
-                dst.sendall(size + self._read(src, size[0] + 32))
+                info, proof = self._read(src, size[0]), self._read(src, 32)
+                if self.action == "downgrade":   # "this is TLS, don't seal"
+                    self.done.append(self.action)
+                    info = b"T"
+                dst.sendall(struct.pack("!B", len(info)) + info + proof)
             seq = 0
             held = None
             while True:
@@ -5750,6 +5754,18 @@ class TestSealedSessions:
             assert relay.done == ["replay"]
             assert error is not None
             assert "record 3 failed its authentication check" in str(error), str(error)
+
+    def test_relay_cannot_turn_sealing_off(self, tmp_path, group):
+        # the server's answer says whether to seal; a relay that rewrites it
+        # breaks the server's MAC, and the client goes no further
+        with socket_server(tmp_path) as server:
+            relay = TamperingRelay(server.port, "s2c", "downgrade", 0)
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (relay.port, server.keyfile))
+            relay.thread.join(30)
+            assert relay.done == ["downgrade"]
+            assert "failed to prove it holds the key" in str(info.value)
+            assert wait_for(lambda: "ended" in server.logtext() or "dropped" in server.logtext())
 
     def test_untouched_relay_and_what_travels(self, tmp_path, group):
         # positive control for the relay: passing everything through works
