@@ -363,6 +363,17 @@ class _Text:
                     "(a keyless or idle peer?)")
     DROP_ONCE = "this server serves one client only (--once)"
     BAD_MAX_HANDSHAKES = "--max-handshakes must be at least 1, not %d"
+    SEAL_BROKEN = ("session with %s ended: %s (the connection was cut, or bytes were "
+                   "injected, dropped or altered on the way)")
+    SEAL_BAD_TAG = "record %d failed its authentication check"
+    SEAL_BAD_LENGTH = "record %d has an invalid length word 0x%08x"
+    SEAL_CUT_RECORD = "the stream ended inside a record"
+    SEAL_NO_END = "the stream ended without its end record"
+    SEAL_LOG = ": the client's stream failed its check (tampered with, or cut)"
+    SEAL_MISMATCH = ("socket server %s answered for another kind of session (%r): refused")
+    NOT_ENCRYPTED_WARNING = (
+        "WARNING: listening on %s without TLS: sessions are authenticated and "
+        "integrity-protected, but not encrypted (anyone on the path can read them)")
     # ssh transport
     SSH_FAILED = "gateway %s: ssh %s failed (exit status %s): %s"
     SSH_NO_PYTHON = "no python3 or python on the PATH of the remote shell"
@@ -1518,9 +1529,12 @@ class _IO:
     output_text()    what arrived beside the stream so far, for error messages
     death_reason()   why the stream ended, as far as the transport knows
     remoteaddress    where the remote runs, for users
+    session          after handshake(): the keys and interpreter of a
+                     session to seal (_SealedIO), or None
     """
 
     remoteaddress = ""
+    session = None
     _read_error = None
 
     def handshake(self):
@@ -1640,6 +1654,288 @@ class _FdIO(_IO):
     def kill(self):
         """A bare pipe pair has no process to kill: end both directions."""
         self.close_write()
+
+
+# --- Sealed streams: plain-TCP socket sessions ---
+#
+# A socket session over plain TCP (section 9: the handshake gives both ends
+# one key per direction) carries its bytes in records, so that a relay on
+# the path can neither inject, drop, reorder, replay nor truncate unseen:
+#
+#   offset  size  field
+#   0       4     length word (unsigned, big-endian): payload size, at most
+#                 _RECORD_MAX; the top bit (_RECORD_END) marks the end record
+#                 (payload size 0) that close_write() sends
+#   4       n     payload: stream bytes
+#   4+n     16    tag: HMAC-SHA256(direction key, seq + length word + payload),
+#                 first 16 bytes; seq is the record's number in its
+#                 direction, 8 bytes big-endian, from 0
+#
+# The first record the client sends (seq 0) is the bootstrap itself, up to
+# _BOOT_RECORD_MAX bytes (see _STAGE1_SEALED).  A reader hands on no byte of
+# a record before its tag is checked, refuses a length beyond the bound
+# before reading the payload, and tells an end of stream without the end
+# record (cut or truncated) from a clean end.
+
+_RECORD = struct.Struct("!I")
+_SEQ = struct.Struct("!Q")
+_SEQ_RECORD = struct.Struct("!QI")
+_RECORD_MAX = _CHUNK + _HEADER_SIZE   # one full data frame per record
+_RECORD_END = 0x80000000
+_BOOT_RECORD_MAX = 64 * 1024 * 1024
+_TAG_SIZE = 16
+_SEAL_STATUS = 5   # exit status of a session whose stream failed its check
+
+
+def _hmac_pads(key):
+    """HMAC-SHA256 of key (at most 64 bytes) as its two padded hash states,
+    copied per record: half the cost of hmac.HMAC.copy() for small records."""
+    import hashlib
+
+    key = key.ljust(64, b"\0")
+    return (hashlib.sha256(bytes(byte ^ 0x36 for byte in key)),
+            hashlib.sha256(bytes(byte ^ 0x5C for byte in key)))
+
+
+class _SealedIO(_IO):
+    """An _IO whose bytes travel in authenticated records (see the table
+    above) over an inner _IO; everything but the bytes is the inner one's."""
+
+    def __init__(self, inner, read_key, write_key, peer, read_seq=0, write_seq=0):
+        import hmac
+
+        self._inner = inner
+        self.remoteaddress = inner.remoteaddress
+        self.session = inner.session
+        self._peer = peer
+        self._rin, self._rout = _hmac_pads(read_key)
+        self._win, self._wout = _hmac_pads(write_key)
+        self._compare = hmac.compare_digest
+        self._rseq = read_seq
+        self._wseq = write_seq
+        self._wlock = threading.Lock()
+        self._wended = False
+        self._buf = b""
+        self._ready = []       # verified payloads not yet returned
+        self._large = None     # a large record in progress: [mac, pieces, missing, tag]
+        self._ended = False
+        self._broken = None
+
+    # -- writing --
+
+    def _seal(self, buffers, size, out, end=False):
+        """Append one record of buffers (size bytes in all) to out (lock held)."""
+        head = _SEQ_RECORD.pack(self._wseq, _RECORD_END if end else size)
+        self._wseq += 1
+        mac = self._win.copy()
+        mac.update(head)
+        for data in buffers:
+            mac.update(data)
+        outer = self._wout.copy()
+        outer.update(mac.digest())
+        out.append(head[8:])
+        out.extend(buffers)
+        out.append(outer.digest()[:_TAG_SIZE])
+
+    def write(self, data):
+        """Send data in records (OSError once the peer is gone)."""
+        size = len(data)
+        if size > _RECORD_MAX:
+            return self.writev((data,))
+        with self._wlock:   # (the hot path: _seal inlined)
+            if self._wended:
+                raise BrokenPipeError("stream to %s closed for writing" % self._peer)
+            head = _SEQ_RECORD.pack(self._wseq, size)
+            self._wseq += 1
+            mac = self._win.copy()
+            mac.update(head)
+            mac.update(data)
+            outer = self._wout.copy()
+            outer.update(mac.digest())
+            self._inner.write(head[8:] + data + outer.digest()[:_TAG_SIZE])
+
+    def writev(self, buffers):
+        """Send buffers in records of at most _RECORD_MAX bytes, MACed piece
+        by piece and written together (no joining of large buffers)."""
+        with self._wlock:
+            if self._wended:
+                raise BrokenPipeError("stream to %s closed for writing" % self._peer)
+            out = []
+            record, size = [], 0
+            for data in buffers:
+                view = memoryview(data)
+                while len(view):
+                    take = view[:_RECORD_MAX - size]
+                    record.append(take)
+                    size += len(take)
+                    view = view[len(take):]
+                    if size == _RECORD_MAX:
+                        self._seal(record, size, out)
+                        record, size = [], 0
+            if record:
+                self._seal(record, size, out)
+            self._inner.writev(out)
+
+    def write_boot(self, buffers):
+        """The client's bootstrap: buffers as the one first record (seq 0)."""
+        with self._wlock:
+            out = []
+            self._seal(buffers, sum(map(len, buffers)), out)
+            self._inner.writev(out)
+
+    def close_write(self):
+        """Send the end record, then end the stream.  No end record once
+        the other direction failed its check (the peer sees a cut stream,
+        not a clean end), nor while a writer is stuck."""
+        if self._wlock.acquire(timeout=1.0):
+            try:
+                if not self._wended and self._broken is None:
+                    self._wended = True
+                    out = []
+                    self._seal((), 0, out, end=True)
+                    try:
+                        self._inner.write(b"".join(out))
+                    except (OSError, ValueError):
+                        pass
+            finally:
+                self._wlock.release()
+        self._wended = True
+        self._inner.close_write()
+
+    # -- reading --
+
+    def read(self):
+        """Verified payload bytes; b'' after the end record.  Raises
+        _StreamError when the stream fails its check (and from then on)."""
+        ready = self._ready
+        while not ready:
+            if self._broken is not None:
+                raise _StreamError(self._broken)
+            if self._ended:
+                return b""
+            data = self._inner.read()
+            if not data:
+                self._ended = True
+                if self._buf or self._large is not None:
+                    self._fail(_Text.SEAL_CUT_RECORD)
+                self._fail(_Text.SEAL_NO_END)
+            self._feed(data)
+        return ready.pop(0)
+
+    def _fail(self, what):
+        self._broken = _Text.SEAL_BROKEN % (self._peer, what)
+        raise _StreamError(self._broken)
+
+    def _verify(self, mac, tag):
+        outer = self._rout.copy()
+        outer.update(mac.digest())
+        if not self._compare(outer.digest()[:_TAG_SIZE], tag):
+            self._fail(_Text.SEAL_BAD_TAG % self._rseq)
+        self._rseq += 1
+
+    def _feed(self, data):
+        large = self._large
+        if large is not None:   # continue a large record
+            take = min(large[2], len(data))
+            if take:
+                piece = data if take == len(data) else data[:take]
+                large[0].update(piece)
+                large[1].append(piece)
+                large[2] -= take
+            if large[2]:
+                return
+            need = _TAG_SIZE - len(large[3])
+            large[3] += data[take:take + need]
+            if len(large[3]) < _TAG_SIZE:
+                return
+            self._large = None
+            self._verify(large[0], large[3])
+            self._ready.extend(large[1])
+            data = data[take + need:]
+            if not data:
+                return
+        buf = self._buf + data if self._buf else data
+        pos, size = 0, len(buf)
+        ready = self._ready
+        while size - pos >= 4:
+            word = _RECORD.unpack_from(buf, pos)[0]
+            length = word & 0x7FFFFFFF
+            if length > _RECORD_MAX or (word & _RECORD_END and length):
+                self._fail(_Text.SEAL_BAD_LENGTH % (self._rseq, word))
+            stop = pos + 4 + length + _TAG_SIZE
+            mac = self._rin.copy()
+            mac.update(_SEQ.pack(self._rseq))
+            if stop > size:
+                if length > _READ_SIZE:   # collect it piece by piece
+                    view = memoryview(buf)
+                    part = bytes(view[pos + 4:min(size, pos + 4 + length)])
+                    mac.update(view[pos:pos + 4])
+                    mac.update(part)
+                    self._large = [mac, [part] if part else [], length - len(part),
+                                   bytes(view[pos + 4 + length:size])]
+                    pos = size
+                break
+            end = stop - _TAG_SIZE
+            mac.update(buf[pos:end])
+            outer = self._rout.copy()   # (_verify, inlined: the hot path)
+            outer.update(mac.digest())
+            if not self._compare(outer.digest()[:_TAG_SIZE], buf[end:stop]):
+                self._fail(_Text.SEAL_BAD_TAG % self._rseq)
+            self._rseq += 1
+            if word & _RECORD_END:
+                self._ended = True   # (nothing after it is read)
+                pos = size
+                break
+            if length:
+                ready.append(buf[pos + 4:end])
+            pos = stop
+        self._buf = buf[pos:] if pos < size else b""
+
+    def drain(self, timeout):
+        """Read and drop what the peer still sends (its end record, after
+        _MSG_TERMINATE), until its end or timeout: a socket closed with
+        unread input is reset, and the reset can discard our last bytes
+        before the peer has read them."""
+        import select
+        import time
+
+        rfd = getattr(self._inner, "rfd", -1)
+        deadline = time.time() + timeout
+        while rfd >= 0:
+            remaining = deadline - time.time()
+            try:
+                if remaining <= 0 or not select.select([rfd], [], [], remaining)[0]:
+                    return
+                if not os.read(rfd, _READ_SIZE):
+                    return
+            except (OSError, ValueError):
+                return
+
+    # -- the rest is the inner stream's --
+
+    def close_read(self):
+        self._inner.close_read()
+
+    def kill(self):
+        self._inner.kill()
+
+    def wait(self, timeout=0.0):
+        return self._inner.wait(timeout)
+
+    def handshake(self):
+        """(Done by the inner stream before it was sealed.)"""
+
+    def widen(self):
+        self._inner.widen()
+
+    def set_output_handler(self, handler):
+        self._inner.set_output_handler(handler)
+
+    def output_text(self, timeout=0.0):
+        return self._inner.output_text(timeout)
+
+    def death_reason(self):
+        return self._broken or self._inner.death_reason()
 
 
 # === 5. Channels ===
@@ -2717,9 +3013,10 @@ class _RemoteGateway(_GatewayBase):
             # fd itself may be captured, e.g. by pytest in an xdist worker)
             text = "%s\n%s" % (_Text.STACKS_ABANDONED % _EXIT_GRACE, _format_stacks())
             self._send(_MSG_OUTPUT, 2, text.encode("utf-8", "backslashreplace"))
-        self._exit_process()
+        # a sealed stream that failed its check: the server logs why
+        self._exit_process(_SEAL_STATUS if isinstance(error, _StreamError) else 0)
 
-    def _exit_process(self):
+    def _exit_process(self, status=0):
         _flush_std_streams()
         if self._forwarder is not None:
             self._forwarder.finish()
@@ -2731,7 +3028,9 @@ class _RemoteGateway(_GatewayBase):
             except (OSError, ValueError):
                 pass
         self._io.close_write()
-        os._exit(0)
+        if self._io.__class__ is _SealedIO:
+            self._io.drain(_EXIT_GRACE)
+        os._exit(status)
 
 
 def _flush_std_streams():
@@ -2856,8 +3155,12 @@ def _rinfo_dict():
     }
 
 
-def _remote_main(source, params_bytes):
-    """Entry point on the remote side, called by the bootstrap."""
+def _remote_main(source, params_bytes, seal=None):
+    """Entry point on the remote side, called by the bootstrap.
+
+    seal: (read key, write key, next read sequence number, peer) when the
+    stream is a sealed socket session (_STAGE1_SEALED).
+    """
     global _SOURCE
     _SOURCE = source
     params = loads(params_bytes)
@@ -2886,7 +3189,10 @@ def _remote_main(source, params_bytes):
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    gateway = _RemoteGateway(_FdIO(rfd, wfd), params)
+    io = _FdIO(rfd, wfd)
+    if seal is not None:
+        io = _SealedIO(io, seal[0], seal[1], seal[3], read_seq=seal[2])
+    gateway = _RemoteGateway(io, params)
     info = _rinfo_dict()
     spawner = None
     if params.get("spawner_key"):
@@ -2929,6 +3235,14 @@ def _importable(name):
 #    remote interpreter is exactly ours; else compiled there) and the
 #    serialized params; execs the module and calls _remote_main().
 # 4. The remote sends _MSG_READY with its rinfo; from then on, frames.
+#
+# A sealed socket session (section 9) skips steps 1-3: the server starts
+# `python -c _STAGE1_SEALED KEYFD PEER`, which reads the session keys from
+# the pipe KEYFD, then one sealed record (section 4) holding the 12-byte
+# header, source, code and params of step 3; it checks the record's tag
+# before it looks at any of it, and hands the keys on to _remote_main, so
+# the stream stays sealed.  The client knows the interpreter from the
+# handshake: no unauthenticated line is read or evaluated by either end.
 
 _STAGE1 = "import sys;exec(eval(sys.stdin.readline()))"
 _BOOTSTRAP_TIMEOUT = 60.0   # seconds; the xspec key bootstrap_timeout= overrides
@@ -2964,6 +3278,42 @@ sys.modules["execnet_single"] = mod
 mod._remote_main(source, params)
 '''
 _STAGE2_LINE = (repr(_STAGE2) + "\n").encode("ascii")
+_STAGE1_SEALED = r'''
+import sys, os, struct, hmac, hashlib
+def _readexact(fd, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = os.read(fd, min(n - len(data), 1048576))
+        if not chunk:
+            sys.exit(4)
+        data += chunk
+    return bytes(data)
+fd = int(sys.argv[1])
+keys = _readexact(fd, 64)
+os.close(fd)
+head = _readexact(0, 4)
+size = struct.unpack("!I", head)[0]
+if size > %d:
+    sys.exit(%d)
+payload = _readexact(0, size)
+mac = hmac.new(keys[:32], bytes(8) + head, hashlib.sha256)
+mac.update(payload)
+if not hmac.compare_digest(mac.digest()[:%d], _readexact(0, %d)):
+    sys.exit(%d)
+slen, clen, plen = struct.unpack("!III", payload[:12])
+source = payload[12:12 + slen]
+code = payload[12 + slen:12 + slen + clen]
+params = payload[12 + slen + clen:12 + slen + clen + plen]
+if clen:
+    import marshal
+    code = marshal.loads(code)
+else:
+    code = compile(source, "execnet_single.py", "exec")
+mod = type(sys)("execnet_single")
+exec(code, mod.__dict__)
+sys.modules["execnet_single"] = mod
+mod._remote_main(source, params, (keys[:32], keys[32:], 1, sys.argv[2]))
+''' % (_BOOT_RECORD_MAX, _SEAL_STATUS, _TAG_SIZE, _TAG_SIZE, _SEAL_STATUS)
 _code_cache = {}
 
 
@@ -3103,6 +3453,41 @@ def _noise_lines(noise, dropped):
     return lines
 
 
+def _bootstrap_sealed(io, params, describe):
+    """_bootstrap for a sealed socket session (io: a _SealedIO whose inner
+    handshake told the server's interpreter): the source goes out as the
+    first record; returns (rinfo dict, bytes already read past the ready frame)."""
+    gwid = params["id"]
+    source = _get_source()
+    code = _code_for_remote(io.session[2], io.session[3])
+    payload = dumps(params)
+    try:
+        io.write_boot([struct.pack("!III", len(source), len(code), len(payload)),
+                       source, code, payload])
+    except OSError:
+        pass  # the server dropped us; reading tells why
+    reader = _FrameReader()
+    frames = []
+    data = b""
+    try:
+        while not frames:
+            data = io.read()
+            if not data:
+                _raise_died(io, describe, gwid, [])
+            frames = reader.feed(data)
+    except _StreamError as exc:
+        raise HostNotFound(str(exc)) from None
+    except LoadError:
+        raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, data[:200]))
+    code_, cid, ready = frames[0]
+    if code_ != _MSG_READY:
+        raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, frames[0][:2]))
+    leftover = b"".join(
+        _encode_frame(code_, cid, b"".join(payload) if type(payload) is _Pieces else payload)
+        for code_, cid, payload in frames[1:]) + reader.leftover()
+    return _loads(ready), leftover
+
+
 def _join_output(noise, text):
     return "\n".join(noise + ([text] if text else []))
 
@@ -3135,7 +3520,11 @@ def _start_io(io, spec, params, describe):
     watchdog.start()
     try:
         io.handshake()
-        rinfo, leftover = _bootstrap(io, params, describe)
+        if io.session is None:
+            rinfo, leftover = _bootstrap(io, params, describe)
+        else:   # plain TCP to a socket server: seal every byte from here on
+            io = _SealedIO(io, io.session[1], io.session[0], describe)
+            rinfo, leftover = _bootstrap_sealed(io, params, describe)
     except BaseException as exc:
         io.kill()
         io.close_write()
@@ -3799,7 +4188,10 @@ def _serve_via(channel):
 
     def from_child():
         while True:
-            data = io.read()
+            try:
+                data = io.read()
+            except _StreamError:   # a sealed session broken: death_reason() says how
+                break
             if not data:
                 break
             try:
@@ -3827,22 +4219,33 @@ def _serve_via(channel):
 # same key K (HMAC-SHA256, nonces of 32 fresh random bytes from `secrets`):
 #
 #   from    size  field
-#   server  23    _AUTH_MAGIC  b"execnet_single-auth v1\n"
+#   server  23    _AUTH_MAGIC  b"execnet_single-auth v2\n"
 #   server  32    nonce_s
 #   client  32    nonce_c
 #   client  32    HMAC(K, b"client" + nonce_s + nonce_c)
-#   server  32    HMAC(K, b"server" + nonce_c + nonce_s)
+#   server  1     n, the size of info
+#   server  n     info, ASCII: b"S <sys.hexversion> <cache_tag>" (a sealed
+#                 session in a child running the server's own interpreter)
+#                 or b"T" (TLS carries the session)
+#   server  32    HMAC(K, b"server" + nonce_c + nonce_s + info)
 #
 # The labels differ per direction, so neither answer can be reflected as the
 # other; fresh nonces on both sides make a recorded exchange worthless.  The
 # server drops a client with a wrong MAC; the client refuses a server with a
 # wrong one (a fake server).  A server run with --insecure sends _OPEN_MAGIC
 # (same length) and nothing else.  Every read has a fixed size and a deadline.
-# Then the usual bootstrap (section 8) runs over the connection, talking to
-# a fresh interpreter the server started for this client alone.
+#
+# Over plain TCP every later byte, both ways, travels in records sealed with
+# a key per direction (_SealedIO, section 4):
+#   client to server  HMAC(K, b"c2s" + nonce_c + nonce_s)
+#   server to client  HMAC(K, b"s2c" + nonce_c + nonce_s)
+# The first record is the bootstrap (_STAGE1_SEALED, section 8), sent to a
+# fresh interpreter the server started for this client alone; the info
+# tells the client which interpreter that is, so no unauthenticated byte
+# precedes it.  Under TLS the usual bootstrap runs, and TLS protects it.
 
-_AUTH_MAGIC = b"execnet_single-auth v1\n"
-_OPEN_MAGIC = b"execnet_single-open v1\n"
+_AUTH_MAGIC = b"execnet_single-auth v2\n"
+_OPEN_MAGIC = b"execnet_single-open v2\n"
 _NONCE_SIZE = 32
 _MAC_SIZE = 32
 _KEY_ENV = "EXECNET_SINGLE_KEY"
@@ -3876,7 +4279,11 @@ def _recv_exact(sock, size, deadline):
 
 
 def _client_auth(sock, key, timeout, where, allow_open=False):
-    """Client side of the handshake; raises AuthenticationError."""
+    """Client side of the handshake; raises AuthenticationError.
+
+    Returns None (an open or TLS server) or the session to seal:
+    (client-to-server key, server-to-client key, hexversion, cache_tag).
+    """
     import hmac
     import secrets
     import socket
@@ -3912,6 +4319,8 @@ def _client_auth(sock, key, timeout, where, allow_open=False):
         nonce_c = secrets.token_bytes(_NONCE_SIZE)
         sock.settimeout(max(0.01, deadline - time.time()))
         sock.sendall(nonce_c + _mac(key, b"client", nonce_s, nonce_c))
+        size = _recv_exact(sock, 1, deadline)
+        info = _recv_exact(sock, ord(size), deadline) if size else b""
         proof = _recv_exact(sock, _MAC_SIZE, deadline)
     except socket.timeout:
         raise AuthenticationError(_Text.AUTH_TIMEOUT % (where, timeout)) from None
@@ -3919,12 +4328,23 @@ def _client_auth(sock, key, timeout, where, allow_open=False):
         raise AuthenticationError(_Text.CLIENT_REJECTED % where + " (%s)" % exc) from None
     if len(proof) != _MAC_SIZE:
         raise AuthenticationError(_Text.CLIENT_REJECTED % where)
-    if not hmac.compare_digest(proof, _mac(key, b"server", nonce_c, nonce_s)):
+    if not hmac.compare_digest(proof, _mac(key, b"server", nonce_c, nonce_s + info)):
         raise AuthenticationError(_Text.FAKE_SERVER % where)
+    words = info.decode("ascii", "replace").split()
+    if words == ["T"]:
+        return None
+    if len(words) != 3 or words[0] != "S" or not words[1].isdigit():
+        raise AuthenticationError(_Text.SEAL_MISMATCH % (where, info))
+    return (_mac(key, b"c2s", nonce_c, nonce_s), _mac(key, b"s2c", nonce_c, nonce_s),
+            int(words[1]), words[2])
 
 
-def _server_auth(sock, key, deadline):
-    """Server side of the handshake; raises AuthenticationError (or OSError)."""
+def _server_auth(sock, key, deadline, sealed=True):
+    """Server side of the handshake; raises AuthenticationError (or OSError).
+
+    Returns the session keys (client-to-server, server-to-client) for a
+    sealed session, else None.
+    """
     import hmac
     import secrets
 
@@ -3936,7 +4356,14 @@ def _server_auth(sock, key, deadline):
     nonce_c, mac = answer[:_NONCE_SIZE], answer[_NONCE_SIZE:]
     if not hmac.compare_digest(mac, _mac(key, b"client", nonce_s, nonce_c)):
         raise AuthenticationError(_Text.DROP_BAD_MAC)
-    sock.sendall(_mac(key, b"server", nonce_c, nonce_s))
+    info = b"T"
+    if sealed:
+        info = ("S %d %s" % (sys.hexversion, sys.implementation.cache_tag)).encode("ascii")
+    sock.sendall(struct.pack("!B", len(info)) + info
+                 + _mac(key, b"server", nonce_c, nonce_s + info))
+    if sealed:
+        return _mac(key, b"c2s", nonce_c, nonce_s), _mac(key, b"s2c", nonce_c, nonce_s)
+    return None
 
 
 def _read_key_file(path):
@@ -4035,8 +4462,8 @@ class _SocketIO(_IO):
 
     def handshake(self):
         """Prove we hold the key and check that the server does."""
-        _client_auth(self.sock, self._key, self._timeout, self.remoteaddress,
-                     self._allow_open)
+        self.session = _client_auth(self.sock, self._key, self._timeout,
+                                    self.remoteaddress, self._allow_open)
         self._key = None
         self.sock.settimeout(None)
 
@@ -4475,8 +4902,8 @@ class _SshIO(_PopenIO):
 
     def handshake(self):
         if self.spawner_key is not None:
-            _client_auth(_PipeEnd(self), self.spawner_key, _HANDSHAKE_TIMEOUT,
-                         "the spawner on %s" % self.remoteaddress)
+            self.session = _client_auth(_PipeEnd(self), self.spawner_key, _HANDSHAKE_TIMEOUT,
+                                        "the spawner on %s" % self.remoteaddress)
 
     def close_read(self):
         _PopenIO.close_read(self)
@@ -5425,11 +5852,14 @@ def _rsync_receive(channel):
 # cuts a client off mid-handshake); until then new connections wait in the
 # listen backlog, in order, and a peer that reconnects queues up behind the
 # client it was evicted for.  One address other than loopback holds at most
-# half the slots (beyond that its own oldest goes, or the new one is dropped).  An authenticated connection becomes
-# the stdin and stdout of a fresh `python -c _STAGE1`, which the client then
-# bootstraps like a popen gateway: every client has an interpreter of its
-# own, so its crash or os._exit ends only its session.  Under TLS the
-# interpreter gets pipes instead, relayed to the TLS socket by two threads.
+# half the slots (beyond that its own oldest goes, or the new one is dropped).
+# An authenticated plain-TCP connection becomes the stdin and stdout of a
+# fresh `python -c _STAGE1_SEALED` (the session keys on a pipe of their own),
+# which runs only the sealed bootstrap record the client sends (sections 4
+# and 8): every client has an interpreter of its own, so its crash or
+# os._exit ends only its session.  Under TLS the interpreter is a `python -c
+# _STAGE1` bootstrapped like a popen gateway, on pipes relayed to the TLS
+# socket by two threads; --insecure servers give it the connection itself.
 
 _MAX_HANDSHAKES = 32
 _HANDSHAKE_GRACE = 0.1   # of handshake_timeout: the age below which none is evicted
@@ -5613,10 +6043,11 @@ class _SocketServer:
                     if evicted:
                         raise AuthenticationError(_Text.DROP_EVICTED)
                     conn.do_handshake()
+                keys = None
                 if self._key is None:
                     conn.sendall(_OPEN_MAGIC)
                 else:
-                    _server_auth(conn, self._key, deadline)
+                    keys = _server_auth(conn, self._key, deadline, self._tls is None)
                 conn.settimeout(None)
                 with self._lock:
                     if pending.evicted:
@@ -5639,7 +6070,7 @@ class _SocketServer:
                 type(exc).__name__, exc))
             return
         try:
-            self._session(conn, peer)
+            self._session(conn, peer, keys)
         except Exception as exc:
             self._log("session %s failed: %s: %s" % (peer, type(exc).__name__, exc))
         finally:
@@ -5653,20 +6084,35 @@ class _SocketServer:
         except OSError:
             pass
 
-    def _session(self, conn, peer):
-        """A fresh interpreter for an authenticated client; returns when it ends."""
+    def _session(self, conn, peer, keys=None):
+        """A fresh interpreter for an authenticated client; returns when it ends.
+
+        keys: the session keys of a sealed session (plain TCP with a key),
+        handed to the child on a pipe of their own, never in argv or the
+        environment.
+        """
         import subprocess
 
         env = dict(os.environ)
         env.pop(_KEY_ENV, None)   # the session gets no copy of the server's key
         args = [sys.executable, "-c", _STAGE1]
         if self._tls is None:
+            keyfds = ()
+            if keys is not None:
+                keyfds = os.pipe()
+                os.write(keyfds[1], keys[0] + keys[1])   # (fits any pipe buffer)
+                os.close(keyfds[1])
+                args = [sys.executable, "-c", _STAGE1_SEALED, str(keyfds[0]), peer]
             try:
                 child = subprocess.Popen(args, stdin=conn.fileno(), stdout=conn.fileno(),
-                                         env=env, start_new_session=True)
+                                         env=env, start_new_session=True,
+                                         pass_fds=keyfds[:1])
             except OSError:
                 conn.close()
                 raise
+            finally:
+                if keyfds:
+                    os.close(keyfds[0])
             relay = None
         else:
             try:
@@ -5693,7 +6139,8 @@ class _SocketServer:
         finally:
             with self._lock:
                 self._sessions.discard(child)
-        self._log("session %s: ended (pid %d, status %s)" % (peer, child.pid, status))
+        self._log("session %s: ended (pid %d, status %s)%s" % (
+            peer, child.pid, status, _Text.SEAL_LOG if status == _SEAL_STATUS else ""))
 
     @staticmethod
     def _watch_client(conn, child):
@@ -5843,11 +6290,21 @@ def serve(host="127.0.0.1", port=0, key_file=None, insecure=False, once=False,
     $EXECNET_SINGLE_KEY, else the per-user key file (created if missing)."""
     server, key_path = _make_server(host, port, key_file, insecure, once, tls_cert, tls_key,
                                     tls_client_ca, handshake_timeout, max_handshakes)
+    _warn_unprotected(server, insecure, bool(tls_cert))
     _log_stderr(_banner(server, key_path, insecure, bool(tls_cert)))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         server._end_sessions()
+
+
+def _warn_unprotected(server, insecure, tls):
+    """One line on stderr when sessions lack a protection users may assume."""
+    where = "%s:%d" % (server.host, server.port)
+    if insecure:
+        _log_stderr(_Text.INSECURE_WARNING % where)
+    elif not tls and not _is_loopback(server.host):
+        _log_stderr(_Text.NOT_ENCRYPTED_WARNING % where)
 
 
 def _banner(server, key_path, insecure, tls):
@@ -6021,8 +6478,7 @@ def _cli_serve(args):
     server, key_path = _make_server(
         args.host, args.port, args.key_file, args.insecure, args.once, args.tls_cert,
         args.tls_key, args.tls_client_ca, args.handshake_timeout, args.max_handshakes)
-    if args.insecure:
-        _log_stderr(_Text.INSECURE_WARNING % ("%s:%d" % (server.host, server.port)))
+    _warn_unprotected(server, args.insecure, bool(args.tls_cert))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, frame: server.stop())
     print(_banner(server, key_path, args.insecure, bool(args.tls_cert)))

@@ -5240,6 +5240,75 @@ class TestBenchmarks:
             self._close_gateways(made)
         bench_table.figure("bulk local->remote, one 64 MiB item", times, 1.0)
 
+    def test_socket_sealing(self, bench_table, tmp_path):
+        # execnet_single only: the socket transport with sealed records (a
+        # server with a key, plain TCP) against the same without (an
+        # --insecure server), both on loopback, side by side in one run
+        write_key(tmp_path / "k")
+        sealed = ServerProcess(tmp_path, "--key-file", str(tmp_path / "k"))
+        unsealed = ServerProcess(tmp_path, "--insecure")
+        gws = {}
+        try:
+            gws["sealed"] = execnet.makegateway(
+                "socket=127.0.0.1:%d//keyfile=%s" % (sealed.port, tmp_path / "k"))
+            gws["unsealed"] = execnet.makegateway(unsealed.spec)
+            assert type(gws["sealed"]._io) is execnet._SealedIO
+            assert type(gws["unsealed"]._io) is execnet._SocketIO
+            echo = "for item in channel:\n    channel.send(item)\n    if item is None: break"
+
+            def round_trips(gw):
+                def trial():
+                    ch = gw.remote_exec(echo)
+                    ch.send(-1)
+                    assert ch.receive(timeout=30) == -1
+                    start = time.perf_counter()
+                    for i in range(1000):
+                        ch.send(i)
+                        assert ch.receive(timeout=30) == i
+                    elapsed = time.perf_counter() - start
+                    ch.send(None)
+                    assert ch.receive(timeout=30) is None
+                    ch.waitclose(timeout=30)
+                    return elapsed
+                return _best_of(trial, 3)
+
+            def bulk(gw, direction):
+                def trial():
+                    ch = gw.remote_exec(BULK_REMOTE)
+                    chunk = bytes(range(256)) * (1048576 // 256)
+                    start = time.perf_counter()
+                    if direction == "remote->local":
+                        ch.send(("source", 64, 1048576))
+                        for _ in range(64):
+                            assert len(ch.receive(timeout=60)) == 1048576
+                    else:
+                        ch.send(("sink", 64, 1048576))
+                        for _ in range(64):
+                            ch.send(chunk)
+                        assert ch.receive(timeout=60) == (64 * 1048576, True)
+                    elapsed = time.perf_counter() - start
+                    ch.send(None)
+                    ch.waitclose(timeout=30)
+                    return elapsed
+                return _best_of(trial, 2)
+
+            times = _run_rounds([(label, round_trips(gws[label])) for label in gws])
+            bench_table.figure("socket latency, 1000 round trips", times, 1.15,
+                               ours="sealed", reference="unsealed")
+            for direction in ("remote->local", "local->remote"):
+                times = _run_rounds([(label, bulk(gws[label], direction)) for label in gws])
+                bench_table.figure("socket bulk %s, 64 x 1 MiB" % direction, times, None,
+                                   ours="sealed", reference="unsealed")
+                print("      sealed %.0f MiB/s, unsealed %.0f MiB/s (best rounds; "
+                      "target: sealed above 300 MiB/s)" % (
+                          64 / min(times["sealed"]), 64 / min(times["unsealed"])))
+        finally:
+            for gw in gws.values():
+                gw.exit()
+                gw.join(timeout=30)
+            for server in (sealed, unsealed):
+                assert server.stop() == 0
+
     @pytest.mark.parametrize("kind", ["mixed", "nested"])
     def test_dumps(self, bench_other, bench_table, kind):
         import pickle
@@ -6060,16 +6129,38 @@ def recv_exact(sock, size):
 
 
 def raw_auth(sock, key):
-    """The client side of the documented handshake, written independently."""
+    """The client side of the documented handshake (v2), written independently.
+
+    Returns (client-to-server key, server-to-client key, the server's info)."""
     import hmac
 
     magic = recv_exact(sock, 23)
-    assert magic == b"execnet_single-auth v1\n"
+    assert magic == b"execnet_single-auth v2\n"
     nonce_s = recv_exact(sock, 32)
     nonce_c = os.urandom(32)
     sock.sendall(nonce_c + hmac.new(key, b"client" + nonce_s + nonce_c, "sha256").digest())
+    size = recv_exact(sock, 1)
+    assert len(size) == 1
+    info = recv_exact(sock, size[0])
     proof = recv_exact(sock, 32)
-    assert proof == hmac.new(key, b"server" + nonce_c + nonce_s, "sha256").digest()
+    assert proof == hmac.new(key, b"server" + nonce_c + nonce_s + info, "sha256").digest()
+    return (hmac.new(key, b"c2s" + nonce_c + nonce_s, "sha256").digest(),
+            hmac.new(key, b"s2c" + nonce_c + nonce_s, "sha256").digest(), info)
+
+
+def seal_record(key, seq, payload, end=False):
+    """One record of a sealed session, as the docs describe it."""
+    import hmac
+
+    word = struct.pack("!I", 0x80000000 if end else len(payload))
+    tag = hmac.new(key, struct.pack("!Q", seq) + word + payload, "sha256").digest()[:16]
+    return word + payload + tag
+
+
+def boot_record(key, source):
+    """A sealed first record that makes the session's stage run source."""
+    source = source.encode()
+    return seal_record(key, 0, struct.pack("!III", len(source), 0, 0) + source)
 
 
 def attack_payload(marker):
@@ -6270,12 +6361,13 @@ class TestSocketServer:
             exit_and_join(gw)
 
     def test_positive_control_payload_runs_after_a_real_handshake(self, tmp_path):
-        # shows that the attack payload below would be noticed if it ran
+        # shows that the attack payloads below would be noticed if they ran,
+        # and that sealing the first record as documented is all it takes
         marker = tmp_path / "ran"
         with socket_server(tmp_path) as server:
             sock = connect(server.port)
-            raw_auth(sock, server.key)
-            sock.sendall(attack_payload(marker))
+            c2s = raw_auth(sock, server.key)[0]
+            sock.sendall(boot_record(c2s, "open(%r, 'w').close()" % str(marker)))
             assert wait_for(marker.exists, timeout=30)
             sock.close()
 
@@ -6288,7 +6380,7 @@ class TestSocketServer:
             assert "EXECNET_SINGLE_KEY" in str(info.value)
             # without the key: nothing but the payload, after the server's challenge
             sock = connect(server.port)
-            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v2\n"
             send_and_drain(sock, b"\0" * 64 + attack_payload(marker))
             assert wait_for(lambda: "wrong key" in server.logtext())
             assert not marker.exists()
@@ -6321,7 +6413,7 @@ class TestSocketServer:
             assert len(recorded) > 64 + len(b"open(")
             marker.unlink()
             sock = connect(server.port)
-            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v2\n"
             send_and_drain(sock, recorded)
             assert wait_for(lambda: "wrong key" in server.logtext())
             assert not marker.exists()
@@ -6348,9 +6440,9 @@ class TestSocketServer:
         def fake():
             conn, _ = listener.accept()
             conn.settimeout(10)
-            conn.sendall(b"execnet_single-auth v1\n" + os.urandom(32))
+            conn.sendall(b"execnet_single-auth v2\n" + os.urandom(32))
             got.append(recv_exact(conn, 64))
-            conn.sendall(os.urandom(32))
+            conn.sendall(b"\x01T" + os.urandom(32))
             try:
                 got.append(conn.recv(65536))   # the client must not go on
             except OSError:
@@ -6488,7 +6580,7 @@ class TestSocketServer:
                 sock.sendall(os.urandom(20))
             for sock in silent:
                 sock.settimeout(15)
-                assert recv_exact(sock, 100)[:23] in (b"execnet_single-auth v1\n", b"")
+                assert recv_exact(sock, 100)[:23] in (b"execnet_single-auth v2\n", b"")
                 sock.close()
             # a flood: more connections at once than handshakes allowed
             flood = [connect(server.port) for i in range(40)]
@@ -6692,6 +6784,327 @@ class TestSocketServer:
             assert server.proc.poll() is None
 
 
+class TamperingRelay:
+    """A TCP relay for one connection, on loopback, that passes the handshake
+    through untouched and then works on the sealed records of one direction
+    ("c2s" or "s2c"): at record number `at` it injects bytes before it
+    ("inject"), drops it ("drop"), swaps it with the next ("swap"), sends it
+    twice ("replay") or closes both connections after it ("truncate")."""
+
+    def __init__(self, port, direction, action, at, inject=b""):
+        import socket
+
+        self.target = port
+        self.direction, self.action, self.at, self.inject = direction, action, at, inject
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.done = []   # what the relay did, for the test to check
+        self.thread = threading.Thread(target=self._run)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _run(self):
+        import socket
+
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        finally:
+            self.listener.close()
+        server = connect(self.target, 60)
+        client.settimeout(60)
+        self.socks = (client, server)
+        back = threading.Thread(target=self._pump, args=(server, client, "s2c"))
+        back.daemon = True
+        back.start()
+        self._pump(client, server, "c2s")
+        back.join(60)
+        client.close()
+        server.close()
+
+    @staticmethod
+    def _read(sock, size):
+        data = recv_exact(sock, size)
+        if len(data) < size:
+            raise EOFError
+        return data
+
+    def _pump(self, src, dst, direction):
+        import socket
+
+        try:
+            if direction == "c2s":
+                dst.sendall(self._read(src, 64))
+            else:
+                dst.sendall(self._read(src, 55))   # magic, nonce: the client answers
+                size = self._read(src, 1)
+                info, proof = self._read(src, size[0]), self._read(src, 32)
+                if self.action == "downgrade":   # "this is TLS, don't seal"
+                    self.done.append(self.action)
+                    info = b"T"
+                dst.sendall(struct.pack("!B", len(info)) + info + proof)
+            seq = 0
+            held = None
+            while True:
+                word = self._read(src, 4)
+                record = word + self._read(
+                    src, (struct.unpack("!I", word)[0] & 0x7FFFFFFF) + 16)
+                if direction != self.direction or seq < self.at:
+                    dst.sendall(record)
+                elif seq == self.at:
+                    if self.action != "swap":
+                        self.done.append(self.action)
+                    if self.action == "inject":
+                        dst.sendall(self.inject + record)
+                    elif self.action == "swap":
+                        held = record
+                    elif self.action == "replay":
+                        dst.sendall(record + record)
+                    elif self.action == "truncate":
+                        dst.sendall(record)
+                        break
+                    elif self.action != "drop":   # (none: a positive control)
+                        dst.sendall(record)
+                elif held is not None:
+                    self.done.append(self.action)
+                    dst.sendall(record + held)
+                    held = None
+                else:
+                    dst.sendall(record)
+                seq += 1
+        except (OSError, EOFError):
+            pass
+        for sock in self.socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+ATTACKS = [("c2s", "inject", 0), ("c2s", "inject", 3), ("c2s", "drop", 3),
+           ("c2s", "swap", 3), ("c2s", "replay", 3), ("c2s", "truncate", 3),
+           ("s2c", "inject", 2), ("s2c", "drop", 2), ("s2c", "swap", 2),
+           ("s2c", "replay", 2), ("s2c", "truncate", 2)]
+
+
+def echo_through(group, spec, marker):
+    """Start a gateway for spec and echo a burst of items; returns the error
+    the session ended with (a tampered session must end with one)."""
+    try:
+        gw = mkgw(group, spec)
+    except execnet.HostNotFound as exc:
+        return exc
+    try:
+        ch = gw.remote_exec("for item in channel: channel.send(item)")
+        for i in range(6):
+            ch.send(i)
+        for i in range(6):
+            assert ch.receive(30) == i
+        ch.close()
+        ch.waitclose(30)
+    except (EOFError, execnet.RemoteError) as exc:
+        return exc
+    except OSError as exc:
+        # a send hit the cut first: the receivers get the session's error
+        try:
+            ch.receive(30)
+        except (EOFError, execnet.RemoteError) as error:
+            return error
+        return exc
+    finally:
+        exit_and_join(gw)
+    return None
+
+
+@single_only
+class TestSealedSessions:
+    """Section 4's sealed records and section 9's v2 handshake, attacked by a
+    relay on the path that does not know the key."""
+
+    @pytest.mark.parametrize("direction,action,at", ATTACKS,
+                             ids=["%s-%s-%d" % attack for attack in ATTACKS])
+    def test_tampering_relay_is_detected(self, tmp_path, group, direction, action, at):
+        marker = tmp_path / "ran"
+        inject = attack_payload(marker) if direction == "c2s" else b"\0\0\0\1x" + bytes(16)
+        with socket_server(tmp_path) as server:
+            relay = TamperingRelay(server.port, direction, action, at, inject)
+            error = echo_through(group, "socket=127.0.0.1:%d//keyfile=%s" % (
+                relay.port, server.keyfile), marker)
+            relay.thread.join(30)
+            assert relay.done == [action]
+            assert error is not None
+            text = str(error)
+            assert "session with socket server 127.0.0.1:%d ended: " % relay.port in text
+            assert "injected, dropped or altered" in text
+            if direction == "c2s" and action != "truncate":
+                # the server's session saw it first and says so in the log
+                assert wait_for(lambda: "failed its check" in server.logtext()), \
+                    server.logtext()
+            assert wait_for(lambda: "ended" in server.logtext())
+            assert not marker.exists()
+            # the server keeps serving others
+            assert echo_through(group, server.spec, marker) is None
+
+    def test_tampering_seen_through_a_via_proxy(self, tmp_path, group):
+        # the sealed socket gateway is started from a proxy's process: the
+        # proxy's relay reports the broken session instead of hanging
+        marker = tmp_path / "ran"
+        mkgw(group, "popen//id=vp")
+        with socket_server(tmp_path) as server:
+            relay = TamperingRelay(server.port, "s2c", "replay", 2)
+            error = echo_through(group, "socket=127.0.0.1:%d//keyfile=%s//via=vp" % (
+                relay.port, server.keyfile), marker)
+            relay.thread.join(30)
+            assert relay.done == ["replay"]
+            assert error is not None
+            assert "record 3 failed its authentication check" in str(error), str(error)
+
+    def test_relay_cannot_turn_sealing_off(self, tmp_path, group):
+        # the server's answer says whether to seal; a relay that rewrites it
+        # breaks the server's MAC, and the client goes no further
+        with socket_server(tmp_path) as server:
+            relay = TamperingRelay(server.port, "s2c", "downgrade", 0)
+            with pytest.raises(execnet.AuthenticationError) as info:
+                mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (relay.port, server.keyfile))
+            relay.thread.join(30)
+            assert relay.done == ["downgrade"]
+            assert "failed to prove it holds the key" in str(info.value)
+            assert wait_for(lambda: "ended" in server.logtext() or "dropped" in server.logtext())
+
+    def test_untouched_relay_and_what_travels(self, tmp_path, group):
+        # positive control for the relay: passing everything through works
+        with socket_server(tmp_path) as server:
+            relay = TamperingRelay(server.port, "c2s", "none", 3)
+            spec = "socket=127.0.0.1:%d//keyfile=%s" % (relay.port, server.keyfile)
+            assert echo_through(group, spec, tmp_path / "ran") is None
+            relay.thread.join(30)
+            assert relay.done == ["none"]
+            assert wait_for(lambda: "ended (pid" in server.logtext())
+            assert "failed its check" not in server.logtext()
+
+    def test_sealed_only_on_plain_tcp_with_a_key(self, tmp_path, group):
+        with socket_server(tmp_path) as server:
+            gw = mkgw(group, server.spec)
+            assert type(gw._io) is execnet._SealedIO
+            exit_and_join(gw)
+        server = ServerProcess(tmp_path, "--insecure")
+        try:
+            gw = mkgw(group, server.spec)
+            assert type(gw._io) is execnet._SocketIO
+            exit_and_join(gw)
+        finally:
+            assert server.stop() == 0
+
+    def test_installvia_server_is_sealed_and_a_relay_is_caught(self, tmp_path, group):
+        marker = tmp_path / "ran"
+        proxy = mkgw(group, "popen//id=seal-p")
+        gw = mkgw(group, "socket//installvia=seal-p")
+        assert type(gw._io) is execnet._SealedIO
+        assert gw.remote_exec("channel.send(8)").receive(30) == 8
+        # the same one-client server, installed by hand so a relay can sit in front
+        keyfile = tmp_path / "iv.key"
+        key = write_key(keyfile)
+        ch = proxy.remote_exec("import execnet_single\n"
+                               "execnet_single._serve_installed(channel)")
+        ch.send(("127.0.0.1", 0, key))
+        port = ch.receive(30)[1]
+        relay = TamperingRelay(port, "c2s", "inject", 3, attack_payload(marker))
+        error = echo_through(group, "socket=127.0.0.1:%d//keyfile=%s" % (relay.port, keyfile),
+                             marker)
+        relay.thread.join(30)
+        assert relay.done == ["inject"]
+        assert error is not None and "injected, dropped or altered" in str(error)
+        assert not marker.exists()
+        assert call_with_timeout(proxy.remote_exec("channel.send(9)").receive, 30) == 9
+
+    def test_warning_when_not_loopback_and_not_tls(self, tmp_path, group):
+        with socket_server(tmp_path) as server:   # loopback: no warning
+            pass
+        assert "WARNING" not in server.logtext()
+        with socket_server(tmp_path, "--host", "0.0.0.0") as server:
+            gw = mkgw(group, "socket=127.0.0.1:%d//keyfile=%s" % (server.port, server.keyfile))
+            assert type(gw._io) is execnet._SealedIO
+            exit_and_join(gw)
+        assert server.logtext().splitlines()[0] == (
+            "execnet_single serve: WARNING: listening on 0.0.0.0:%d without TLS: sessions "
+            "are authenticated and integrity-protected, but not encrypted (anyone on the "
+            "path can read them)" % server.port)
+        # serve() itself says the same
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import execnet_single as e; e.serve('0.0.0.0', "
+             "key_file=%r)" % server.keyfile], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=server_env(tmp_path))
+        try:
+            line = call_with_timeout(proc.stderr.readline, 60).decode()
+            assert "WARNING: listening on 0.0.0.0:" in line and "not encrypted" in line
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+
+    def test_stage_runs_no_unverified_bootstrap(self, tmp_path):
+        # a raw client with the key, whose first record's tag is wrong
+        # (one bit), then one under the wrong direction's key: nothing runs
+        marker = tmp_path / "ran"
+        with socket_server(tmp_path) as server:
+            for which in ("bit", "s2c"):
+                sock = connect(server.port)
+                c2s, s2c, info = raw_auth(sock, server.key)
+                assert info.startswith(b"S %d " % sys.hexversion)
+                source = "open(%r, 'w').close()" % str(marker)
+                if which == "bit":
+                    record = bytearray(boot_record(c2s, source))
+                    record[-1] ^= 1
+                else:
+                    record = boot_record(s2c, source)
+                send_and_drain(sock, bytes(record))
+            assert wait_for(lambda: server.logtext().count("failed its check") == 2)
+            assert not marker.exists()
+
+    def test_records_refused_one_by_one(self, tmp_path):
+        # the record layer alone, fed what a relay could send
+        key = os.urandom(32)
+
+        class Feed(execnet._IO):
+            def __init__(self, data):
+                self.data = [data[i:i + 7] for i in range(0, len(data), 7)]
+
+            def read(self):
+                return self.data.pop(0) if self.data else b""
+
+        def read_all(data):
+            io = execnet._SealedIO(Feed(data), key, key, "PEER")
+            out = []
+            while True:
+                piece = io.read()
+                if not piece:
+                    return b"".join(out)
+                out.append(piece)
+
+        good = [seal_record(key, n, b"item %d" % n) for n in range(3)]
+        end = seal_record(key, 3, b"", end=True)
+        assert read_all(b"".join(good) + end) == b"item 0item 1item 2"
+        cases = {
+            "record 1 failed": good[0] + good[2] + end,                # dropped
+            "record 1 failed ": good[0] + good[2] + good[1] + end,     # swapped
+            "record 2 failed": good[0] + good[1] + good[1] + end,      # replayed
+            "record 0 failed": b"\0" + b"".join(good) + end,          # injected
+            "without its end record": b"".join(good),                  # truncated
+            "inside a record": b"".join(good) + end[:-1],              # cut in a record
+            "invalid length word": struct.pack("!I", 2 ** 30) + bytes(16),
+        }
+        for what, data in cases.items():
+            with pytest.raises(execnet._StreamError) as info:
+                read_all(data)
+            assert "session with PEER ended: " in str(info.value)
+            assert what.strip() in str(info.value), (what, str(info.value))
+
+
 # ------------------------------------------------------------------- CLI
 
 
@@ -6751,7 +7164,7 @@ class TestInstallvia:
         # a peer without the key gets the challenge, is dropped, and is no client
         sock = connect(port)
         try:
-            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+            assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v2\n"
             send_and_drain(sock, os.urandom(64))
         finally:
             sock.close()
@@ -6872,7 +7285,7 @@ class TestCLI:
             sock = connect(server.port, timeout=30)
             try:
                 start = time.monotonic()
-                assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v1\n"
+                assert recv_exact(sock, 55)[:23] == b"execnet_single-auth v2\n"
                 assert sock.recv(1) == b""   # say nothing: the server hangs up
                 elapsed = time.monotonic() - start
             finally:
