@@ -3152,6 +3152,10 @@ def _fork_server_main(source, params_bytes):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, params["fork_fd"])
     ready_fd = os.dup(1)
     os.dup2(2, 1)   # what preloaded modules print must not reach the protocol
+    me = sys.modules[__name__]
+    for name in params.get("names", ()):   # as _remote_main: before the preloads import them
+        if name not in sys.modules and not _importable(name):
+            sys.modules[name] = me
     info = {"pid": os.getpid()}
     for name in params["preload"]:
         try:
@@ -3378,7 +3382,8 @@ class _ForkServer:
                 raise InterpreterNotFound(_Text.NOT_FOUND % (describe, spec.id, exc))
             finally:
                 theirs.close()
-            params = {"id": spec.id, "preload": list(self.preload), "fork_fd": fork_fd}
+            params = {"id": spec.id, "preload": list(self.preload), "fork_fd": fork_fd,
+                      "names": _module_names()}
             io, info, leftover = _start_io(io, spec, params, describe, _FORK_SERVER_STAGE2_LINE)
         except BaseException:
             mine.close()
