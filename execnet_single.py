@@ -3288,11 +3288,15 @@ def _fork_server_for(spec, group):
     preload = tuple(name.strip() for name in spec.preload.split(","))
     key = (spec.python if spec.python is not True else None,
            tuple(sorted(spec.env.items())), preload)
+    ended = None
     with _fork_servers_lock:
         servers = group.__dict__.setdefault("_fork_servers", {})
         server = servers.get(key)
-        if server is None:
+        if server is None or server.ended():
+            ended = server   # (killed, say): a new one takes its place
             server = servers[key] = _ForkServer(preload)
+    if ended is not None:
+        ended.close()
     server.ensure_started(spec)
     return server
 
@@ -3423,6 +3427,10 @@ class _ForkServer:
             self._cond.notify_all()
         self._replies.put(None)
 
+    def ended(self):
+        """True once the server's socket closed (it ended or failed)."""
+        return self._gone or self.error is not None
+
     def wait_child(self, pid, timeout):
         """The exit status of a child; None while it runs (or is unknown)."""
         with self._cond:
@@ -3444,7 +3452,11 @@ class _ForkServer:
                 try:
                     self._sock.sendmsg([dumps(params)], [(
                         socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", theirs))])
-                    reply = self._replies.get()
+                    reply = self._replies.get(
+                        timeout=float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT))
+                except _Empty:   # stuck: later answers would be out of step
+                    self._gone = True
+                    self.io.kill()
                 except OSError:
                     pass
         finally:

@@ -4423,6 +4423,7 @@ class TestWarmStart:
         assert wait_for(lambda: pid_gone(facts[1][0]))
         assert _facts(w2)[0] == facts[2][0]
 
+    @pytest.mark.skipif(sys.version_info < (3, 7), reason="3.6 has no os.register_at_fork")
     def test_at_fork_hook_of_a_preloaded_module_runs_in_the_child(self, group, tmp_path):
         (tmp_path / "atforkmod.py").write_text(AT_FORK_MODULE)
         gw = mkgw(group, "popen//preload=atforkmod//env:PYTHONPATH=%s" % tmp_path)
@@ -4464,6 +4465,15 @@ class TestWarmStart:
         call_with_timeout(group.terminate, 60, timeout=5)
         assert wait_for(lambda: all(pid_gone(p) for p in pids + [server]), timeout=30)
         assert not hasattr(group, "_fork_servers")
+
+    def test_a_killed_fork_server_is_replaced(self, group):
+        first = mkgw(group, "popen//preload=json")
+        server = list(group._fork_servers.values())[0].io.popen.pid
+        os.kill(server, signal.SIGKILL)
+        assert wait_for(lambda: pid_gone(server))
+        second = mkgw(group, "popen//preload=json")
+        assert _facts(second)[1] not in (server, os.getpid())   # a new fork server's child
+        assert _facts(first)[0] == int(first.remoteaddress)      # the orphan still serves
 
     def test_killed_host_leaves_no_fork_server_or_children(self):
         proc = subprocess.Popen(
