@@ -3168,6 +3168,10 @@ def _fork_server_main(source, params_bytes):
     if "preload_error" in info:
         os._exit(1)
     _trace("fork server ready, preloaded", params["preload"])
+    import gc
+
+    if hasattr(gc, "freeze"):   # 3.7+: the children's collections leave the
+        gc.freeze()             # preloaded objects (and their shared pages) alone
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
