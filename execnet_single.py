@@ -289,6 +289,8 @@ class _Text:
     )
     BAD_BOOTSTRAP = "gateway %s: unexpected bootstrap reply %r"
     NOISE_DROPPED = "[%d earlier bytes of output not kept]"
+    PRELOAD_FAILED = "gateway %s: preload=%s: the fork server could not import %s: %s"
+    FORK_FAILED = "gateway %s: the fork server of Python %r could not fork: %s"
     CONNECTION_LOST = "gateway %s: connection to the remote side lost%s"
     DIED_UNKNOWN = "the remote side ended unasked (no reason known)"
     STACKS_CUT = "(stacks cut at %d characters)"
@@ -3363,16 +3365,19 @@ def _code_from_pyc():
     return None
 
 
-def _bootstrap(io, params, describe):
+def _bootstrap(io, params, describe, stage2=_STAGE2_LINE):
     """Bring up execnet_single in the interpreter at the other end of io.
 
     Returns (rinfo dict, bytes already read past the ready frame).  Raises a
     HostNotFound subclass saying what went wrong, with what the remote
-    printed (io.output_text()).
+    printed (io.output_text()).  stage2=None: the remote runs our code
+    already (a fork server's child); only its ready frame is read.
     """
     gwid = params["id"]
+    if stage2 is None:
+        return _read_ready(io, describe, gwid, [])
     try:
-        io.write(_STAGE2_LINE)
+        io.write(stage2)
     except OSError:
         pass  # the process died already; reading tells why
     # while the remote starts: ready our code for a remote just like us
@@ -3392,10 +3397,18 @@ def _bootstrap(io, params, describe):
         io.write(struct.pack("!III", len(source), len(code), len(payload)) + source + code + payload)
     except OSError:
         pass
+    return _read_ready(io, describe, gwid, noise)
+
+
+def _read_ready(io, describe, gwid, noise):
+    """Read the remote's _MSG_READY frame: (rinfo dict, bytes read past it)."""
     reader = _FrameReader()
     frames = []
     while not frames:
-        data = io.read()
+        try:   # a sealed session's read refuses what failed its check
+            data = io.read()
+        except _StreamError as exc:
+            raise HostNotFound(str(exc)) from None
         if not data:
             _raise_died(io, describe, gwid, noise)
         try:
@@ -3466,26 +3479,7 @@ def _bootstrap_sealed(io, params, describe):
                        source, code, payload])
     except OSError:
         pass  # the server dropped us; reading tells why
-    reader = _FrameReader()
-    frames = []
-    data = b""
-    try:
-        while not frames:
-            data = io.read()
-            if not data:
-                _raise_died(io, describe, gwid, [])
-            frames = reader.feed(data)
-    except _StreamError as exc:
-        raise HostNotFound(str(exc)) from None
-    except LoadError:
-        raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, data[:200]))
-    code_, cid, ready = frames[0]
-    if code_ != _MSG_READY:
-        raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, frames[0][:2]))
-    leftover = b"".join(
-        _encode_frame(code_, cid, b"".join(payload) if type(payload) is _Pieces else payload)
-        for code_, cid, payload in frames[1:]) + reader.leftover()
-    return _loads(ready), leftover
+    return _read_ready(io, describe, gwid, [])
 
 
 def _join_output(noise, text):
@@ -3501,7 +3495,7 @@ def _raise_died(io, describe, gwid, noise):
     raise HostNotFound(_Text.DIED_IN_BOOTSTRAP % (describe, gwid, status), output)
 
 
-def _start_io(io, spec, params, describe):
+def _start_io(io, spec, params, describe, stage2=_STAGE2_LINE):
     """Bootstrap a freshly opened transport; returns (io, rinfo, leftover).
 
     Shared by every transport: a watchdog kills a remote that does not
@@ -3521,7 +3515,7 @@ def _start_io(io, spec, params, describe):
     try:
         io.handshake()
         if io.session is None:
-            rinfo, leftover = _bootstrap(io, params, describe)
+            rinfo, leftover = _bootstrap(io, params, describe, stage2)
         else:   # plain TCP to a socket server: seal every byte from here on
             io = _SealedIO(io, io.session[1], io.session[0], describe)
             rinfo, leftover = _bootstrap_sealed(io, params, describe)
@@ -3582,13 +3576,15 @@ def _gateway_params(spec, names=()):
 class _PopenIO(_FdIO):
     """A local Python subprocess: protocol on its stdin/stdout."""
 
-    def __init__(self, args, env=None):
+    def __init__(self, args, env=None, pass_fds=(), popen=None):
         import subprocess
 
         self.args = args
-        self.popen = subprocess.Popen(
-            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            bufsize=0, env=env, start_new_session=True)
+        if popen is None:
+            popen = subprocess.Popen(
+                args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                bufsize=0, env=env, start_new_session=True, pass_fds=pass_fds)
+        self.popen = popen
         _FdIO.__init__(self, self.popen.stdout.fileno(), self.popen.stdin.fileno())
         self.remoteaddress = str(self.popen.pid)
         self._stderr = []
@@ -3686,9 +3682,387 @@ def _start_popen(spec, params, group=None):
     return _start_io(io, spec, params, describe)
 
 
+# Warm starts (xspec key preload=NAME,...): a fork server per Group, Python
+# and env:, started once like a popen remote but running _fork_server_main.
+# It imports the preload modules, stays single-threaded, and forks one child
+# per gateway; the child gets its own session, its stdin/stdout/stderr pipes
+# (passed as fds over a Unix socket) and calls _remote_main as a fresh
+# remote would.  It ends when its stdin (from the host) closes: at
+# Group.terminate, at exit, or when the host dies.  A child, like any popen
+# remote, ends when its own stdin closes.  What a child shares with its
+# siblings: the imported modules and str hash randomization (fixed at
+# interpreter start), nothing else this library sets up.
+#
+# On the Unix socket (SOCK_SEQPACKET, one message each):
+#   host -> server: params bytes, with 3 fds (child's stdin, stdout, stderr)
+#   server -> host: b"F" !ii (pid, 0)        the child for the last request
+#                   b"E" !ii (0, errno)      fork() failed
+#                   b"X" !ii (pid, status)   a child ended (returncode style)
+
+_FORK_SERVER_STAGE2_LINE = (
+    repr(_STAGE2.replace("mod._remote_main(", "mod._fork_server_main(")) + "\n").encode("ascii")
+
+
+def _fork_server_main(source, params_bytes):
+    """The fork server's main loop (its process's only thread)."""
+    global _SOURCE
+    _SOURCE = source
+    params = loads(params_bytes)
+    _setup_trace()
+    import select
+    import signal
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, params["fork_fd"])
+    ready_fd = os.dup(1)
+    os.dup2(2, 1)   # what preloaded modules print must not reach the protocol
+    me = sys.modules[__name__]
+    for name in params.get("names", ()):   # as _remote_main: before the preloads import them
+        if name not in sys.modules and not _importable(name):
+            sys.modules[name] = me
+    info = {"pid": os.getpid()}
+    for name in params["preload"]:
+        try:
+            __import__(name)
+        except BaseException as exc:
+            info["preload_error"] = (name, "%s: %s" % (type(exc).__name__, exc))
+            break
+    os.write(ready_fd, _encode_frame(_MSG_READY, 0, dumps(info)))
+    os.close(ready_fd)
+    if "preload_error" in info:
+        os._exit(1)
+    _trace("fork server ready, preloaded", params["preload"])
+    import gc
+
+    if hasattr(gc, "freeze"):   # 3.7+: the children's collections leave the
+        gc.freeze()             # preloaded objects (and their shared pages) alone
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_w)
+    while True:
+        ready = select.select([0, sock, wake_r], [], [])[0]
+        if wake_r in ready:
+            try:
+                os.read(wake_r, 512)
+            except OSError:
+                pass
+            _reap_forked(sock)
+        if 0 in ready and not os.read(0, 512):
+            break   # the host closed our stdin: it is gone or ends us
+        if sock in ready:
+            try:
+                data, ancdata = sock.recvmsg(1 << 16, socket.CMSG_SPACE(3 * 4))[:2]
+            except OSError:
+                break
+            if not data:
+                break
+            fds = []
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += struct.unpack("%di" % (len(payload) // 4), payload[:len(payload) // 4 * 4])
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                for fd in fds:
+                    os.close(fd)
+                sock.send(b"E" + struct.pack("!ii", 0, exc.errno or 0))
+                continue
+            if pid == 0:
+                _forked_child(source, data, fds, (sock.fileno(), wake_r, wake_w))
+            for fd in fds:
+                os.close(fd)
+            sock.send(b"F" + struct.pack("!ii", pid, 0))
+    os._exit(0)
+
+
+def _reap_forked(sock):
+    """Report every child that ended to the host."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        try:
+            sock.send(b"X" + struct.pack("!ii", pid, code))
+        except OSError:
+            pass
+
+
+def _forked_child(source, params_bytes, fds, server_fds):
+    """In a new child of the fork server: become a fresh popen remote."""
+    import signal
+
+    global _trace
+    try:
+        os.setsid()   # as start_new_session=True gives a popen remote
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in server_fds:
+            os.close(fd)
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        random = sys.modules.get("random")
+        if random is not None and not hasattr(os, "register_at_fork"):
+            random.seed()   # 3.6: no at-fork hook reseeds it
+        _trace = _trace_off   # the child traces to a file of its own pid
+        _trace_state["setup"] = False
+        _remote_main(source, params_bytes)
+    except BaseException:
+        try:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+    os._exit(0)
+
+
 # === 9. Local gateways: popen, via, socket, ssh ===
 
 _EXIT_TIMEOUT = _EXIT_GRACE + 1.0   # local: wait this long, then kill
+
+# Warm starts, the host's side (the fork server's is in section 8).
+_fork_servers_lock = threading.Lock()
+
+
+def _start_popen_warm(spec, params, group=None):
+    """popen, from the group's fork server if spec has preload= and one applies."""
+    if spec.preload:
+        server = _fork_server_for(spec, group)
+        if server is not None:
+            return server.start(spec, params)
+    return _start_popen(spec, params, group)
+
+
+def _fork_server_for(spec, group):
+    """The group's fork server for spec's Python and env (started on first
+    use), or None where a warm start does not apply (traced why)."""
+    why = None
+    if group is None:
+        why = "not started from a Group on this host"
+    elif not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        why = "fork server needs Linux"
+    elif spec.python not in (None, True) and not _is_own_python(spec.python):
+        why = "python=%s is not this interpreter" % spec.python
+    if why is not None:
+        _trace("gateway", spec.id, "preload=%s ignored, cold start:" % spec.preload, why)
+        return None
+    preload = tuple(name.strip() for name in spec.preload.split(","))
+    key = (spec.python if spec.python is not True else None,
+           tuple(sorted(spec.env.items())), preload)
+    ended = None
+    with _fork_servers_lock:
+        servers = group.__dict__.setdefault("_fork_servers", {})
+        server = servers.get(key)
+        if server is None or server.ended():
+            ended = server   # (killed, say): a new one takes its place
+            server = servers[key] = _ForkServer(preload)
+    if ended is not None:
+        ended.close()
+    server.ensure_started(spec)
+    return server
+
+
+def _is_own_python(command):
+    """Does the python= command start this very interpreter?"""
+    import shlex
+
+    args = shlex.split(command)
+    if len(args) != 1:
+        return False
+    import shutil
+
+    path = shutil.which(args[0])
+    return path is not None and os.path.realpath(path) == os.path.realpath(sys.executable)
+
+
+class _ForkedProcess:
+    """The part of subprocess.Popen that _PopenIO uses, for a forked child."""
+
+    def __init__(self, server, pid, stdin_fd, stdout_fd, stderr_fd):
+        self.pid = pid
+        self._server = server
+        self.stdin = open(stdin_fd, "wb", buffering=0)
+        self.stdout = open(stdout_fd, "rb", buffering=0)
+        self.stderr = open(stderr_fd, "rb", buffering=0)
+
+    def wait(self, timeout=None):
+        status = self._server.wait_child(self.pid, timeout)
+        if status is None:
+            import subprocess
+
+            raise subprocess.TimeoutExpired("forked remote %d" % self.pid, timeout)
+        return status
+
+    def kill(self):
+        import signal
+
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+class _ForkServer:
+    """The host's end of one fork server (see the comment above)."""
+
+    def __init__(self, preload):
+        self.preload = preload
+        self.io = None
+        self.error = None
+        self._start_lock = threading.Lock()
+        self._fork_lock = threading.Lock()
+        self._replies = _Queue()
+        self._ended = {}                 # pid: status
+        self._cond = threading.Condition(threading.Lock())
+        self._gone = False
+        self._sock = None
+        self._reader = None
+
+    def ensure_started(self, spec):
+        """Start the server (once); raise what its start raised."""
+        with self._start_lock:
+            if self.io is None and self.error is None:
+                try:
+                    self._start(spec)
+                except BaseException as exc:
+                    self.error = exc
+            if self.error is not None:
+                raise self.error
+
+    def _start(self, spec):
+        import socket
+
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        args = _popen_args(spec) + ["-c", _STAGE1]
+        describe = " ".join(args[:-2])
+        env = None
+        if spec.env:
+            env = dict(os.environ)
+            env.update(spec.env)
+        fork_fd = theirs.fileno()
+        try:
+            try:
+                io = _PopenIO(args, env, pass_fds=(fork_fd,))
+            except OSError as exc:
+                raise InterpreterNotFound(_Text.NOT_FOUND % (describe, spec.id, exc))
+            finally:
+                theirs.close()
+            params = {"id": spec.id, "preload": list(self.preload), "fork_fd": fork_fd,
+                      "names": _module_names()}
+            io, info, leftover = _start_io(io, spec, params, describe, _FORK_SERVER_STAGE2_LINE)
+        except BaseException:
+            mine.close()
+            raise
+        if "preload_error" in info:
+            output = io.output_text(2.0)
+            io.close_write()
+            _reap(io, 1.0)
+            io.close_read()
+            mine.close()
+            name, error = info["preload_error"]
+            raise HostNotFound(_Text.PRELOAD_FAILED % (spec.id, spec.preload, name, error), output)
+        io.set_output_handler(_write_stderr_bytes)
+        self.describe = describe
+        self.io = io
+        self._sock = mine
+        self._reader = _daemon(self._read, (), "execnet_single-forkserver")
+        _trace("fork server", io.remoteaddress, "started for", describe, "preload", self.preload)
+
+    def _read(self):
+        while True:
+            try:
+                data = self._sock.recv(64)
+            except OSError:
+                data = b""
+            if len(data) != 9:
+                break
+            kind, (pid, value) = data[:1], struct.unpack("!ii", data[1:])
+            if kind == b"X":
+                with self._cond:
+                    self._ended[pid] = value
+                    self._cond.notify_all()
+            else:
+                self._replies.put((kind, pid, value))
+        with self._cond:
+            self._gone = True
+            self._cond.notify_all()
+        self._replies.put(None)
+
+    def ended(self):
+        """True once the server's socket closed (it ended or failed)."""
+        return self._gone or self.error is not None
+
+    def wait_child(self, pid, timeout):
+        """The exit status of a child; None while it runs (or is unknown)."""
+        with self._cond:
+            self._cond.wait_for(lambda: pid in self._ended or self._gone, timeout)
+            return self._ended.get(pid)
+
+    def start(self, spec, params):
+        """Fork a child for a gateway and bootstrap it: (io, rinfo, leftover)."""
+        import array
+        import socket
+
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
+        theirs = (stdin_r, stdout_w, stderr_w)
+        reply = None
+        try:
+            with self._fork_lock:
+                try:
+                    self._sock.sendmsg([dumps(params)], [(
+                        socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", theirs))])
+                    reply = self._replies.get(
+                        timeout=float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT))
+                except _Empty:   # stuck: later answers would be out of step
+                    self._gone = True
+                    self.io.kill()
+                except OSError:
+                    pass
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        if reply is None or reply[0] != b"F":
+            for fd in (stdin_w, stdout_r, stderr_r):
+                os.close(fd)
+            why = "it has ended" if reply is None else os.strerror(reply[2])
+            raise HostNotFound(_Text.FORK_FAILED % (spec.id, self.describe, why))
+        process = _ForkedProcess(self, reply[1], stdin_w, stdout_r, stderr_r)
+        io = _PopenIO(self.io.args, popen=process)
+        _trace("gateway", spec.id, "forked as", process.pid, "by fork server", self.io.remoteaddress)
+        return _start_io(io, spec, params, self.describe + " (forked)", None)
+
+    def close(self, timeout=1.0):
+        """End the server: close its stdin, wait, kill if need be."""
+        io = self.io
+        if io is None:
+            return
+        io.close_write()
+        _reap(io, timeout)
+        try:
+            self._sock.shutdown(2)
+        except OSError:
+            pass
+        self._reader.join(timeout)
+        self._sock.close()
+        io.close_read()
+
+
+def _close_fork_servers(group):
+    """End every fork server of group (its gateways have ended)."""
+    with _fork_servers_lock:
+        servers = list(group.__dict__.pop("_fork_servers", {}).values())
+    for server in servers:
+        server.close()
+
 
 
 class RInfo:
@@ -5040,7 +5414,7 @@ def _start_ssh(spec, params, group=None):
 # names the gateway in whose process the transport of the other key starts.
 _TRANSPORTS = (
     ("via", _start_via),
-    ("popen", _start_popen),
+    ("popen", _start_popen_warm),
     ("ssh", _start_ssh),
     ("socket", _start_socket),
 )
@@ -5180,6 +5554,12 @@ def _execmodel_name(value):
         return "expected 'thread' or 'main_thread_only'"
 
 
+def _module_names_list(value):
+    for name in value.split(","):
+        if not all(part.isidentifier() for part in name.strip().split(".")):
+            return "expected module names separated by commas, not %r" % name.strip()
+
+
 # xspec keys whose values are checked before a gateway starts
 _SPEC_CHECKS = (
     ("window", _positive_int),
@@ -5199,6 +5579,7 @@ _SPEC_CHECKS = (
     ("tls_cert", str.strip),
     ("tls_key", str.strip),
     ("handshake_timeout", _positive_number),
+    ("preload", _module_names_list),
 )
 
 
@@ -5466,6 +5847,7 @@ class Group:
             deadline = time.time() + 1.0
             for gw in batch:
                 gw._finish_exit(deadline)
+        _close_fork_servers(self)
         _close_ssh_masters(self)
 
     def _cleanup_atexit(self):

@@ -4734,6 +4734,145 @@ class TestGroup:
         assert gw not in group and len(group) == 0
 
 
+
+WARM_CHILD_FACTS = """
+import os, random, threading
+channel.send((os.getpid(), os.getppid(), os.getpgid(0), os.getsid(0),
+              sorted(t.name for t in threading.enumerate()), random.random(),
+              os.readlink("/proc/self/fd/0"), os.readlink("/proc/self/fd/1")))
+"""
+
+AT_FORK_MODULE = """
+import os
+CHILD_PIDS = []
+os.register_at_fork(after_in_child=lambda: CHILD_PIDS.append(os.getpid()))
+"""
+
+HOST_KILLED_WARM_SCRIPT = """
+%s
+import sys, time
+group = execnet.Group(["popen//preload=json"] * 2)
+pids = [g._rinfo().pid for g in group]
+server = list(group._fork_servers.values())[0].io.popen.pid
+ch = group[0].remote_exec("while 1: pass")
+print(" ".join(map(str, pids + [server])))
+sys.stdout.flush()
+time.sleep(300)
+"""
+
+
+def _facts(gw):
+    """What WARM_CHILD_FACTS reports (thread names with the gateway id as ID)."""
+    ch = gw.remote_exec(WARM_CHILD_FACTS)
+    facts = list(ch.receive(timeout=30))
+    ch.waitclose(timeout=30)
+    facts[4] = [name.replace(gw.id, "ID") for name in facts[4]]
+    return facts
+
+
+@single_only
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork server: Linux only")
+class TestWarmStart:
+    """preload=: popen gateways of a Group forked by its fork server."""
+
+    def test_children_are_fresh_processes(self, group):
+        cold = mkgw(group, "popen//id=cold")
+        w1 = mkgw(group, "popen//id=w1//preload=random,json")
+        w2 = mkgw(group, "popen//id=w2//preload=random,json")
+        server_pid = list(group._fork_servers.values())[0].io.popen.pid
+        facts = [_facts(gw) for gw in (cold, w1, w2)]
+        for gw, (pid, ppid, pgid, sid, threads, rnd, fd0, fd1) in zip((w1, w2), facts[1:]):
+            assert ppid == server_pid, "not forked by the fork server"
+            assert pid == int(gw.remoteaddress) and pid not in (server_pid, os.getpid())
+            assert pgid == pid and sid == pid, "no session of its own"
+            # no threads but the gateway's own, as in a cold-started remote
+            assert threads == facts[0][4]
+            assert fd0 == "/dev/null" and fd1.startswith("pipe:")
+        assert facts[0][1] == os.getpid()   # the cold one: a plain child of ours
+        assert facts[1][5] != facts[2][5], "random state shared between two children"
+        pipes = {(f[6], f[7]) for f in facts}
+        assert len(pipes) == 3
+        # gateways work on their own and end on their own
+        exit_and_join(w1)
+        assert wait_for(lambda: pid_gone(facts[1][0]))
+        assert _facts(w2)[0] == facts[2][0]
+
+    @pytest.mark.skipif(sys.version_info < (3, 7), reason="3.6 has no os.register_at_fork")
+    def test_at_fork_hook_of_a_preloaded_module_runs_in_the_child(self, group, tmp_path):
+        (tmp_path / "atforkmod.py").write_text(AT_FORK_MODULE)
+        gw = mkgw(group, "popen//preload=atforkmod//env:PYTHONPATH=%s" % tmp_path)
+        ch = gw.remote_exec("import atforkmod, os\n"
+                            "channel.send((atforkmod.CHILD_PIDS, os.getpid()))")
+        hooks, pid = ch.receive(timeout=30)
+        assert hooks == [pid]
+
+    def test_missing_preload_module_is_a_clear_error(self, group):
+        with pytest.raises(execnet.HostNotFound) as info:
+            mkgw(group, "popen//preload=json,no_such_module_xyz")
+        message = str(info.value)
+        assert "preload=json,no_such_module_xyz" in message
+        assert "could not import no_such_module_xyz" in message
+        assert "ModuleNotFoundError" in message
+        assert len(group) == 0
+
+    @pytest.mark.parametrize("value", ["json,", "a b", "os.2x", "json;os"])
+    def test_malformed_preload_is_refused(self, group, value):
+        with pytest.raises(ValueError, match="preload"):
+            group.makegateway("popen//preload=%s" % value)
+
+    def test_another_python_starts_cold_and_says_so(self, group, monkeypatch):
+        other = [v for v in VERSIONS if v != "%d.%d" % sys.version_info[:2]][-1]
+        python = need_interpreter(other)
+        traced = []
+        monkeypatch.setattr(execnet, "_trace", lambda *msg: traced.append(msg))
+        gw = mkgw(group, "popen//python=%s//preload=json" % python)
+        pid, ppid = _facts(gw)[:2]
+        assert ppid == os.getpid(), "started by a fork server"
+        assert not getattr(group, "_fork_servers", None)
+        assert any("cold start" in " ".join(map(str, msg)) and python in " ".join(map(str, msg))
+                   for msg in traced), traced
+
+    def test_fork_server_ends_with_terminate(self, group):
+        gws = [mkgw(group, "popen//preload=json") for _ in range(2)]
+        server = list(group._fork_servers.values())[0].io.popen.pid
+        pids = [_facts(gw)[0] for gw in gws]
+        call_with_timeout(group.terminate, 60, timeout=5)
+        assert wait_for(lambda: all(pid_gone(p) for p in pids + [server]), timeout=30)
+        assert not hasattr(group, "_fork_servers")
+
+    def test_a_killed_fork_server_is_replaced(self, group):
+        first = mkgw(group, "popen//preload=json")
+        server = list(group._fork_servers.values())[0].io.popen.pid
+        os.kill(server, signal.SIGKILL)
+        assert wait_for(lambda: pid_gone(server))
+        second = mkgw(group, "popen//preload=json")
+        assert _facts(second)[1] not in (server, os.getpid())   # a new fork server's child
+        assert _facts(first)[0] == int(first.remoteaddress)      # the orphan still serves
+
+    def test_killed_host_leaves_no_fork_server_or_children(self):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOST_KILLED_WARM_SCRIPT % IMPORT_LINE],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        pids = []
+        try:
+            line = call_with_timeout(proc.stdout.readline, 60)
+            pids = [int(p) for p in line.split()]
+            assert len(pids) == 3, (line, proc.stderr.read() if proc.poll() is not None else "")
+            assert all(pid_alive(p) for p in pids)
+            proc.kill()
+            proc.wait(timeout=30)
+            assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30), (
+                "outlived their SIGKILLed host: %s" % [p for p in pids if pid_alive(p)])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+            for p in pids:
+                if pid_alive(p):
+                    os.kill(p, signal.SIGKILL)
+            proc.stdout.close()
+            proc.stderr.close()
+
 # ========================================================== benchmarks
 #
 # Not timed tests: `tox -e bench` runs them against execnet 2.1 in the same
@@ -5115,6 +5254,20 @@ class TestBenchmarks:
                 group.terminate(timeout=30)
             return run
         self._compare(bench_table, bench_other, "Group of 8 start-up", make, 0.5,
+                      rounds=min(3, BENCH_ROUNDS))
+
+    def test_group_of_eight_warm(self, bench_other, bench_table):
+        """The same, our gateways forked by the group's fork server (preload=)."""
+        def make(module):
+            spec = "popen//preload=json" if module is execnet else "popen"
+
+            def run():
+                group = module.Group([spec] * 8)
+                mch = group.remote_exec("channel.send(1)")
+                assert mch.receive_each() == [1] * 8
+                group.terminate(timeout=30)
+            return run
+        self._compare(bench_table, bench_other, "Group of 8 start-up, preload=", make, 0.15,
                       rounds=min(3, BENCH_ROUNDS))
 
     def _on_gateways(self, other, remote_source, extra_idle=False):
