@@ -2780,7 +2780,10 @@ def _importable(name):
 # 1. Start `python -c _STAGE1`; it evals one line from stdin: repr(_STAGE2).
 # 2. _STAGE2 is valid Python 2.7 too.  It answers one line on stdout:
 #       execnet_single:too-old <version> <executable>   (and exits), or
-#       execnet_single:ok <sys.hexversion> <cache_tag>
+#       execnet_single:ok <sys.hexversion> <cache_tag> <abi>
+#    where <abi> is implementation:abiflags:gil|nogil (_abi_tag); only a
+#    remote equal in all three gets our marshalled code (PyPy, a debug or
+#    a free-threaded build of the same version cannot run it).
 # 3. Then it reads a 12-byte header (!III: source, code, params lengths),
 #    the source of this file, a marshalled code object of it (only if the
 #    remote interpreter is exactly ours; else compiled there) and the
@@ -2795,7 +2798,14 @@ v = sys.version_info
 if v < (3, 6):
     os.write(1, ("execnet_single:too-old %d.%d.%d %s\n" % (v[0], v[1], v[2], sys.executable)).encode("ascii", "replace"))
     sys.exit(3)
-os.write(1, ("execnet_single:ok %d %s\n" % (sys.hexversion, sys.implementation.cache_tag)).encode("ascii"))
+# the ABI word: implementation:abiflags:gil (see _abi_tag, which must agree)
+free = "t" in getattr(sys, "abiflags", "")
+if not hasattr(sys, "abiflags") and v >= (3, 13):
+    import sysconfig
+    free = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+os.write(1, ("execnet_single:ok %d %s %s:%s:%s\n" % (
+    sys.hexversion, sys.implementation.cache_tag, sys.implementation.name,
+    getattr(sys, "abiflags", ""), "nogil" if free else "gil")).encode("ascii"))
 def _readexact(n):
     data = b""
     while len(data) < n:
@@ -2832,9 +2842,24 @@ def _get_source():
     return _SOURCE
 
 
-def _code_for_remote(hexversion, cache_tag):
-    """Marshalled code of this file if the remote interpreter is exactly ours."""
-    if hexversion != sys.hexversion or cache_tag != sys.implementation.cache_tag:
+def _abi_tag():
+    """implementation:abiflags:gil|nogil of this interpreter, as _STAGE2 prints it."""
+    free = "t" in getattr(sys, "abiflags", "")  # POSIX: a free-threaded build's flags
+    if not hasattr(sys, "abiflags") and sys.version_info >= (3, 13):
+        import sysconfig
+
+        free = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+    return "%s:%s:%s" % (sys.implementation.name, getattr(sys, "abiflags", ""),
+                         "nogil" if free else "gil")
+
+
+def _code_for_remote(hexversion, cache_tag, abi=None):
+    """Marshalled code of this file if the remote interpreter is exactly ours.
+
+    abi is the remote's _abi_tag(); None (not known) sends no code.
+    """
+    if (hexversion != sys.hexversion or cache_tag != sys.implementation.cache_tag
+            or abi != _abi_tag()):
         return b""
     if "code" not in _code_cache:
         code = _code_from_pyc()
@@ -2882,7 +2907,7 @@ def _bootstrap(io, params, describe):
     except OSError:
         pass  # the process died already; reading tells why
     # while the remote starts: ready our code for a remote just like us
-    _code_for_remote(sys.hexversion, sys.implementation.cache_tag)
+    _code_for_remote(sys.hexversion, sys.implementation.cache_tag, _abi_tag())
     buf = b""
     noise = []
     while True:
@@ -2900,11 +2925,11 @@ def _bootstrap(io, params, describe):
     if words[0] == "execnet_single:too-old":
         raise RemoteTooOld(_Text.TOO_OLD % (words[1], " ".join(words[2:]) or describe),
                            _join_output(noise, io.output_text(2.0)))
-    if words[0] != "execnet_single:ok" or len(words) != 3 or buf:
+    if words[0] != "execnet_single:ok" or len(words) != 4 or buf:
         raise HostNotFound(_Text.BAD_BOOTSTRAP % (gwid, line[:200]),
                            _join_output(noise, io.output_text(2.0)))
     source = _get_source()
-    code = _code_for_remote(int(words[1]), words[2])
+    code = _code_for_remote(int(words[1]), words[2], words[3])
     payload = dumps(params)
     try:
         io.write(struct.pack("!III", len(source), len(code), len(payload)) + source + code + payload)

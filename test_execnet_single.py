@@ -2,8 +2,10 @@
 
 Run with ``python -m pytest test_execnet_single.py``.  Real processes, real
 kills, no mocks; every blocking call carries a timeout.  Interpreters
-3.6-3.13 are looked up under ~/.pyenv and on PATH: a missing one is a skip
-locally and a failure when ``CI=true``.
+3.6-3.15 and PyPy 3 are looked up under ~/.pyenv, on PATH and in the Debian
+testing chroot that .ci/run makes (TESTING_ROOT; its interpreters are the
+command prefix ``chroot DIR pythonX.Y``): a missing one is a skip locally
+and a failure when ``CI=true``.
 
 For comparison runs only, ``EXECNET_SINGLE_TEST_AGAINST=execnet`` points the
 execnet-compatible tests at an installed execnet; the default (and the only
@@ -52,7 +54,16 @@ else:
 
 single_only = pytest.mark.skipif(not SINGLE, reason="execnet_single-only behaviour")
 IN_CI = os.environ.get("CI") == "true"
-VERSIONS = ["3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+VERSIONS = ["3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13", "3.14", "3.15"]
+# PyPy 3 (whichever one Debian ships) under one label, and every supported one
+PYPY = "pypy3"
+PYTHONS = VERSIONS + [PYPY]
+# The chroot of Debian testing that .ci/run makes for 3.14, 3.15 (this
+# machine's Debian has neither); inside it, the same path leads to "/".
+TESTING_ROOT = os.environ.get("EXECNET_SINGLE_TESTING_ROOT", "/opt/execnet-single-testing")
+# The label of the interpreter running it: "X.Y" for CPython, "pypy3" for PyPy.
+LABEL_EXPR = ("('pypy%d' % sys.version_info[0] if '__pypy__' in sys.builtin_module_names "
+              "else '%d.%d' % sys.version_info[:2])")
 ALL_HEALTH_CHECKS = list(HealthCheck)
 FUZZ = settings(
     max_examples=300, deadline=None, suppress_health_check=ALL_HEALTH_CHECKS
@@ -63,7 +74,7 @@ FUZZ = settings(
 #
 # HELPERS_SRC is exec'd here and shipped to remote interpreters, so that
 # both ends build the same sample values and compare them the same way.
-# It must run unchanged on 3.6-3.13.
+# It must run unchanged on 3.6-3.15 and PyPy 3.
 
 HELPERS_SRC = r'''
 import math
@@ -265,23 +276,32 @@ _interpreters = {}
 
 
 def find_interpreters():
-    """Map "X.Y" -> path of a CPython found on this machine (cached)."""
+    """Map "X.Y" (CPython) or "pypy3" -> command of one found here (cached).
+
+    A command is a path or, for the testing chroot's, the prefix
+    ``chroot DIR pythonX.Y`` (split it with python_argv)."""
     if _interpreters.get("searched"):
         return _interpreters
     _interpreters["searched"] = True
     candidates = []
     for root in ("/root/.pyenv/versions", os.path.expanduser("~/.pyenv/versions")):
         candidates += sorted(glob.glob(os.path.join(root, "[23].*", "bin", "python")))
-    for version in VERSIONS + ["2.7"]:
-        found = shutil.which("python" + version)
+    for name in ["python" + v for v in VERSIONS + ["2.7"]] + ["pypy3"]:
+        found = shutil.which(name)
         if found:
             candidates.append(found)
-    probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+    # outside the chroot (inside, TESTING_ROOT leads to "/" and PATH finds them)
+    if (os.path.realpath(TESTING_ROOT) != "/" and hasattr(os, "geteuid")
+            and os.geteuid() == 0):
+        for name in ("python3.14", "python3.15", "pypy3"):
+            if os.path.exists(os.path.join(TESTING_ROOT, "usr", "bin", name)):
+                candidates.append("chroot %s %s" % (TESTING_ROOT, name))
+    probe = "import sys; print(%s)" % LABEL_EXPR
     for path in candidates:
         try:
             out = subprocess.run(
-                [path, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                timeout=30,
+                python_argv(path) + ["-c", probe], stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, timeout=30,
             ).stdout
         except (OSError, subprocess.SubprocessError):
             continue
@@ -291,8 +311,13 @@ def find_interpreters():
     return _interpreters
 
 
+def python_argv(python):
+    """The argv list of an interpreter command from find_interpreters."""
+    return python.split()
+
+
 def need_interpreter(version):
-    """Path of CPython `version`; fail in CI, skip elsewhere, when missing."""
+    """Command of `version` ("X.Y" or "pypy3"); fail in CI, skip elsewhere, when missing."""
     path = find_interpreters().get(version)
     if path is None:
         message = "Python %s not found on this machine" % version
@@ -304,7 +329,7 @@ def need_interpreter(version):
 
 def host_python(version):
     """Interpreter to run host-side scripts of the given version with."""
-    if version == "%d.%d" % sys.version_info[:2]:
+    if version == eval(LABEL_EXPR):
         return sys.executable
     if not SINGLE:
         pytest.skip("other host interpreters need execnet_single (not installed execnet)")
@@ -347,7 +372,7 @@ def huge_int_str(i):
 def run_script(python, source, timeout=60, **kwargs):
     """Run source in a fresh interpreter; return CompletedProcess."""
     return subprocess.run(
-        [python, "-c", source], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        python_argv(python) + ["-c", source], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         timeout=timeout, **kwargs
     )
 
@@ -3329,7 +3354,7 @@ class TestTermination:
             proc.stdout.close()
             proc.stderr.close()
 
-    @pytest.mark.parametrize("version", VERSIONS)
+    @pytest.mark.parametrize("version", PYTHONS)
     def test_interpreter_exit_with_open_gateways(self, version):
         python = host_python(version)
         proc = run_script(python, ENDS_WITH_OPEN_GATEWAYS_SCRIPT % IMPORT_LINE, timeout=120)
@@ -3675,8 +3700,8 @@ channel.send(samples)
 channel.send(execnet_single.dumps(samples))
 theirs = channel.receive()
 channel.send(same(execnet_single.loads(theirs), samples))
-channel.send("%d.%d" % sys.version_info[:2])
-"""
+channel.send(LABEL)
+""".replace("LABEL", LABEL_EXPR)
 
 NESTED_SOURCE = HELPERS_SRC + """
 import sys
@@ -3713,13 +3738,13 @@ try:
         results[version] = problems
 finally:
     group.terminate(timeout=10)
-channel.send(("%d.%d" % sys.version_info[:2], results))
-"""
+channel.send((LABEL, results))
+""".replace("LABEL", LABEL_EXPR)
 
 
 @single_only
 class TestCrossVersion:
-    @pytest.mark.parametrize("version", VERSIONS)
+    @pytest.mark.parametrize("version", PYTHONS)
     def test_echo_every_type(self, group, version):
         gw = mkgw(group, "popen//python=" + need_interpreter(version))
         ch = gw.remote_exec(ECHO_AND_COMPARE_SOURCE)
@@ -3736,17 +3761,17 @@ class TestCrossVersion:
         assert ch.receive(timeout=30) == version
         ch.waitclose(timeout=30)
 
-    @pytest.mark.parametrize("version", VERSIONS)
+    @pytest.mark.parametrize("version", PYTHONS)
     def test_host_on_each_version_drives_every_version(self, group, version):
-        paths = {v: need_interpreter(v) for v in VERSIONS}
+        paths = {v: need_interpreter(v) for v in PYTHONS}
         gw = mkgw(group, "popen//python=" + paths[version])
         ch = gw.remote_exec(
             "ECHO_SOURCE = %r\n" % ECHO_AND_COMPARE_SOURCE + NESTED_SOURCE)
         ch.send(paths)
         host_version, results = ch.receive(timeout=240)
         assert host_version == version
-        assert sorted(results) == sorted(VERSIONS)
-        assert results == {v: [] for v in VERSIONS}
+        assert sorted(results) == sorted(PYTHONS)
+        assert results == {v: [] for v in PYTHONS}
 
     def test_python27_is_remote_too_old(self, group):
         python = need_interpreter("2.7")
@@ -3853,7 +3878,7 @@ REQUIRED_API = [
 
 @single_only
 class TestShippedSource:
-    @pytest.mark.parametrize("version", VERSIONS)
+    @pytest.mark.parametrize("version", PYTHONS)
     def test_exec_without_file_changes_nothing(self, version):
         python = need_interpreter(version)
         proc = run_script(python, SHIPPED_CHECK_SCRIPT.replace("sys.argv[1]", repr(LIBRARY_PATH)))
@@ -3870,7 +3895,7 @@ class TestShippedSource:
         assert report["registered"] == []
         assert report["typing_imported"] is False
 
-    @pytest.mark.parametrize("version", VERSIONS)
+    @pytest.mark.parametrize("version", PYTHONS)
     def test_compiles_without_warnings(self, version):
         python = need_interpreter(version)
         proc = run_script(
