@@ -25,7 +25,6 @@ import sys
 import textwrap
 import threading
 import time
-import tracemalloc
 from contextlib import contextmanager
 
 import psutil
@@ -54,6 +53,14 @@ else:
 
 single_only = pytest.mark.skipif(not SINGLE, reason="execnet_single-only behaviour")
 IN_CI = os.environ.get("CI") == "true"
+try:
+    import tracemalloc
+except ImportError:  # PyPy has none
+    tracemalloc = None
+# Allocation peaks are measured with tracemalloc, which PyPy does not have.
+needs_tracemalloc = pytest.mark.skipif(
+    tracemalloc is None, reason="no tracemalloc on %s: allocation peaks cannot be measured"
+    % sys.implementation.name)
 VERSIONS = ["3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13", "3.14", "3.15"]
 # PyPy 3 (whichever one Debian ships) under one label, and every supported one
 PYPY = "pypy3"
@@ -999,6 +1006,7 @@ class TestSerializer:
             with pytest.raises(execnet.LoadError):
                 execnet.loads(data)
 
+    @needs_tracemalloc
     @pytest.mark.parametrize("opcode", [b"N", b"A", b"K", b"H", b"S", b"M", b"@", b"O", b"E"])
     def test_huge_length_claim_fails_fast_and_small(self, opcode):
         """Speed and no runaway allocation.  Under memory_limit a missing
@@ -1019,6 +1027,7 @@ class TestSerializer:
     @pytest.mark.parametrize(
         "opcode", [b"K", b"A", b"N", b"H", b"I", b"S", b"M", b"@", b"O", b"E"]
     )
+    @needs_tracemalloc
     def test_length_claim_beyond_the_input_allocates_nothing(self, opcode):
         """A 20-byte input claiming 10**7 items or bytes is refused before
         anything that large is allocated.  No memory_limit here: an 80 MB
@@ -1598,16 +1607,18 @@ class TestFraming:
         ))
         stream = _mutate(b"".join(execnet._encode_frame(*f) for f in frames), ops)
         reader = execnet._FrameReader()
-        tracemalloc.start()
+        if tracemalloc is not None:  # PyPy: the fuzzing, without the peak
+            tracemalloc.start()
         try:
             with time_limit(10), memory_limit():
                 try:
                     got = reader.feed(stream)
                 except execnet.LoadError:
                     got = []
-            peak = tracemalloc.get_traced_memory()[1]
+            peak = tracemalloc.get_traced_memory()[1] if tracemalloc is not None else 0
         finally:
-            tracemalloc.stop()
+            if tracemalloc is not None:
+                tracemalloc.stop()
         assert peak < 4 * 1024 * 1024
         for code, channelid, payload in got:
             assert code in codes
@@ -1624,6 +1635,7 @@ class TestFraming:
         with pytest.raises(execnet.LoadError):
             execnet._FrameReader().feed(bytes(stream))
 
+    @needs_tracemalloc
     def test_oversized_length_is_load_error(self):
         good = execnet._encode_frame(execnet._MSG_DATA, 1, b"abc")
         longer = execnet._encode_frame(execnet._MSG_DATA, 1, b"abcd")
@@ -2479,6 +2491,46 @@ class TestBootstrap:
         ch = gw.remote_exec("import os; channel.send(os.environ.get('EXECNET_TEST_FOO'))")
         assert ch.receive(timeout=30) == "bar-1"
 
+    @single_only
+    def test_code_for_remote_needs_the_same_abi(self):
+        import marshal
+
+        tag, abi = sys.implementation.cache_tag, execnet._abi_tag()
+        code = execnet._code_for_remote(sys.hexversion, tag, abi)
+        assert marshal.loads(code).co_filename == "execnet_single.py"
+        name, flags, gil = abi.split(":")
+        assert name == sys.implementation.name and flags == getattr(sys, "abiflags", "")
+        for other in ["pypy:%s:%s" % (flags, gil), "cpython:t:nogil", "%s:d:%s" % (name, gil),
+                      "%s:%s:nogil" % (name, flags)]:
+            assert other != abi
+            assert execnet._code_for_remote(sys.hexversion, tag, other) == b"", other
+        assert execnet._code_for_remote(sys.hexversion, tag) == b"", "an unknown ABI got code"
+        assert execnet._code_for_remote(sys.hexversion + 1, tag, abi) == b""
+        assert execnet._code_for_remote(sys.hexversion, "other-99", abi) == b""
+
+    @single_only
+    @pytest.mark.parametrize("fake", [None, "cpython:t:nogil", "pypy::gil"])
+    def test_remote_of_another_abi_gets_source_only(self, group, monkeypatch, fake):
+        # a remote of the same version and cache tag but another ABI (here:
+        # we pretend to be free-threaded, or PyPy) compiles the source itself
+        sent = []
+        real = execnet._code_for_remote
+
+        def spy(hexversion, cache_tag, abi=None):
+            code = real(hexversion, cache_tag, abi)
+            sent.append((abi, len(code)))
+            return code
+
+        monkeypatch.setattr(execnet, "_code_for_remote", spy)
+        if fake is not None:
+            monkeypatch.setattr(execnet, "_abi_tag", lambda: fake)
+        gw = mkgw(group, "popen//python=%s" % sys.executable)
+        ch = gw.remote_exec("import sys; channel.send(sys.modules['execnet_single']._abi_tag())")
+        remote_abi = ch.receive(timeout=30)
+        assert (remote_abi, 0 if fake else sent[-1][1]) in sent
+        assert sent[-1][0] == remote_abi
+        assert (sent[-1][1] == 0) == (fake is not None), sent
+
     def test_env_chdir_dont_write_bytecode_nice(self, group, transport, tmp_path):
         extra = "//env:EXECNET_TEST_ENV=v 2//chdir=%s//dont_write_bytecode//nice=3" % tmp_path
         gw = make_transport_gateway(group, transport, extra)
@@ -2690,7 +2742,7 @@ def _check_burst(got, count):
 PROGRESS_BLOCKS = 445   # 40.05 MB of records
 PROGRESS_HOST_SCRIPT = """
 {import_line}
-import os, resource, sys, threading, time, tracemalloc
+import os, resource, sys, threading, time
 gw = execnet.makegateway("popen//id=gw0")
 limit = {limit!r}
 
@@ -2713,6 +2765,7 @@ def watch():
 
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if limit is not None:
+    import tracemalloc
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     thread = threading.Thread(target=watch)
@@ -2939,6 +2992,7 @@ class TestOutput:
         assert b"child-out\n" in b"".join(d for fd, d in got if fd == 1)
         assert b"child-err\n" in b"".join(d for fd, d in got if fd == 2)
 
+    @needs_tracemalloc
     def test_progress_text_is_forwarded_in_small_memory(self, tmp_path):
         # 40 MB of "\r"-separated text and not one "\n" (tqdm, pip) reaches
         # the local stderr whole, with every redraw prefixed, while the host
@@ -3772,6 +3826,22 @@ class TestCrossVersion:
         assert host_version == version
         assert sorted(results) == sorted(PYTHONS)
         assert results == {v: [] for v in PYTHONS}
+
+    @pytest.mark.parametrize("version", PYTHONS)
+    def test_stage2_reports_the_abi(self, version):
+        # the ok line's last word is what _abi_tag() says on that interpreter
+        python = need_interpreter(version)
+        proc = subprocess.run(python_argv(python) + ["-c", execnet._STAGE2], input=b"",
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        assert proc.returncode == 4, proc.stderr   # no header: stdin ended
+        words = proc.stdout.decode().split()
+        assert words[0] == "execnet_single:ok" and len(words) == 4, words
+        tag = run_script(python, "ns = {'__name__': 'shipped'}\n"
+                                 "exec(compile(open(%r).read(), 'x', 'exec'), ns)\n"
+                                 "print(ns['_abi_tag']())" % LIBRARY_PATH)
+        assert words[3] == tag.stdout.decode().strip(), tag.stderr
+        assert words[3].startswith("pypy:" if version == PYPY else "cpython:")
+        assert words[3].endswith(":gil")
 
     def test_python27_is_remote_too_old(self, group):
         python = need_interpreter("2.7")
