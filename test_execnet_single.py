@@ -3455,6 +3455,23 @@ class TestFlowControl:
             assert ch.receive(timeout=30) == bytes([i % 256]) * self.ITEM
         ch.waitclose(timeout=30)
 
+    @single_only
+    def test_locked_arrival_path_keeps_the_accounting(self, group, monkeypatch):
+        # without a GIL, _Flow.item_arrived takes the lock (section 5); no
+        # free-threaded build here, so the local side is made to take that path
+        monkeypatch.setattr(execnet, "_NO_GIL", True)
+        gw = mkgw(group, "popen//window=65536")
+        ch = gw.remote_exec(
+            "for i in range(100):\n"
+            "    channel.send(bytes([i % 256]) * ITEM)\n".replace("ITEM", str(self.ITEM)))
+        for i in range(100):
+            assert ch.receive(timeout=30) == bytes([i % 256]) * self.ITEM
+        ch.waitclose(timeout=30)
+        flow = ch._flow
+        with flow.lock:
+            assert flow.arrived == flow.settled > 100 * self.ITEM // 4
+            assert flow.prepaid == flow.partial == 0
+
     def test_local_sender_blocks_on_unread_window(self, group, transport):
         gw = make_transport_gateway(group, transport, "//window=65536")
         go = gw.newchannel()
