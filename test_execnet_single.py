@@ -2,8 +2,10 @@
 
 Run with ``python -m pytest test_execnet_single.py``.  Real processes, real
 kills, no mocks; every blocking call carries a timeout.  Interpreters
-3.6-3.13 are looked up under ~/.pyenv and on PATH: a missing one is a skip
-locally and a failure when ``CI=true``.
+3.6-3.15 and PyPy 3 are looked up under ~/.pyenv, on PATH and in the Debian
+testing chroot that .ci/run makes (TESTING_ROOT; its interpreters are the
+command prefix ``chroot DIR pythonX.Y``): a missing one is a skip locally
+and a failure when ``CI=true``.
 
 For comparison runs only, ``EXECNET_SINGLE_TEST_AGAINST=execnet`` points the
 execnet-compatible tests at an installed execnet; the default (and the only
@@ -25,7 +27,6 @@ import sys
 import textwrap
 import threading
 import time
-import tracemalloc
 from contextlib import contextmanager
 
 import psutil
@@ -54,7 +55,24 @@ else:
 
 single_only = pytest.mark.skipif(not SINGLE, reason="execnet_single-only behaviour")
 IN_CI = os.environ.get("CI") == "true"
-VERSIONS = ["3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+try:
+    import tracemalloc
+except ImportError:  # PyPy has none
+    tracemalloc = None
+# Allocation peaks are measured with tracemalloc, which PyPy does not have.
+needs_tracemalloc = pytest.mark.skipif(
+    tracemalloc is None, reason="no tracemalloc on %s: allocation peaks cannot be measured"
+    % sys.implementation.name)
+VERSIONS = ["3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13", "3.14", "3.15"]
+# PyPy 3 (whichever one Debian ships) under one label, and every supported one
+PYPY = "pypy3"
+PYTHONS = VERSIONS + [PYPY]
+# The chroot of Debian testing that .ci/run makes for 3.14, 3.15 (this
+# machine's Debian has neither); inside it, the same path leads to "/".
+TESTING_ROOT = os.environ.get("EXECNET_SINGLE_TESTING_ROOT", "/opt/execnet-single-testing")
+# The label of the interpreter running it: "X.Y" for CPython, "pypy3" for PyPy.
+LABEL_EXPR = ("('pypy%d' % sys.version_info[0] if '__pypy__' in sys.builtin_module_names "
+              "else '%d.%d' % sys.version_info[:2])")
 ALL_HEALTH_CHECKS = list(HealthCheck)
 FUZZ = settings(
     max_examples=300, deadline=None, suppress_health_check=ALL_HEALTH_CHECKS
@@ -65,7 +83,7 @@ FUZZ = settings(
 #
 # HELPERS_SRC is exec'd here and shipped to remote interpreters, so that
 # both ends build the same sample values and compare them the same way.
-# It must run unchanged on 3.6-3.13.
+# It must run unchanged on 3.6-3.15 and PyPy 3.
 
 HELPERS_SRC = r'''
 import math
@@ -267,23 +285,32 @@ _interpreters = {}
 
 
 def find_interpreters():
-    """Map "X.Y" -> path of a CPython found on this machine (cached)."""
+    """Map "X.Y" (CPython) or "pypy3" -> command of one found here (cached).
+
+    A command is a path or, for the testing chroot's, the prefix
+    ``chroot DIR pythonX.Y`` (split it with python_argv)."""
     if _interpreters.get("searched"):
         return _interpreters
     _interpreters["searched"] = True
     candidates = []
     for root in ("/root/.pyenv/versions", os.path.expanduser("~/.pyenv/versions")):
         candidates += sorted(glob.glob(os.path.join(root, "[23].*", "bin", "python")))
-    for version in VERSIONS + ["2.7"]:
-        found = shutil.which("python" + version)
+    for name in ["python" + v for v in VERSIONS + ["2.7"]] + ["pypy3"]:
+        found = shutil.which(name)
         if found:
             candidates.append(found)
-    probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+    # outside the chroot (inside, TESTING_ROOT leads to "/" and PATH finds them)
+    if (os.path.realpath(TESTING_ROOT) != "/" and hasattr(os, "geteuid")
+            and os.geteuid() == 0):
+        for name in ("python3.14", "python3.15", "pypy3"):
+            if os.path.exists(os.path.join(TESTING_ROOT, "usr", "bin", name)):
+                candidates.append("chroot %s %s" % (TESTING_ROOT, name))
+    probe = "import sys; print(%s)" % LABEL_EXPR
     for path in candidates:
         try:
             out = subprocess.run(
-                [path, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                timeout=30,
+                python_argv(path) + ["-c", probe], stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, timeout=30,
             ).stdout
         except (OSError, subprocess.SubprocessError):
             continue
@@ -293,8 +320,13 @@ def find_interpreters():
     return _interpreters
 
 
+def python_argv(python):
+    """The argv list of an interpreter command from find_interpreters."""
+    return python.split()
+
+
 def need_interpreter(version):
-    """Path of CPython `version`; fail in CI, skip elsewhere, when missing."""
+    """Command of `version` ("X.Y" or "pypy3"); fail in CI, skip elsewhere, when missing."""
     path = find_interpreters().get(version)
     if path is None:
         message = "Python %s not found on this machine" % version
@@ -306,7 +338,7 @@ def need_interpreter(version):
 
 def host_python(version):
     """Interpreter to run host-side scripts of the given version with."""
-    if version == "%d.%d" % sys.version_info[:2]:
+    if version == eval(LABEL_EXPR):
         return sys.executable
     if not SINGLE:
         pytest.skip("other host interpreters need execnet_single (not installed execnet)")
@@ -349,7 +381,7 @@ def huge_int_str(i):
 def run_script(python, source, timeout=60, **kwargs):
     """Run source in a fresh interpreter; return CompletedProcess."""
     return subprocess.run(
-        [python, "-c", source], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        python_argv(python) + ["-c", source], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         timeout=timeout, **kwargs
     )
 
@@ -987,7 +1019,7 @@ class TestSerializer:
             (fake_str(), "str"),
             (object(), "object"),
             (bytearray(b"x"), "bytearray"),
-            (len, "builtin_function_or_method"),
+            (len, type(len).__name__),   # PyPy: builtin_function
             (Ellipsis, "ellipsis"),
         ]
 
@@ -1094,6 +1126,7 @@ class TestSerializer:
             with pytest.raises(execnet.LoadError):
                 execnet.loads(data)
 
+    @needs_tracemalloc
     @pytest.mark.parametrize("opcode", [b"N", b"A", b"K", b"H", b"S", b"M", b"@", b"O", b"E"])
     def test_huge_length_claim_fails_fast_and_small(self, opcode):
         """Speed and no runaway allocation.  Under memory_limit a missing
@@ -1114,6 +1147,7 @@ class TestSerializer:
     @pytest.mark.parametrize(
         "opcode", [b"K", b"A", b"N", b"H", b"I", b"S", b"M", b"@", b"O", b"E"]
     )
+    @needs_tracemalloc
     def test_length_claim_beyond_the_input_allocates_nothing(self, opcode):
         """A 20-byte input claiming 10**7 items or bytes is refused before
         anything that large is allocated.  No memory_limit here: an 80 MB
@@ -1725,16 +1759,18 @@ class TestFraming:
         ))
         stream = _mutate(b"".join(execnet._encode_frame(*f) for f in frames), ops)
         reader = execnet._FrameReader()
-        tracemalloc.start()
+        if tracemalloc is not None:  # PyPy: the fuzzing, without the peak
+            tracemalloc.start()
         try:
             with time_limit(10), memory_limit():
                 try:
                     got = reader.feed(stream)
                 except execnet.LoadError:
                     got = []
-            peak = tracemalloc.get_traced_memory()[1]
+            peak = tracemalloc.get_traced_memory()[1] if tracemalloc is not None else 0
         finally:
-            tracemalloc.stop()
+            if tracemalloc is not None:
+                tracemalloc.stop()
         assert peak < 4 * 1024 * 1024
         for code, channelid, payload in got:
             assert code in codes
@@ -1751,6 +1787,7 @@ class TestFraming:
         with pytest.raises(execnet.LoadError):
             execnet._FrameReader().feed(bytes(stream))
 
+    @needs_tracemalloc
     def test_oversized_length_is_load_error(self):
         good = execnet._encode_frame(execnet._MSG_DATA, 1, b"abc")
         longer = execnet._encode_frame(execnet._MSG_DATA, 1, b"abcd")
@@ -2782,7 +2819,7 @@ for block in itertools.count():
 # It prints the peak growth, then the HostNotFound's message and output.
 CHATTY_HOST_SCRIPT = IMPORT_LINE + """
 import os, threading, time, tracemalloc
-execnet._code_for_remote(sys.hexversion, sys.implementation.cache_tag)   # (compiled once)
+execnet._code_for_remote(sys.hexversion, sys.implementation.cache_tag, execnet._abi_tag())  # (compiled once)
 tracemalloc.start()
 base = tracemalloc.get_traced_memory()[0]
 
@@ -2815,6 +2852,48 @@ class TestBootstrap:
         gw = make_transport_gateway(group, transport, spec)
         ch = gw.remote_exec("import os; channel.send(os.environ.get('EXECNET_TEST_FOO'))")
         assert ch.receive(timeout=30) == "bar-1"
+
+    @single_only
+    def test_code_for_remote_needs_the_same_abi(self):
+        import marshal
+
+        tag, abi = sys.implementation.cache_tag, execnet._abi_tag()
+        code = execnet._code_for_remote(sys.hexversion, tag, abi)
+        assert isinstance(marshal.loads(code), type(self.test_code_for_remote_needs_the_same_abi.__code__))
+        name, flags, gil = abi.split(":")
+        assert name == sys.implementation.name and flags == getattr(sys, "abiflags", "")
+        foreign = "cpython" if name == "pypy" else "pypy"
+        for other in ["%s:%s:%s" % (foreign, flags, gil), "%s:t:nogil" % name,
+                      "%s:d:%s" % (name, gil), "%s:%s:nogil" % (name, flags)]:
+            assert other != abi
+            assert execnet._code_for_remote(sys.hexversion, tag, other) == b"", other
+        assert execnet._code_for_remote(sys.hexversion, tag) == b"", "an unknown ABI got code"
+        assert execnet._code_for_remote(sys.hexversion + 1, tag, abi) == b""
+        assert execnet._code_for_remote(sys.hexversion, "other-99", abi) == b""
+
+    @single_only
+    @pytest.mark.parametrize("fake", [
+        None, "cpython:t:nogil", "cpython::gil" if sys.implementation.name == "pypy" else "pypy::gil"])
+    def test_remote_of_another_abi_gets_source_only(self, group, monkeypatch, fake):
+        # a remote of the same version and cache tag but another ABI (here:
+        # we pretend to be free-threaded, or PyPy) compiles the source itself
+        sent = []
+        real = execnet._code_for_remote
+
+        def spy(hexversion, cache_tag, abi=None):
+            code = real(hexversion, cache_tag, abi)
+            sent.append((abi, len(code)))
+            return code
+
+        monkeypatch.setattr(execnet, "_code_for_remote", spy)
+        if fake is not None:
+            monkeypatch.setattr(execnet, "_abi_tag", lambda: fake)
+        gw = mkgw(group, "popen//python=%s" % sys.executable)
+        ch = gw.remote_exec("import sys; channel.send(sys.modules['execnet_single']._abi_tag())")
+        remote_abi = ch.receive(timeout=30)
+        assert (remote_abi, 0 if fake else sent[-1][1]) in sent
+        assert sent[-1][0] == remote_abi
+        assert (sent[-1][1] == 0) == (fake is not None), sent
 
     def test_env_chdir_dont_write_bytecode_nice(self, group, transport, tmp_path):
         extra = "//env:EXECNET_TEST_ENV=v 2//chdir=%s//dont_write_bytecode//nice=3" % tmp_path
@@ -3061,7 +3140,7 @@ def _check_burst(got, count):
 PROGRESS_BLOCKS = 445   # 40.05 MB of records
 PROGRESS_HOST_SCRIPT = """
 {import_line}
-import os, resource, sys, threading, time, tracemalloc
+import os, resource, sys, threading, time
 gw = execnet.makegateway("popen//id=gw0")
 limit = {limit!r}
 
@@ -3084,6 +3163,7 @@ def watch():
 
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if limit is not None:
+    import tracemalloc
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     thread = threading.Thread(target=watch)
@@ -3327,6 +3407,7 @@ class TestOutput:
         assert b"child-out\n" in b"".join(d for fd, d in got if fd == 1)
         assert b"child-err\n" in b"".join(d for fd, d in got if fd == 2)
 
+    @needs_tracemalloc
     def test_progress_text_is_forwarded_in_small_memory(self, tmp_path):
         # 40 MB of "\r"-separated text and not one "\n" (tqdm, pip) reaches
         # the local stderr whole, with every redraw prefixed, while the host
@@ -3799,7 +3880,7 @@ class TestTermination:
             proc.stdout.close()
             proc.stderr.close()
 
-    @pytest.mark.parametrize("version", VERSIONS)
+    @pytest.mark.parametrize("version", PYTHONS)
     def test_interpreter_exit_with_open_gateways(self, version):
         python = host_python(version)
         proc = run_script(python, ENDS_WITH_OPEN_GATEWAYS_SCRIPT % IMPORT_LINE, timeout=120)
@@ -3845,6 +3926,24 @@ class TestFlowControl:
         for i in range(200):
             assert ch.receive(timeout=30) == bytes([i % 256]) * self.ITEM
         ch.waitclose(timeout=30)
+
+    @single_only
+    def test_locked_arrival_path_keeps_the_accounting(self, group, monkeypatch):
+        # without a GIL, _Flow.item_arrived takes the lock (section 5); no
+        # free-threaded build here, so the local side is made to take that path
+        monkeypatch.setattr(execnet, "_NO_GIL", True)
+        gw = mkgw(group, "popen//window=65536")
+        ch = gw.remote_exec(
+            "for i in range(100):\n"
+            "    channel.send(bytes([i % 256]) * ITEM)\n".replace("ITEM", str(self.ITEM)))
+        for i in range(100):
+            assert ch.receive(timeout=30) == bytes([i % 256]) * self.ITEM
+        ch.waitclose(timeout=30)
+        flow = ch._flow
+        with flow.lock:
+            # every arrival was counted (the break: arrived 0, settled 14)
+            assert flow.arrived == flow.settled > 0
+            assert flow.prepaid == flow.partial == 0
 
     def test_local_sender_blocks_on_unread_window(self, group, transport):
         gw = make_transport_gateway(group, transport, "//window=65536")
@@ -4281,8 +4380,8 @@ channel.send(samples)
 channel.send(execnet_single.dumps(samples))
 theirs = channel.receive()
 channel.send(same(execnet_single.loads(theirs), samples))
-channel.send("%d.%d" % sys.version_info[:2])
-"""
+channel.send(LABEL)
+""".replace("LABEL", LABEL_EXPR)
 
 NESTED_SOURCE = HELPERS_SRC + """
 import sys
@@ -4319,13 +4418,13 @@ try:
         results[version] = problems
 finally:
     group.terminate(timeout=10)
-channel.send(("%d.%d" % sys.version_info[:2], results))
-"""
+channel.send((LABEL, results))
+""".replace("LABEL", LABEL_EXPR)
 
 
 @single_only
 class TestCrossVersion:
-    @pytest.mark.parametrize("version", VERSIONS)
+    @pytest.mark.parametrize("version", PYTHONS)
     def test_echo_every_type(self, group, version):
         gw = mkgw(group, "popen//python=" + need_interpreter(version))
         ch = gw.remote_exec(ECHO_AND_COMPARE_SOURCE)
@@ -4342,17 +4441,33 @@ class TestCrossVersion:
         assert ch.receive(timeout=30) == version
         ch.waitclose(timeout=30)
 
-    @pytest.mark.parametrize("version", VERSIONS)
+    @pytest.mark.parametrize("version", PYTHONS)
     def test_host_on_each_version_drives_every_version(self, group, version):
-        paths = {v: need_interpreter(v) for v in VERSIONS}
+        paths = {v: need_interpreter(v) for v in PYTHONS}
         gw = mkgw(group, "popen//python=" + paths[version])
         ch = gw.remote_exec(
             "ECHO_SOURCE = %r\n" % ECHO_AND_COMPARE_SOURCE + NESTED_SOURCE)
         ch.send(paths)
         host_version, results = ch.receive(timeout=240)
         assert host_version == version
-        assert sorted(results) == sorted(VERSIONS)
-        assert results == {v: [] for v in VERSIONS}
+        assert sorted(results) == sorted(PYTHONS)
+        assert results == {v: [] for v in PYTHONS}
+
+    @pytest.mark.parametrize("version", PYTHONS)
+    def test_stage2_reports_the_abi(self, version):
+        # the ok line's last word is what _abi_tag() says on that interpreter
+        python = need_interpreter(version)
+        proc = subprocess.run(python_argv(python) + ["-c", execnet._STAGE2], input=b"",
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        assert proc.returncode == 4, proc.stderr   # no header: stdin ended
+        words = proc.stdout.decode().split()
+        assert words[0] == "execnet_single:ok" and len(words) == 4, words
+        tag = run_script(python, "ns = {'__name__': 'shipped'}\n"
+                                 "exec(compile(open(%r).read(), 'x', 'exec'), ns)\n"
+                                 "print(ns['_abi_tag']())" % LIBRARY_PATH)
+        assert words[3] == tag.stdout.decode().strip(), tag.stderr
+        assert words[3].startswith("pypy:" if version == PYPY else "cpython:")
+        assert words[3].endswith(":gil")
 
     def test_python27_is_remote_too_old(self, group):
         python = need_interpreter("2.7")
@@ -4459,7 +4574,7 @@ REQUIRED_API = [
 
 @single_only
 class TestShippedSource:
-    @pytest.mark.parametrize("version", VERSIONS)
+    @pytest.mark.parametrize("version", PYTHONS)
     def test_exec_without_file_changes_nothing(self, version):
         python = need_interpreter(version)
         proc = run_script(python, SHIPPED_CHECK_SCRIPT.replace("sys.argv[1]", repr(LIBRARY_PATH)))
@@ -4476,7 +4591,7 @@ class TestShippedSource:
         assert report["registered"] == []
         assert report["typing_imported"] is False
 
-    @pytest.mark.parametrize("version", VERSIONS)
+    @pytest.mark.parametrize("version", PYTHONS)
     def test_compiles_without_warnings(self, version):
         python = need_interpreter(version)
         proc = run_script(
@@ -6749,8 +6864,11 @@ class TestSocketServer:
                 me.num_fds(), fds_before)
             assert me.num_threads() < 10
             # memory is back too: a leak of 8 KiB per connection would show
+            # (not on PyPy: its RSS grows with JIT code and GC arenas, ~30 MB
+            # here, whether anything leaks or not)
             grown = me.memory_info().rss - rss_before
-            assert grown < 4 * 1024 * 1024, grown  # (seen: 64 KiB)
+            if sys.implementation.name != "pypy":
+                assert grown < 4 * 1024 * 1024, grown  # (seen: 64 KiB)
 
     @pytest.mark.parametrize("peers, tls", [(32, False), (40, False), (40, True)])
     def test_idle_reconnecting_peers_do_not_lock_clients_out(self, tmp_path, group, peers,
