@@ -3554,6 +3554,33 @@ def _start_blocked_sender(gw, items=20, size=1024 * 1024, must_block=True):
     return thread
 
 
+def _kill_host_and_check_pids_end(script, count):
+    """Run script (it prints count pids of processes it started), SIGKILL
+    it, and check that every one of those processes ends soon after."""
+    proc = subprocess.Popen([sys.executable, "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pids = []
+    try:
+        line = call_with_timeout(proc.stdout.readline, 60)
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == count, (
+            line, proc.stderr.read() if proc.poll() is not None else "")
+        assert all(pid_alive(p) for p in pids)
+        proc.kill()
+        proc.wait(timeout=30)
+        assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30), (
+            "outlived their SIGKILLed host: %s" % [p for p in pids if pid_alive(p)])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for p in pids:
+            if pid_alive(p):
+                os.kill(p, signal.SIGKILL)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def _run_host_that_must_exit(script, npids, exit_within):
     """Run script in a fresh host interpreter; it prints its remotes' pids
     first.  Check that it exits within `exit_within` seconds and that none
@@ -3856,29 +3883,7 @@ class TestTermination:
         assert wait_for(lambda: pid_gone(target_pid), timeout=30), "via target orphaned"
 
     def test_killed_host_leaves_no_orphans(self):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOST_KILLED_SCRIPT % IMPORT_LINE],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        pids = []
-        try:
-            line = call_with_timeout(proc.stdout.readline, 60)
-            pids = [int(p) for p in line.split()]
-            assert len(pids) == 3, (line, proc.stderr.read() if proc.poll() is not None else "")
-            assert all(pid_alive(p) for p in pids)
-            proc.kill()
-            proc.wait(timeout=30)
-            assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30), (
-                "children outlived their SIGKILLed host: %s" % [p for p in pids if pid_alive(p)])
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-            for p in pids:
-                if pid_alive(p):
-                    os.kill(p, signal.SIGKILL)
-            proc.stdout.close()
-            proc.stderr.close()
+        _kill_host_and_check_pids_end(HOST_KILLED_SCRIPT % IMPORT_LINE, 3)
 
     @pytest.mark.parametrize("version", PYTHONS)
     def test_interpreter_exit_with_open_gateways(self, version):
@@ -4965,28 +4970,7 @@ class TestWarmStart:
         assert _facts(first)[0] == int(first.remoteaddress)      # the orphan still serves
 
     def test_killed_host_leaves_no_fork_server_or_children(self):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOST_KILLED_WARM_SCRIPT % IMPORT_LINE],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        pids = []
-        try:
-            line = call_with_timeout(proc.stdout.readline, 60)
-            pids = [int(p) for p in line.split()]
-            assert len(pids) == 3, (line, proc.stderr.read() if proc.poll() is not None else "")
-            assert all(pid_alive(p) for p in pids)
-            proc.kill()
-            proc.wait(timeout=30)
-            assert wait_for(lambda: all(pid_gone(p) for p in pids), timeout=30), (
-                "outlived their SIGKILLed host: %s" % [p for p in pids if pid_alive(p)])
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-            for p in pids:
-                if pid_alive(p):
-                    os.kill(p, signal.SIGKILL)
-            proc.stdout.close()
-            proc.stderr.close()
+        _kill_host_and_check_pids_end(HOST_KILLED_WARM_SCRIPT % IMPORT_LINE, 3)
 
 # ========================================================== benchmarks
 #
