@@ -17,8 +17,9 @@ Sections (each uses only the ones above it):
   8. Bootstrap                            (wherever a process is started)
   9. Local gateways: popen, via, socket, ssh  (local side)
  10. XSpec, exec models, Group, MultiChannel, RSync
- 11. Socket server                        (python -m execnet_single serve)
- 12. CLI
+ 11. Remote calls: Gateway.call, Executor (local side; the call server remotely)
+ 12. Socket server                        (python -m execnet_single serve)
+ 13. CLI
 """
 
 import os
@@ -34,6 +35,7 @@ __all__ = [
     "DataFormatError",
     "DumpError",
     "ExecnetError",
+    "Executor",
     "Gateway",
     "Group",
     "HostNotFound",
@@ -60,6 +62,7 @@ __all__ = [
     "load",
     "loads",
     "makegateway",
+    "register_remote_exception",
     "serve",
     "set_execmodel",
 ]
@@ -177,6 +180,90 @@ class RemoteError(ExecnetError):
     def warn(self):
         """Report an error nobody received (to the logger, never stderr)."""
         _log(30, "unhandled RemoteError: %s" % self.formatted)
+
+
+# A remote exception of a builtin class (or of a class registered with
+# register_remote_exception) is raised here as an instance of a subclass of
+# both RemoteError and that class, made once per class, so that `except
+# KeyError:` works.  The class is looked up by name, never made from text.
+_UNTYPED = frozenset(("KeyboardInterrupt", "SystemExit", "GeneratorExit"))
+_REGISTERED_ERRORS = {}   # (module, qualname) -> class registered by the user
+_TYPED_ERRORS = {}        # (module, qualname) -> the RemoteError subclass made
+
+
+def register_remote_exception(cls):
+    """Raise remote exceptions of this (importable) class locally as cls too."""
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        raise TypeError(_Text.NOT_AN_EXCEPTION_CLASS % (cls,))
+    key = (cls.__module__, cls.__qualname__)
+    _REGISTERED_ERRORS[key] = cls
+    _TYPED_ERRORS.pop(key, None)
+    return cls
+
+
+def _typed_error_class(module, qualname):
+    """The RemoteError subclass for a remote exception class, or None."""
+    key = (module, qualname)
+    made = _TYPED_ERRORS.get(key)
+    if made is not None:
+        return made
+    base = _REGISTERED_ERRORS.get(key)
+    if base is None and module == "builtins" and qualname not in _UNTYPED:
+        import builtins
+
+        base = getattr(builtins, qualname, None)
+    if not (isinstance(base, type) and issubclass(base, Exception)) or issubclass(
+            base, RemoteError):
+        return None
+    try:
+        made = type("Remote" + base.__name__, (RemoteError, base),
+                    {"__module__": __name__, "__doc__": "RemoteError and %s." % qualname})
+    except TypeError:  # an instance layout that cannot be combined
+        return None
+    _TYPED_ERRORS[key] = made
+    return made
+
+
+def _remote_error(text, kind=None):
+    """The RemoteError for a remote traceback text; kind is (module,
+    qualname, args) of the remote exception (see _error_kind)."""
+    if kind:
+        try:
+            module, qualname, args = kind
+            cls = _typed_error_class(module, qualname)
+            if cls is not None:
+                args = tuple(args)
+                error = cls.__new__(cls, *args)
+                cls.__bases__[1].__init__(error, *args)
+                error.formatted = text
+                return error
+        except Exception:  # arguments the class does not take: plain
+            pass
+    return RemoteError(text)
+
+
+def _error_kind(exc):
+    """(module, qualname, args) of an exception, for _remote_error on the
+    other side; None for BaseExceptions that are not Exceptions."""
+    if not isinstance(exc, Exception):
+        return None
+    cls = type(exc)
+    args = exc.args
+    if isinstance(exc, OSError) and exc.filename is not None:
+        args = (exc.errno, exc.strerror, exc.filename)
+        if exc.filename2 is not None:
+            args += (None, exc.filename2)
+    try:
+        dumps(args)
+    except Exception:
+        args = (str(exc),)
+    return (cls.__module__, cls.__qualname__, args)
+
+
+class _ErrorText(str):
+    """An error text for Channel.close that also carries the _error_kind."""
+
+    kind = None
 
 
 class TimeoutError(ExecnetError, _builtin_TimeoutError):
@@ -300,6 +387,25 @@ class _Text:
     SSH_FAILED = "gateway %s: ssh %s failed (exit status %s): %s"
     SSH_NO_PYTHON = "no python3 or python on the PATH of the remote shell"
     SSH_BAD_ENV_NAME = "not a shell variable name (ssh passes env: through the remote shell)"
+    NOT_AN_EXCEPTION_CLASS = "register_remote_exception needs an Exception subclass, not %r"
+    # remote calls
+    CALL_LAMBDA = "can't call %s remotely: a lambda has no name the remote can find; use def"
+    CALL_CLOSURE = ("can't call %s remotely: it is a closure (uses variables of the "
+                    "function around it)")
+    CALL_NESTED = ("can't call %s remotely: it is defined inside another function; "
+                   "define it at module level")
+    CALL_BOUND = ("can't call %r remotely: a method bound to an object of this process; "
+                  "call a module-level function")
+    CALL_NOT_FUNCTION = ("can't call %r remotely: not a function, class or builtin "
+                         "that the remote can find by module and name")
+    CALL_NOT_SELF_CONTAINED = ("can't call %s remotely: the remote cannot import module "
+                               "%r, and the function is not self-contained (%s)")
+    CALL_BAD_ARG = "call of %s on gateway %s: %s"
+    CALL_BAD_RESULT = "call of %s on gateway %s: can't send the result back: %s"
+    CALL_LOST = "gateway %s: the call of %s did not complete: %s"
+    CALL_LOST_EXIT = "the gateway exited"
+    CALL_NO_GATEWAY = "Executor has no gateway left to run %s: %s"
+    CALL_SHUTDOWN = "cannot schedule new calls after shutdown"
     INSECURE_WARNING = ("WARNING: running WITHOUT authentication (--insecure): every local "
                         "user can run code as you through %s")
 
@@ -1807,7 +1913,10 @@ class Channel:
             return
         if not self._peer_closed:
             if error is not None:
-                self.gateway._send(_MSG_CLOSE_ERROR, self.id, dumps(str(error)))
+                text = str(error)
+                if type(error) is _ErrorText and error.kind:
+                    text = (text, error.kind)  # the peer raises it typed
+                self.gateway._send(_MSG_CLOSE_ERROR, self.id, dumps(text))
             else:
                 self.gateway._send(_MSG_CLOSE, self.id)
         if isinstance(error, RemoteError):
@@ -2408,7 +2517,11 @@ class _GatewayBase:
             text = _loads(payload)
         except LoadError as exc:
             text = "(unreadable error text: %s)" % (exc,)
-        self._local_close(cid, RemoteError(str(text)))
+        if type(text) is tuple and len(text) == 2:  # (text, kind): see _ErrorText
+            error = _remote_error(str(text[0]), text[1])
+        else:
+            error = RemoteError(str(text))
+        self._local_close(cid, error)
 
     def _on_last_message(self, cid, payload):
         self._local_close(cid, sendonly=True)
@@ -2551,7 +2664,8 @@ class _RemoteGateway(_GatewayBase):
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too
             if not (isinstance(exc, EOFError) and self._finished):
                 _remember_source(filename or "<remote exec>", source)
-                error = _format_error(exc)
+                error = _ErrorText(_format_error(exc))
+                error.kind = _error_kind(exc)
         finally:
             _flush_std_streams()
             # idle before the close goes out: the next remote_exec may follow it
@@ -3355,6 +3469,18 @@ class Gateway(_GatewayBase):
         channel = self.newchannel()
         self._send(_MSG_EXEC, channel.id, payload)
         return channel
+
+    def call(self, func, *args, **kwargs):
+        """Run func(*args, **kwargs) remotely and return its value (section 11)."""
+        return _call_client(self).submit(func, args, kwargs).result()
+
+    def call_async(self, func, *args, **kwargs):
+        """Start func(*args, **kwargs) remotely; return a concurrent.futures.Future."""
+        return _call_client(self).submit(func, args, kwargs)
+
+    def set_call_limit(self, limit):
+        """How many calls the remote runs at once (default 8; excess ones wait)."""
+        _call_client(self).set_limit(limit)
 
     def remote_status(self):
         """Ask the remote how many channels and tasks it has."""
@@ -5120,7 +5246,653 @@ def _rsync_receive(channel):
     channel.send("done")
 
 
-# === 11. Socket server ===
+# === 11. Remote calls ===
+#
+# gw.call(func, *args, **kwargs) runs func in the remote through the
+# gateway's call server: one remote_exec of _serve_calls, started on the
+# first call, whose channel carries every call.  Items on it:
+#
+#   to the remote    (call_id, target, args, kwargs)    a call; kwargs None:
+#                                                       args is a list of
+#                                                       argument tuples (a
+#                                                       chunk of Executor.map)
+#                    ("cancel", call_id)                skip it if not started
+#                    ("limit", n)                       run at most n at once
+#   from the remote  (call_id, status, value)           _DONE: the result;
+#                    _FAILED: (traceback text, _error_kind); _BAD_RESULT: the
+#                    DumpError text; _SKIPPED/_STARTED: the answer to "cancel"
+#
+# target is an int naming a function defined by an earlier call, or on its
+# first use (tid, module, qualname, source, filename): by source if the
+# function is self-contained (it needs nothing remotely), else by reference
+# through _resolve_reference, the one place an import-forwarding feature
+# needs to hook into.  The local side completes futures in the channel's
+# callback (the receiver thread): no thread of its own, no per-message cost
+# for other channels.  With the main_thread_only exec model the server runs
+# in the remote main thread and calls run there one at a time; while it
+# lives, other remote_exec calls on that gateway are refused.
+
+_CALL_LIMIT = 8   # calls one gateway runs at once, unless set_call_limit says
+_DONE, _FAILED, _BAD_RESULT, _SKIPPED, _STARTED = range(5)
+_CALL_TARGETS = {}   # func -> (module, qualname, source, filename), checked once
+_CALL_END = object()  # the call channel's endmarker
+_calls_lock = threading.Lock()
+
+
+def _call_source(function):
+    """(filename, source) of a self-contained function, or raise ValueError."""
+    import inspect
+    import textwrap
+
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError) as exc:
+        raise ValueError("no source: %s" % (exc,)) from None
+    used = _non_builtin_globals(source, function.__code__)
+    if used:
+        raise ValueError("it uses the globals %s" % (", ".join(used),))
+    filename = inspect.getsourcefile(function) or "<remote call>"
+    return filename, "\n" * (function.__code__.co_firstlineno - 1) + source
+
+
+def _local_reference(module, qualname):
+    """The object module.qualname in this process, or None."""
+    obj = sys.modules.get(module)
+    try:
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return None
+    return obj
+
+
+def _call_target(func):
+    """How func travels: (module, qualname, source, filename); raises
+    TypeError/ValueError for what the remote cannot find (nothing is sent)."""
+    target = _CALL_TARGETS.get(func)
+    if target is not None:
+        return target
+    name = getattr(func, "__qualname__", None) or repr(func)
+    if isinstance(func, type(_call_target)):
+        if func.__name__ == "<lambda>":
+            raise ValueError(_Text.CALL_LAMBDA % (name,))
+        if func.__closure__:
+            raise ValueError(_Text.CALL_CLOSURE % (name,))
+        if "<locals>" in name:
+            raise ValueError(_Text.CALL_NESTED % (name,))
+        module = func.__module__
+        try:
+            filename, source = _call_source(func)
+            target = (None, func.__name__, source, filename)
+        except ValueError as exc:
+            if module in (None, "__main__", "__channelexec__") or _local_reference(
+                    module, name) is not func:
+                raise ValueError(_Text.CALL_NOT_SELF_CONTAINED % (name, module, exc)) from None
+            target = (module, name, None, None)
+    else:
+        owner = getattr(func, "__self__", None)
+        if owner is not None and not isinstance(owner, (type, type(sys))):
+            raise TypeError(_Text.CALL_BOUND % (func,))
+        module = getattr(owner if isinstance(owner, type) else func, "__module__", None)
+        if module is None:
+            module = getattr(getattr(func, "__objclass__", None), "__module__", None)
+        if not (isinstance(module, str) and isinstance(name, str)
+                and _local_reference(module, name) == func):
+            raise TypeError(_Text.CALL_NOT_FUNCTION % (func,))
+        target = (module, name, None, None)
+    try:
+        _CALL_TARGETS[func] = target
+    except TypeError:  # unhashable: checked again next time
+        pass
+    return target
+
+
+def _resolve_reference(module, qualname):
+    """The object module.qualname in this (remote) process, importing module."""
+    import importlib
+
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _dump_failure(obj, root):
+    """The DumpError text for obj, its path starting at root (None: it dumps)."""
+    try:
+        dumps(obj)
+    except DumpError:
+        pass
+    else:
+        return None
+    try:
+        _save(obj, [].append, 1)
+    except _DumpFail as fail:
+        return "%s at %s%s" % (fail.reason, root, "".join(reversed(fail.path)))
+    except RecursionError:
+        pass
+    return "can't serialize a recursive or too deeply nested structure at %s" % (root,)
+
+
+# -- the remote side --
+
+
+def _serve_calls(channel, limit):
+    """Remote: serve calls arriving on channel until it closes."""
+    server = _CallServer(channel, limit)
+    channel.setcallback(server.on_item, endmarker=None)
+    server.work()
+    server.finished.wait()
+
+
+class _CallTarget:
+    """A remote call target, resolved on its first call."""
+
+    def __init__(self, definition):
+        self.definition = definition
+        self.func = None
+        self.lock = threading.Lock()
+
+    def get(self):
+        func = self.func
+        if func is None:
+            with self.lock:
+                if self.func is None:
+                    module, qualname, source, filename = self.definition
+                    if source is None:
+                        self.func = _resolve_reference(module, qualname)
+                    else:
+                        _remember_source(filename, source)
+                        namespace = {"__name__": "__channelexec__"}
+                        exec(compile(source, filename, "exec"), namespace)
+                        self.func = namespace[qualname]
+                func = self.func
+        return func
+
+
+class _CallServer:
+    """Remote: queues calls as they arrive (receiver thread) and runs them
+    in up to `limit` worker threads, started as needed."""
+
+    def __init__(self, channel, limit):
+        self.channel = channel
+        self.single = channel.gateway.execmodel.backend == "main_thread_only"
+        self.limit = 1 if self.single else max(1, limit)
+        self.lock = threading.Lock()
+        self.queue = _Queue()
+        self.targets = {}
+        self.waiting = set()   # ids of calls queued, not started
+        self.workers = 1       # the thread of _serve_calls is one
+        self.idle = 0          # workers waiting, not yet promised a call
+        self.backlog = 0       # calls queued that no worker was promised
+        self.finished = threading.Event()
+
+    def on_item(self, item):
+        if item is None:
+            self.queue.put(None)
+            return
+        first = item[0]
+        if type(first) is int:
+            target = item[1]
+            if type(target) is tuple:
+                self.targets[target[0]] = _CallTarget(target[1:])
+            with self.lock:
+                self.waiting.add(first)
+                if self.idle:
+                    self.idle -= 1
+                    start = False
+                else:
+                    self.backlog += 1
+                    start = self.workers < self.limit
+                    if start:
+                        self.workers += 1
+            self.queue.put(item)
+            if start:
+                _daemon(self.work, (), "execnet_single-call")
+        elif first == "cancel":
+            with self.lock:
+                waiting = item[1] in self.waiting
+                self.waiting.discard(item[1])
+            self.channel.send((item[1], _SKIPPED if waiting else _STARTED, None))
+        elif first == "limit" and not self.single:
+            with self.lock:
+                self.limit = max(1, item[1])
+                more = max(0, min(self.backlog, self.limit - self.workers))
+                self.workers += more
+            for _ in range(more):
+                _daemon(self.work, (), "execnet_single-call")
+
+    def work(self):
+        lock = self.lock
+        queue = self.queue
+        try:
+            while True:
+                with lock:
+                    if self.backlog:
+                        self.backlog -= 1
+                    else:
+                        self.idle += 1
+                item = queue.get()
+                if item is None:
+                    queue.put(None)  # for the other workers
+                    return
+                self.run(item)
+        finally:
+            with lock:
+                self.workers -= 1
+                if not self.workers:
+                    self.finished.set()
+
+    def run(self, item):
+        call_id, target, args, kwargs = item
+        with self.lock:
+            if call_id not in self.waiting:
+                return  # cancelled
+            self.waiting.discard(call_id)
+        value = None
+        try:
+            func = self.targets[target if type(target) is int else target[0]].get()
+            if kwargs is None:
+                value = [func(*one) for one in args]
+            else:
+                value = func(*args, **kwargs)
+            reply = (call_id, _DONE, value)
+        except BaseException as exc:  # SystemExit too: the server carries on
+            reply = (call_id, _FAILED, (_format_error(exc), _error_kind(exc)))
+        _flush_std_streams()
+        send = self.channel.send
+        try:
+            try:
+                send(reply)
+            except DumpError as exc:
+                send((call_id, _BAD_RESULT, _dump_failure(value, "result") or str(exc)))
+        except OSError:
+            pass  # the local side is gone
+
+
+# -- the local side --
+
+
+def _future_base():
+    """concurrent.futures, imported on first use (not at remote start)."""
+    import concurrent.futures
+
+    return concurrent.futures
+
+
+class _CallFutureMixin:
+    """A Future of a remote call: cancel() asks the remote for one it sent."""
+
+    _client = None
+    _call_id = None    # set once the call is sent
+    _answer = None
+
+    def cancel(self):
+        """Cancel the call unless it has started; True if it never runs."""
+        with self._sendlock:
+            client = self._client
+            if client is None or self._call_id is None or self.done():
+                return self._future_cancel()
+            return client._cancel(self)
+
+
+_made_classes = {}
+
+
+def _made_class(name, mixin, base):
+    """The class (mixin, base), made once (base is imported late)."""
+    cls = _made_classes.get(mixin)
+    if cls is None:
+        cls = _made_classes[mixin] = type(name, (mixin, base), {"__module__": __name__})
+    return cls
+
+
+def _new_future():
+    cls = _made_class("CallFuture", _CallFutureMixin, _future_base().Future)
+    future = cls()
+    future._sendlock = threading.Lock()
+    future._future_cancel = super(_CallFutureMixin, future).cancel
+    return future
+
+
+class _CallClient:
+    """The local end of one gateway's call server."""
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+        self.lock = threading.Lock()
+        self.channel = None
+        self.futures = {}      # call_id -> future, while running
+        self.names = {}        # call_id -> the function's name, for errors
+        self.next_id = 1
+        self.tids = {}         # target tuple -> [tid, sent]
+        self.limit = _CALL_LIMIT
+
+    def set_limit(self, limit):
+        limit = int(limit)
+        if limit < 1:
+            raise ValueError("the call limit must be at least 1, not %r" % (limit,))
+        with self.lock:
+            self.limit = limit
+            channel = self.channel
+        if channel is not None:
+            channel.send(("limit", limit))
+
+    def _channel(self):
+        """The call server's channel (lock held), started on first use."""
+        channel = self.channel
+        if channel is None:
+            channel = self.gateway.remote_exec(
+                "import execnet_single\nexecnet_single._serve_calls(channel, %d)" % self.limit)
+            channel.setcallback(lambda item: self._on_reply(channel, item), endmarker=_CALL_END)
+            self.channel = channel
+        return channel
+
+    def submit(self, func, args, kwargs, future=None, chunk=False):
+        """Send a call; its future completes when the result arrives."""
+        target = _call_target(func)
+        if future is None:
+            future = _new_future()
+        with future._sendlock:
+            if future.cancelled():
+                return future
+            with self.lock:
+                channel = self._channel()
+                call_id = self.next_id
+                self.next_id += 1
+                entry = self.tids.get(target)
+                if entry is None:
+                    entry = self.tids[target] = [len(self.tids), False]
+                self.futures[call_id] = future
+                self.names[call_id] = target[1]
+            tid, sent = entry
+            request = (call_id, tid if sent else (tid,) + target, args,
+                       None if chunk else kwargs)
+            future._client = self
+            future._call_id = call_id
+            try:
+                channel.send(request)
+            except BaseException as exc:
+                with self.lock:
+                    self.futures.pop(call_id, None)
+                    self.names.pop(call_id, None)
+                future._call_id = None
+                if isinstance(exc, DumpError):
+                    text = (_dump_failure(args, "args") or _dump_failure(kwargs, "kwargs")
+                            or str(exc))
+                    raise DumpError(_Text.CALL_BAD_ARG % (target[1], self.gateway.id, text)
+                                    ) from None
+                raise
+            entry[1] = True
+        return future
+
+    def _cancel(self, future):
+        """Ask the remote to skip a sent call (future's send lock held)."""
+        if threading.get_ident() == self.gateway._receiver_ident:
+            return False  # the answer would arrive in this very thread
+        future._answer = answer = threading.Event()
+        try:
+            self.channel.send(("cancel", future._call_id))
+        except OSError:
+            return False
+        answer.wait()
+        if future._answer is _SKIPPED:
+            with self.lock:
+                self.futures.pop(future._call_id, None)
+                self.names.pop(future._call_id, None)
+            return future._future_cancel()
+        return False
+
+    def _on_reply(self, channel, item):
+        """The call channel's callback (receiver thread)."""
+        if item is _CALL_END:
+            self._ended(channel)
+            return
+        call_id, status, value = item
+        if status >= _SKIPPED:
+            future = self.futures.get(call_id)
+            if future is not None:
+                event = future._answer
+                future._answer = status
+                if status == _STARTED and not future.done():
+                    future.set_running_or_notify_cancel()
+                if event is not None and event is not status:
+                    event.set()
+            return
+        future = self.futures.pop(call_id, None)
+        name = self.names.pop(call_id, None)
+        if future is None or future.done():
+            return
+        if status == _DONE:
+            future.set_result(value)
+        elif status == _FAILED:
+            future.set_exception(_remote_error(*value))
+        else:
+            future.set_exception(DumpError(_Text.CALL_BAD_RESULT % (name, self.gateway.id, value)))
+
+    def _ended(self, channel):
+        """The call server or the gateway ended: fail what is still running."""
+        with self.lock:
+            if self.channel is channel:
+                self.channel = None
+            futures, self.futures = self.futures, {}
+            names, self.names = self.names, {}
+            for entry in self.tids.values():
+                entry[1] = False  # a new server knows no targets
+        error = channel._getremoteerror()
+        for call_id, future in futures.items():
+            event = future._answer
+            if isinstance(event, threading.Event):
+                future._answer = _STARTED
+                event.set()
+            if future.done():
+                continue
+            if isinstance(error, RemoteError):
+                exc = error
+            else:
+                exc = EOFError(_Text.CALL_LOST % (self.gateway.id, names.get(call_id),
+                                                  error or _Text.CALL_LOST_EXIT))
+            try:
+                future.set_exception(exc)
+            except Exception:  # set meanwhile (3.8+: InvalidStateError)
+                pass
+
+
+def _call_client(gateway):
+    client = gateway.__dict__.get("_calls")
+    if client is None:
+        with _calls_lock:
+            client = gateway.__dict__.get("_calls")
+            if client is None:
+                client = gateway._calls = _CallClient(gateway)
+    return client
+
+
+class Executor:
+    """A concurrent.futures.Executor running calls on a group's gateways."""
+
+    def __new__(cls, *args, **kwargs):
+        # a real concurrent.futures.Executor, whose module is imported now
+        # rather than at every remote start
+        if not issubclass(cls, _future_base().Executor):
+            cls = _made_class(cls.__name__, cls, _future_base().Executor)
+        return object.__new__(cls)
+
+    def __init__(self, specs_or_group, per_gateway=1):
+        if per_gateway < 1:
+            raise ValueError("per_gateway must be at least 1, not %r" % (per_gateway,))
+        from _collections import deque
+
+        if isinstance(specs_or_group, Group):
+            self.group, self._own_group = specs_or_group, False
+        else:
+            if isinstance(specs_or_group, (str, XSpec)):
+                specs_or_group = [specs_or_group]
+            self.group, self._own_group = Group(specs_or_group), True
+        self.per_gateway = per_gateway
+        self._lock = threading.Lock()
+        self._queue = deque()     # (future, func, args, kwargs, chunk) not yet sent
+        self._busy = {}           # gateway -> calls sent and not finished
+        self._dead = {}           # gateway -> why it cannot take calls
+        self._pending = set()     # every future not yet done
+        self._idle = threading.Condition(self._lock)
+        self._shutdown = False
+        for gateway in self.group:
+            client = _call_client(gateway)
+            if client.limit < per_gateway:
+                client.set_limit(per_gateway)
+
+    def submit(self, fn, *args, **kwargs):
+        """Schedule fn(*args, **kwargs) on a gateway; return its Future."""
+        return self._submit(fn, args, kwargs, False)
+
+    def _submit(self, fn, args, kwargs, chunk):
+        _call_target(fn)  # refuse it now, not in a future
+        future = _new_future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError(_Text.CALL_SHUTDOWN)
+            self._queue.append((future, fn, args, kwargs, chunk))
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        self._pump()
+        return future
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """Like map(), its results in order; chunksize calls travel as one."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        if chunksize == 1:
+            return _future_base().Executor.map(self, fn, *iterables, timeout=timeout)
+        import itertools
+        import time
+
+        items = zip(*iterables)
+        futures = []
+        while True:
+            chunk = list(itertools.islice(items, chunksize))
+            if not chunk:
+                break
+            futures.append(self._submit(fn, chunk, None, True))
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def results():
+            try:
+                futures.reverse()
+                while futures:
+                    left = None if end is None else end - time.monotonic()
+                    for value in futures.pop().result(left):
+                        yield value
+            finally:
+                for future in futures:
+                    future.cancel()
+        return results()
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        """No new calls; cancel queued ones if asked; wait; end own gateways."""
+        with self._lock:
+            self._shutdown = True
+            dropped = list(self._queue) if cancel_futures else []
+            if cancel_futures:
+                self._queue.clear()
+        for entry in dropped:
+            entry[0].cancel()
+        if wait:
+            with self._idle:
+                self._idle.wait_for(lambda: not self._pending)
+            if self._own_group:
+                self.group.terminate()
+        elif self._own_group:
+            _daemon(self.shutdown, (True,), "execnet_single-executor-shutdown")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.shutdown(wait=True)
+        return False
+
+    def _forget(self, future):
+        with self._lock:
+            self._pending.discard(future)
+            if not self._pending:
+                self._idle.notify_all()
+
+    def _pump(self):
+        """Send queued calls to gateways with room (any thread)."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                gateway, live = self._free_gateway()
+                if gateway is None:
+                    if self._busy or live:
+                        return
+                    entries = list(self._queue)
+                    self._queue.clear()
+                    reason = "; ".join("%s: %s" % (gw.id, why) for gw, why in self._dead.items())
+                    for entry in entries:
+                        _fail(entry[0], EOFError(_Text.CALL_NO_GATEWAY % (entry[1], reason)))
+                    return
+                entry = self._queue.popleft()
+                self._busy[gateway] = self._busy.get(gateway, 0) + 1
+            future, fn, args, kwargs, chunk = entry
+            try:
+                _call_client(gateway).submit(fn, args, kwargs, future, chunk)
+            except DumpError as exc:
+                self._done_on(gateway)
+                _fail(future, exc)
+                continue
+            except (OSError, EOFError, RemoteError) as exc:
+                with self._lock:
+                    self._dead[gateway] = exc
+                    self._queue.appendleft(entry)
+                self._done_on(gateway, pump=False)
+                continue
+            if future._call_id is None:  # cancelled before it went
+                self._done_on(gateway, pump=False)
+                continue
+            future.add_done_callback(lambda f, gateway=gateway: self._finished(gateway, f))
+
+    def _free_gateway(self):
+        """(the least busy gateway with room or None, whether any lives)."""
+        best = None
+        live = False
+        for gateway in self.group._gateways:
+            if gateway in self._dead:
+                continue
+            if gateway._finished:
+                self._dead[gateway] = gateway._error or _Text.CALL_LOST_EXIT
+                continue
+            live = True
+            busy = self._busy.get(gateway, 0)
+            if busy < self.per_gateway and (best is None or busy < best[0]):
+                best = (busy, gateway)
+        return (best and best[1]), live
+
+    def _finished(self, gateway, future):
+        if not future.cancelled() and isinstance(future.exception(), EOFError):
+            with self._lock:
+                self._dead.setdefault(gateway, future.exception())
+        self._done_on(gateway)
+
+    def _done_on(self, gateway, pump=True):
+        with self._lock:
+            self._busy[gateway] -= 1
+            if not self._busy[gateway]:
+                del self._busy[gateway]
+        if pump:
+            self._pump()
+
+
+def _fail(future, exc):
+    try:
+        future.set_exception(exc)
+    except Exception:  # cancelled or done meanwhile
+        pass
+
+
+# === 12. Socket server ===
 #
 # `python -m execnet_single serve`.  Each accepted connection gets a thread
 # for the handshake of section 9 (at most max_handshakes at once, each done
@@ -5473,7 +6245,7 @@ def _banner(server, key_path, insecure, tls):
         __version__, host, server.port, " (TLS)" if tls else "", keyinfo, spec)
 
 
-# === 12. CLI ===
+# === 13. CLI ===
 
 
 def _cli_parser():
