@@ -3472,7 +3472,7 @@ class Gateway(_GatewayBase):
 
     def call(self, func, *args, **kwargs):
         """Run func(*args, **kwargs) remotely and return its value (section 11)."""
-        return _call_client(self).submit(func, args, kwargs).result()
+        return _call_client(self).call(func, args, kwargs)
 
     def call_async(self, func, *args, **kwargs):
         """Start func(*args, **kwargs) remotely; return a concurrent.futures.Future."""
@@ -5425,6 +5425,8 @@ class _CallServer:
         self.workers = 1       # the thread of _serve_calls is one
         self.idle = 0          # workers waiting, not yet promised a call
         self.backlog = 0       # calls queued that no worker was promised
+        self.running = 0
+        self.slots = threading.Condition(threading.Lock())
         self.finished = threading.Event()
 
     def on_item(self, item):
@@ -5455,8 +5457,10 @@ class _CallServer:
                 self.waiting.discard(item[1])
             self.channel.send((item[1], _SKIPPED if waiting else _STARTED, None))
         elif first == "limit" and not self.single:
-            with self.lock:
+            with self.slots:
                 self.limit = max(1, item[1])
+                self.slots.notify_all()
+            with self.lock:
                 more = max(0, min(self.backlog, self.limit - self.workers))
                 self.workers += more
             for _ in range(more):
@@ -5485,10 +5489,23 @@ class _CallServer:
 
     def run(self, item):
         call_id, target, args, kwargs = item
-        with self.lock:
-            if call_id not in self.waiting:
-                return  # cancelled
-            self.waiting.discard(call_id)
+        with self.slots:
+            # after a lower limit, more workers than it may be waiting here
+            while self.running >= self.limit:
+                self.slots.wait()
+            with self.lock:
+                if call_id not in self.waiting:
+                    return  # cancelled
+                self.waiting.discard(call_id)
+            self.running += 1
+        try:
+            self.call(call_id, target, args, kwargs)
+        finally:
+            with self.slots:
+                self.running -= 1
+                self.slots.notify()
+
+    def call(self, call_id, target, args, kwargs):
         value = None
         try:
             func = self.targets[target if type(target) is int else target[0]].get()
@@ -5535,6 +5552,27 @@ class _CallFutureMixin:
                 return self._future_cancel()
             return client._cancel(self)
 
+    def _future_cancel(self):
+        return super().cancel()
+
+
+class _CallWaiter:
+    """What gw.call waits on: the few Future methods _CallClient uses."""
+
+    _answer = _client = _call_id = None
+
+    def __init__(self):
+        self.queue = _Queue()
+
+    def done(self):
+        return False
+
+    def set_result(self, value):
+        self.queue.put((True, value))
+
+    def set_exception(self, exc):
+        self.queue.put((False, exc))
+
 
 _made_classes = {}
 
@@ -5551,7 +5589,6 @@ def _new_future():
     cls = _made_class("CallFuture", _CallFutureMixin, _future_base().Future)
     future = cls()
     future._sendlock = threading.Lock()
-    future._future_cancel = super(_CallFutureMixin, future).cancel
     return future
 
 
@@ -5594,37 +5631,48 @@ class _CallClient:
         if future is None:
             future = _new_future()
         with future._sendlock:
-            if future.cancelled():
-                return future
-            with self.lock:
-                channel = self._channel()
-                call_id = self.next_id
-                self.next_id += 1
-                entry = self.tids.get(target)
-                if entry is None:
-                    entry = self.tids[target] = [len(self.tids), False]
-                self.futures[call_id] = future
-                self.names[call_id] = target[1]
-            tid, sent = entry
-            request = (call_id, tid if sent else (tid,) + target, args,
-                       None if chunk else kwargs)
-            future._client = self
-            future._call_id = call_id
-            try:
-                channel.send(request)
-            except BaseException as exc:
-                with self.lock:
-                    self.futures.pop(call_id, None)
-                    self.names.pop(call_id, None)
-                future._call_id = None
-                if isinstance(exc, DumpError):
-                    text = (_dump_failure(args, "args") or _dump_failure(kwargs, "kwargs")
-                            or str(exc))
-                    raise DumpError(_Text.CALL_BAD_ARG % (target[1], self.gateway.id, text)
-                                    ) from None
-                raise
-            entry[1] = True
+            if not future.cancelled():
+                self._send(future, target, args, kwargs, chunk)
         return future
+
+    def call(self, func, args, kwargs):
+        """Run a call and wait for its result (no Future: the fast path)."""
+        waiter = _CallWaiter()
+        self._send(waiter, _call_target(func), args, kwargs, False)
+        ok, value = waiter.queue.get()
+        if ok:
+            return value
+        raise value
+
+    def _send(self, future, target, args, kwargs, chunk):
+        with self.lock:
+            channel = self._channel()
+            call_id = self.next_id
+            self.next_id += 1
+            entry = self.tids.get(target)
+            if entry is None:
+                entry = self.tids[target] = [len(self.tids), False]
+            self.futures[call_id] = future
+            self.names[call_id] = target[1]
+        tid, sent = entry
+        request = (call_id, tid if sent else (tid,) + target, args,
+                   None if chunk else kwargs)
+        future._client = self
+        future._call_id = call_id
+        try:
+            channel.send(request)
+        except BaseException as exc:
+            with self.lock:
+                self.futures.pop(call_id, None)
+                self.names.pop(call_id, None)
+            future._call_id = None
+            if isinstance(exc, DumpError):
+                text = (_dump_failure(args, "args") or _dump_failure(kwargs, "kwargs")
+                        or str(exc))
+                raise DumpError(_Text.CALL_BAD_ARG % (target[1], self.gateway.id, text)
+                                ) from None
+            raise
+        entry[1] = True
 
     def _cancel(self, future):
         """Ask the remote to skip a sent call (future's send lock held)."""
@@ -5739,7 +5787,7 @@ class Executor:
         self._shutdown = False
         for gateway in self.group:
             client = _call_client(gateway)
-            if client.limit < per_gateway:
+            if client.limit != per_gateway:
                 client.set_limit(per_gateway)
 
     def submit(self, fn, *args, **kwargs):
