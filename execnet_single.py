@@ -216,8 +216,11 @@ def _typed_error_class(module, qualname):
             base, RemoteError):
         return None
     try:
-        made = type("Remote" + base.__name__, (RemoteError, base),
-                    {"__module__": __name__, "__doc__": "RemoteError and %s." % qualname})
+        # base first: its __new__ (OSError's errno handling, MemoryError's
+        # freelist) must be the one of the class's static base
+        made = type("Remote" + base.__name__, (base, RemoteError), {
+            "__module__": __name__, "__doc__": "RemoteError and %s." % qualname,
+            "__str__": RemoteError.__str__, "__repr__": RemoteError.__repr__})
     except TypeError:  # an instance layout that cannot be combined
         return None
     _TYPED_ERRORS[key] = made
@@ -234,7 +237,7 @@ def _remote_error(text, kind=None):
             if cls is not None:
                 args = tuple(args)
                 error = cls.__new__(cls, *args)
-                cls.__bases__[1].__init__(error, *args)
+                cls.__bases__[0].__init__(error, *args)
                 error.formatted = text
                 return error
         except Exception:  # arguments the class does not take: plain
@@ -5879,11 +5882,15 @@ class Executor:
                     entries = list(self._queue)
                     self._queue.clear()
                     reason = "; ".join("%s: %s" % (gw.id, why) for gw, why in self._dead.items())
-                    for entry in entries:
-                        _fail(entry[0], EOFError(_Text.CALL_NO_GATEWAY % (entry[1], reason)))
-                    return
-                entry = self._queue.popleft()
-                self._busy[gateway] = self._busy.get(gateway, 0) + 1
+                else:
+                    entries = None
+                    entry = self._queue.popleft()
+                    self._busy[gateway] = self._busy.get(gateway, 0) + 1
+            if entries is not None:  # (outside the lock: done callbacks take it)
+                for entry in entries:
+                    name = getattr(entry[1], "__qualname__", entry[1])
+                    _fail(entry[0], EOFError(_Text.CALL_NO_GATEWAY % (name, reason)))
+                return
             future, fn, args, kwargs, chunk = entry
             try:
                 _call_client(gateway).submit(fn, args, kwargs, future, chunk)

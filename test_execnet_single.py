@@ -5080,7 +5080,9 @@ def _builtin_exception_cases():
     cases = []
     for name in sorted(dir(builtins)):
         cls = getattr(builtins, name)
-        if isinstance(cls, type) and issubclass(cls, Exception) and name not in _SPECIAL_ARGS:
+        if isinstance(cls, type) and issubclass(cls, SyntaxError):
+            cases.append((name, ("boom",)))   # a second argument must be a tuple
+        elif isinstance(cls, type) and issubclass(cls, Exception) and name not in _SPECIAL_ARGS:
             cases.append((name, ("boom", 7)))
         elif _SPECIAL_ARGS.get(name):
             cases.append((name, _SPECIAL_ARGS[name]))
@@ -5221,7 +5223,9 @@ class TestCalls:
             assert str(error) == error.formatted
             with pytest.raises(cls):
                 raise error
-            if not issubclass(cls, OSError):
+            if cls is Exception:   # RemoteError is one already
+                assert type(error) is execnet.RemoteError
+            elif not issubclass(cls, OSError):
                 assert error.args == args, name
 
     @pytest.mark.transports("popen")
