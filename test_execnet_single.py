@@ -4669,6 +4669,105 @@ class TestBenchmarks:
         print("      peak RSS growth: \\r text +%.1f MiB, \\n lines +%.1f MiB"
               % (min(peaks["\\r text"]) / 1048576.0, min(peaks["\\n lines"]) / 1048576.0))
 
+    # -- remote calls (section 11) --
+
+    def test_call_round_trip(self, bench_other, bench_table):
+        loop = ("import traceback\n"
+                "for args in channel:\n"
+                "    if args is None: break\n"
+                "    try:\n"
+                "        channel.send((True, args[0] + args[1]))\n"
+                "    except Exception:\n"
+                "        channel.send((False, traceback.format_exc()))\n")
+        echo = "for item in channel:\n    channel.send(item)\n    if item is None: break"
+        gws = {label: module.makegateway("popen") for label, module in self._libraries(bench_other)}
+        try:
+            ours = gws["execnet_single"]
+            raw = ours.remote_exec(echo)
+            hand = gws["execnet"].remote_exec(loop)
+            count = 2000
+
+            def call_trial():
+                ours.call(call_add, 0, 1)
+                start = time.perf_counter()
+                for i in range(count):
+                    assert ours.call(call_add, i, 1) == i + 1
+                return time.perf_counter() - start
+
+            def raw_trial():
+                start = time.perf_counter()
+                for i in range(count):
+                    raw.send((i, 1))
+                    assert raw.receive(timeout=30) == (i, 1)
+                return time.perf_counter() - start
+
+            def hand_trial():
+                start = time.perf_counter()
+                for i in range(count):
+                    hand.send((i, 1))
+                    assert hand.receive(timeout=30) == (True, i + 1)
+                return time.perf_counter() - start
+            times = _run_rounds([("gw.call", _best_of(call_trial, 3)),
+                                 ("execnet_single channel", _best_of(raw_trial, 3)),
+                                 ("execnet channel loop", _best_of(hand_trial, 3))])
+            for ch in (raw, hand):
+                ch.send(None)
+                ch.waitclose(timeout=30)
+        finally:
+            for gw in gws.values():
+                gw.exit()
+        name = "call round trip, small function"
+        bench_table.figure(name, times, 1.25, ours="gw.call", reference="execnet_single channel")
+        bench_table.figure(name, times, 1.0, ours="gw.call", reference="execnet channel loop")
+
+    def test_executor_map(self, bench_table):
+        import concurrent.futures
+
+        count = 20000
+        expected = [2 * i for i in range(count)]
+        with execnet.Executor(["popen"] * 4) as ours, \
+                concurrent.futures.ProcessPoolExecutor(4) as theirs:
+            for pool in (ours, theirs):
+                assert list(pool.map(call_add, range(100), range(100))) == expected[:100]
+
+            def trial(pool):
+                def run():
+                    start = time.perf_counter()
+                    assert list(pool.map(call_add, range(count), range(count))) == expected
+                    return time.perf_counter() - start
+                return run
+            times = _run_rounds([("Executor", trial(ours)),
+                                 ("ProcessPoolExecutor", trial(theirs))])
+        bench_table.figure("map of 20,000 small calls over 4 processes", times, 1.0,
+                           ours="Executor", reference="ProcessPoolExecutor")
+
+    def test_call_big_results(self, bench_table):
+        calls = 1000
+        gw = execnet.makegateway("popen")
+        try:
+            ch = gw.remote_exec(BULK_REMOTE)
+
+            def call_trial():
+                assert len(gw.call(bytes, MIB)) == MIB
+                start = time.perf_counter()
+                window = []
+                total = 0
+                for _ in range(calls):
+                    window.append(gw.call_async(bytes, MIB))
+                    if len(window) >= 4:
+                        total += len(window.pop(0).result(timeout=60))
+                total += sum(len(f.result(timeout=60)) for f in window)
+                assert total == calls * MIB
+                return time.perf_counter() - start
+            times = _run_rounds([("gw.call", call_trial),
+                                 ("channel", lambda: _bulk_trial(ch, "remote->local", calls))])
+            ch.send(None)
+            ch.waitclose(timeout=30)
+        finally:
+            gw.exit()
+        bench_table.figure("1,000 calls of 1 MiB results", times, 1.5,
+                           ours="gw.call", reference="channel")
+
 
 # ============================================================== RSync
 
