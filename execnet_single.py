@@ -5256,14 +5256,17 @@ def _rsync_receive(channel):
 # first call, whose channel carries every call.  Items on it:
 #
 #   to the remote    (call_id, target, args, kwargs)    a call; kwargs None:
-#                                                       args is a list of
-#                                                       argument tuples (a
-#                                                       chunk of Executor.map)
+#                                                       none; 0: args is a
+#                                                       list of argument
+#                                                       tuples (a chunk of
+#                                                       Executor.map)
 #                    ("cancel", call_id)                skip it if not started
 #                    ("limit", n)                       run at most n at once
 #   from the remote  (call_id, status, value)           _DONE: the result;
 #                    _FAILED: (traceback text, _error_kind); _BAD_RESULT: the
-#                    DumpError text; _SKIPPED/_STARTED: the answer to "cancel"
+#                    DumpError text; _DONE_BYTES: the result is the next
+#                    item, large bytes (sent without a copy); _SKIPPED and
+#                    _STARTED: the answer to "cancel"
 #
 # target is an int naming a function defined by an earlier call, or on its
 # first use (tid, module, qualname, source, filename): by source if the
@@ -5276,7 +5279,7 @@ def _rsync_receive(channel):
 # lives, other remote_exec calls on that gateway are refused.
 
 _CALL_LIMIT = 8   # calls one gateway runs at once, unless set_call_limit says
-_DONE, _FAILED, _BAD_RESULT, _SKIPPED, _STARTED = range(5)
+_DONE, _FAILED, _BAD_RESULT, _DONE_BYTES, _SKIPPED, _STARTED = range(6)
 _CALL_TARGETS = {}   # func -> (module, qualname, source, filename), checked once
 _CALL_END = object()  # the call channel's endmarker
 _calls_lock = threading.Lock()
@@ -5422,6 +5425,8 @@ class _CallServer:
         self.single = channel.gateway.execmodel.backend == "main_thread_only"
         self.limit = 1 if self.single else max(1, limit)
         self.lock = threading.Lock()
+        self.slots = threading.Condition(self.lock)  # (after a lower limit)
+        self.sendlock = threading.Lock()  # a large bytes result goes in two items
         self.queue = _Queue()
         self.targets = {}
         self.waiting = set()   # ids of calls queued, not started
@@ -5429,7 +5434,7 @@ class _CallServer:
         self.idle = 0          # workers waiting, not yet promised a call
         self.backlog = 0       # calls queued that no worker was promised
         self.running = 0
-        self.slots = threading.Condition(threading.Lock())
+        self.held = 0          # workers waiting for a slot
         self.finished = threading.Event()
 
     def on_item(self, item):
@@ -5460,10 +5465,9 @@ class _CallServer:
                 self.waiting.discard(item[1])
             self.channel.send((item[1], _SKIPPED if waiting else _STARTED, None))
         elif first == "limit" and not self.single:
-            with self.slots:
+            with self.lock:
                 self.limit = max(1, item[1])
                 self.slots.notify_all()
-            with self.lock:
                 more = max(0, min(self.backlog, self.limit - self.workers))
                 self.workers += more
             for _ in range(more):
@@ -5471,48 +5475,49 @@ class _CallServer:
 
     def work(self):
         lock = self.lock
-        queue = self.queue
+        get = self.queue.get
+        waiting = self.waiting
+        ran = False
         try:
             while True:
                 with lock:
+                    if ran:
+                        self.running -= 1
+                        if self.held:
+                            self.slots.notify()
                     if self.backlog:
                         self.backlog -= 1
                     else:
                         self.idle += 1
-                item = queue.get()
+                item = get()
                 if item is None:
-                    queue.put(None)  # for the other workers
+                    self.queue.put(None)  # for the other workers
                     return
-                self.run(item)
+                call_id = item[0]
+                with lock:
+                    while self.running >= self.limit:
+                        self.held += 1
+                        self.slots.wait()
+                        self.held -= 1
+                    ran = call_id in waiting
+                    if ran:   # (else cancelled)
+                        waiting.discard(call_id)
+                        self.running += 1
+                if ran:
+                    self.call(*item)
         finally:
             with lock:
                 self.workers -= 1
                 if not self.workers:
                     self.finished.set()
 
-    def run(self, item):
-        call_id, target, args, kwargs = item
-        with self.slots:
-            # after a lower limit, more workers than it may be waiting here
-            while self.running >= self.limit:
-                self.slots.wait()
-            with self.lock:
-                if call_id not in self.waiting:
-                    return  # cancelled
-                self.waiting.discard(call_id)
-            self.running += 1
-        try:
-            self.call(call_id, target, args, kwargs)
-        finally:
-            with self.slots:
-                self.running -= 1
-                self.slots.notify()
-
     def call(self, call_id, target, args, kwargs):
         value = None
         try:
             func = self.targets[target if type(target) is int else target[0]].get()
             if kwargs is None:
+                value = func(*args)
+            elif type(kwargs) is int:  # a chunk: a list of argument tuples
                 value = [func(*one) for one in args]
             else:
                 value = func(*args, **kwargs)
@@ -5522,6 +5527,12 @@ class _CallServer:
         _flush_std_streams()
         send = self.channel.send
         try:
+            if type(value) is bytes and len(value) > _READ_SIZE:
+                # the bytes as an item of their own: sent without a copy
+                with self.sendlock:
+                    send((call_id, _DONE_BYTES, None))
+                    send(value)
+                return
             try:
                 send(reply)
             except DumpError as exc:
@@ -5545,6 +5556,7 @@ class _CallFutureMixin:
 
     _client = None
     _call_id = None    # set once the call is sent
+    _call_name = None
     _answer = None
 
     def cancel(self):
@@ -5562,7 +5574,7 @@ class _CallFutureMixin:
 class _CallWaiter:
     """What gw.call waits on: the few Future methods _CallClient uses."""
 
-    _answer = _client = _call_id = None
+    _answer = _client = _call_id = _call_name = None
 
     def __init__(self):
         self.queue = _Queue()
@@ -5603,7 +5615,7 @@ class _CallClient:
         self.lock = threading.Lock()
         self.channel = None
         self.futures = {}      # call_id -> future, while running
-        self.names = {}        # call_id -> the function's name, for errors
+        self.bytes_for = None  # the call whose bytes result is the next item
         self.next_id = 1
         self.tids = {}         # target tuple -> [tid, sent]
         self.limit = _CALL_LIMIT
@@ -5656,18 +5668,17 @@ class _CallClient:
             if entry is None:
                 entry = self.tids[target] = [len(self.tids), False]
             self.futures[call_id] = future
-            self.names[call_id] = target[1]
         tid, sent = entry
         request = (call_id, tid if sent else (tid,) + target, args,
-                   None if chunk else kwargs)
+                   0 if chunk else (kwargs or None))
         future._client = self
         future._call_id = call_id
+        future._call_name = target[1]
         try:
             channel.send(request)
         except BaseException as exc:
             with self.lock:
                 self.futures.pop(call_id, None)
-                self.names.pop(call_id, None)
             future._call_id = None
             if isinstance(exc, DumpError):
                 text = (_dump_failure(args, "args") or _dump_failure(kwargs, "kwargs")
@@ -5690,16 +5701,22 @@ class _CallClient:
         if future._answer is _SKIPPED:
             with self.lock:
                 self.futures.pop(future._call_id, None)
-                self.names.pop(future._call_id, None)
             return future._future_cancel()
         return False
 
     def _on_reply(self, channel, item):
         """The call channel's callback (receiver thread)."""
-        if item is _CALL_END:
+        if self.bytes_for is not None:
+            call_id, status, value = self.bytes_for, _DONE, item
+            self.bytes_for = None
+        elif item is _CALL_END:
             self._ended(channel)
             return
-        call_id, status, value = item
+        else:
+            call_id, status, value = item
+            if status == _DONE_BYTES:
+                self.bytes_for = call_id
+                return
         if status >= _SKIPPED:
             future = self.futures.get(call_id)
             if future is not None:
@@ -5711,7 +5728,6 @@ class _CallClient:
                     event.set()
             return
         future = self.futures.pop(call_id, None)
-        name = self.names.pop(call_id, None)
         if future is None or future.done():
             return
         if status == _DONE:
@@ -5719,7 +5735,8 @@ class _CallClient:
         elif status == _FAILED:
             future.set_exception(_remote_error(*value))
         else:
-            future.set_exception(DumpError(_Text.CALL_BAD_RESULT % (name, self.gateway.id, value)))
+            future.set_exception(DumpError(_Text.CALL_BAD_RESULT % (
+                future._call_name, self.gateway.id, value)))
 
     def _ended(self, channel):
         """The call server or the gateway ended: fail what is still running."""
@@ -5727,7 +5744,7 @@ class _CallClient:
             if self.channel is channel:
                 self.channel = None
             futures, self.futures = self.futures, {}
-            names, self.names = self.names, {}
+            self.bytes_for = None
             for entry in self.tids.values():
                 entry[1] = False  # a new server knows no targets
         error = channel._getremoteerror()
@@ -5741,7 +5758,7 @@ class _CallClient:
             if isinstance(error, RemoteError):
                 exc = error
             else:
-                exc = EOFError(_Text.CALL_LOST % (self.gateway.id, names.get(call_id),
+                exc = EOFError(_Text.CALL_LOST % (self.gateway.id, future._call_name,
                                                   error or _Text.CALL_LOST_EXIT))
             try:
                 future.set_exception(exc)
@@ -5798,14 +5815,15 @@ class Executor:
         return self._submit(fn, args, kwargs, False)
 
     def _submit(self, fn, args, kwargs, chunk):
-        _call_target(fn)  # refuse it now, not in a future
+        target = _call_target(fn)  # refused now, not in a future
         future = _new_future()
+        future._gateway = None   # the gateway it runs on, once sent
         with self._lock:
             if self._shutdown:
                 raise RuntimeError(_Text.CALL_SHUTDOWN)
-            self._queue.append((future, fn, args, kwargs, chunk))
+            self._queue.append((future, target, args, kwargs, chunk))
             self._pending.add(future)
-        future.add_done_callback(self._forget)
+        future.add_done_callback(self._settled)
         self._pump()
         return future
 
@@ -5863,11 +5881,29 @@ class Executor:
         self.shutdown(wait=True)
         return False
 
-    def _forget(self, future):
+    def _settled(self, future):
+        """A future is done (receiver thread, or where it was cancelled)."""
+        gateway = future._gateway
+        # (the exception is read directly: exception() would take its lock again)
+        if gateway is not None and isinstance(future._exception, EOFError):
+            with self._lock:
+                self._dead.setdefault(gateway, future._exception)
         with self._lock:
             self._pending.discard(future)
             if not self._pending:
                 self._idle.notify_all()
+            if gateway is not None:
+                self._release(gateway)
+        if self._queue:
+            self._pump()
+
+    def _release(self, gateway):
+        """One call fewer on gateway (lock held)."""
+        busy = self._busy[gateway] - 1
+        if busy:
+            self._busy[gateway] = busy
+        else:
+            del self._busy[gateway]
 
     def _pump(self):
         """Send queued calls to gateways with room (any thread)."""
@@ -5888,26 +5924,28 @@ class Executor:
                     self._busy[gateway] = self._busy.get(gateway, 0) + 1
             if entries is not None:  # (outside the lock: done callbacks take it)
                 for entry in entries:
-                    name = getattr(entry[1], "__qualname__", entry[1])
-                    _fail(entry[0], EOFError(_Text.CALL_NO_GATEWAY % (name, reason)))
+                    _fail(entry[0], EOFError(_Text.CALL_NO_GATEWAY % (entry[1][1], reason)))
                 return
-            future, fn, args, kwargs, chunk = entry
-            try:
-                _call_client(gateway).submit(fn, args, kwargs, future, chunk)
-            except DumpError as exc:
-                self._done_on(gateway)
-                _fail(future, exc)
-                continue
-            except (OSError, EOFError, RemoteError) as exc:
-                with self._lock:
-                    self._dead[gateway] = exc
-                    self._queue.appendleft(entry)
-                self._done_on(gateway, pump=False)
-                continue
-            if future._call_id is None:  # cancelled before it went
-                self._done_on(gateway, pump=False)
-                continue
-            future.add_done_callback(lambda f, gateway=gateway: self._finished(gateway, f))
+            future, target, args, kwargs, chunk = entry
+            error = None
+            with future._sendlock:   # cancel() waits, or has happened
+                if not future.cancelled():
+                    future._gateway = gateway
+                    try:
+                        _call_client(gateway)._send(future, target, args, kwargs, chunk)
+                        continue
+                    except DumpError as exc:
+                        error = exc
+                    except (OSError, EOFError, RemoteError) as exc:
+                        error = exc
+                        with self._lock:
+                            self._dead[gateway] = exc
+                            self._queue.appendleft(entry)
+                    future._gateway = None
+            with self._lock:
+                self._release(gateway)
+            if isinstance(error, DumpError):
+                _fail(future, error)
 
     def _free_gateway(self):
         """(the least busy gateway with room or None, whether any lives)."""
@@ -5924,20 +5962,6 @@ class Executor:
             if busy < self.per_gateway and (best is None or busy < best[0]):
                 best = (busy, gateway)
         return (best and best[1]), live
-
-    def _finished(self, gateway, future):
-        if not future.cancelled() and isinstance(future.exception(), EOFError):
-            with self._lock:
-                self._dead.setdefault(gateway, future.exception())
-        self._done_on(gateway)
-
-    def _done_on(self, gateway, pump=True):
-        with self._lock:
-            self._busy[gateway] -= 1
-            if not self._busy[gateway]:
-                del self._busy[gateway]
-        if pump:
-            self._pump()
 
 
 def _fail(future, exc):
