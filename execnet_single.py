@@ -5463,7 +5463,10 @@ class _CallServer:
             with self.lock:
                 waiting = item[1] in self.waiting
                 self.waiting.discard(item[1])
-            self.channel.send((item[1], _SKIPPED if waiting else _STARTED, None))
+            answer = (item[1], _SKIPPED if waiting else _STARTED, None)
+            # the receiver thread must not wait for a worker's send: it
+            # may wait for credit that this thread brings
+            _daemon(self.reply, (answer,), "execnet_single-call-answer")
         elif first == "limit" and not self.single:
             with self.lock:
                 self.limit = max(1, item[1])
@@ -5525,18 +5528,23 @@ class _CallServer:
         except BaseException as exc:  # SystemExit too: the server carries on
             reply = (call_id, _FAILED, (_format_error(exc), _error_kind(exc)))
         _flush_std_streams()
+        self.reply(reply, value)
+
+    def reply(self, reply, value=None):
+        """Send a reply (the send lock keeps a _DONE_BYTES pair together)."""
         send = self.channel.send
+        call_id = reply[0]
         try:
-            if type(value) is bytes and len(value) > _READ_SIZE:
-                # the bytes as an item of their own: sent without a copy
-                with self.sendlock:
+            with self.sendlock:
+                if type(value) is bytes and len(value) > _READ_SIZE:
+                    # the bytes as an item of their own: sent without a copy
                     send((call_id, _DONE_BYTES, None))
                     send(value)
-                return
-            try:
-                send(reply)
-            except DumpError as exc:
-                send((call_id, _BAD_RESULT, _dump_failure(value, "result") or str(exc)))
+                    return
+                try:
+                    send(reply)
+                except DumpError as exc:
+                    send((call_id, _BAD_RESULT, _dump_failure(value, "result") or str(exc)))
         except OSError:
             pass  # the local side is gone
 
