@@ -186,7 +186,8 @@ class RemoteError(ExecnetError):
 # register_remote_exception) is raised here as an instance of a subclass of
 # both RemoteError and that class, made once per class, so that `except
 # KeyError:` works.  The class is looked up by name, never made from text.
-_UNTYPED = frozenset(("KeyboardInterrupt", "SystemExit", "GeneratorExit"))
+# Only Exception subclasses: KeyboardInterrupt, SystemExit, GeneratorExit
+# stay plain RemoteError (an `except KeyboardInterrupt:` must mean this process).
 _REGISTERED_ERRORS = {}   # (module, qualname) -> class registered by the user
 _TYPED_ERRORS = {}        # (module, qualname) -> the RemoteError subclass made
 
@@ -208,7 +209,7 @@ def _typed_error_class(module, qualname):
     if made is not None:
         return made
     base = _REGISTERED_ERRORS.get(key)
-    if base is None and module == "builtins" and qualname not in _UNTYPED:
+    if base is None and module == "builtins":
         import builtins
 
         base = getattr(builtins, qualname, None)

@@ -5353,6 +5353,9 @@ class TestCalls:
             error = gw.call_async(call_raise, name, ()).exception(timeout=30)
             assert type(error) is execnet.RemoteError, name
             assert name in error.formatted
+            # even if a (version of the) remote named the class
+            made = sys.modules[execnet.__name__]._remote_error("tb", ("builtins", name, ()))
+            assert type(made) is execnet.RemoteError, name
         error = gw.call_async(call_exit, 3).exception(timeout=30)
         assert type(error) is execnet.RemoteError
         assert gw.call(call_add, 1, 1) == 2, "the call server survives SystemExit"
@@ -5534,10 +5537,17 @@ class TestExecutor:
             with pytest.raises(concurrent.futures.TimeoutError):
                 next(results)
 
-    def test_at_most_per_gateway_running(self):
+    def test_at_most_per_gateway_running(self, tmp_path):
         with execnet.Executor(["popen"] * 2, per_gateway=3) as pool:
             results = call_with_timeout(list, 60, pool.map(call_probe, [0.3] * 24))
             assert max(results) == 3
+        release = str(tmp_path / "release")
+        with execnet.Executor("popen", per_gateway=2) as pool:
+            futures = [pool.submit(call_wait_for_file, release) for _ in range(3)]
+            assert wait_for(lambda: futures[1]._call_id is not None, timeout=30)
+            assert futures[2]._call_id is None, "a third call was sent to the gateway"
+            open(release, "w").close()
+            assert [f.result(timeout=30) for f in futures] == [True] * 3
 
     def test_shutdown_cancel_futures(self, tmp_path):
         release = str(tmp_path / "release")
