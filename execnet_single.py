@@ -5621,7 +5621,9 @@ class _CallClient:
 
     def __init__(self, gateway):
         self.gateway = gateway
-        self.lock = threading.Lock()
+        # reentrant: setcallback() calls _ended at once, under it, if the
+        # call server's channel closed before its callback was set
+        self.lock = threading.RLock()
         self.channel = None
         self.futures = {}      # call_id -> future, while running
         self.bytes_for = None  # the call whose bytes result is the next item

@@ -5457,6 +5457,15 @@ class TestCalls:
         with pytest.raises(execnet.RemoteError) as excinfo:
             ch.receive(timeout=30)
         assert "main_thread_only" in str(excinfo.value)
+        # the reverse: a remote_exec holds the main thread, calls are refused
+        # with the reason, and work again once it is done
+        other = mkgw(group, "popen//execmodel=main_thread_only")
+        busy = other.remote_exec("channel.receive()")
+        error = other.call_async(call_add, 1).exception(timeout=30)
+        assert isinstance(error, execnet.RemoteError) and "main_thread_only" in str(error)
+        busy.send(None)
+        busy.waitclose(timeout=30)
+        assert call_with_timeout(other.call, 30, call_add, 1, 2) == 3
 
     @pytest.mark.transports("popen")
     def test_ten_thousand_concurrent_futures(self, gw):
