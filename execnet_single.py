@@ -1,9 +1,9 @@
 """execnet_single: run parts of a program in any Python you can reach.
 
-One file, standard library only, CPython 3.6-3.15 and PyPy 3 on both ends.  The local
-side sends this file's own source text to the remote interpreter, so both
-ends always run identical code and nothing is installed remotely.  It is a
-drop-in for execnet (``import execnet_single as execnet``).
+One file, standard library only, CPython 3.6-3.15 and PyPy 3 on both ends.
+The local side sends this file's own source text to the remote interpreter,
+so both ends always run identical code and nothing is installed remotely.
+It is a drop-in for execnet (``import execnet_single as execnet``).
 
 Sections (each uses only the ones above it):
 
@@ -17,8 +17,9 @@ Sections (each uses only the ones above it):
   8. Bootstrap                            (wherever a process is started)
   9. Local gateways: popen, via, socket, ssh  (local side)
  10. XSpec, exec models, Group, MultiChannel, RSync
- 11. Socket server                        (python -m execnet_single serve)
- 12. CLI
+ 11. Remote calls: Gateway.call, Executor (local side; the call server remotely)
+ 12. Socket server                        (python -m execnet_single serve)
+ 13. CLI
 
 (PYTEST_DONT_REWRITE: `-p execnet_single` loads this already imported module
 as a pytest plugin; this marker keeps pytest from warning about that.)
@@ -37,6 +38,7 @@ __all__ = [
     "DataFormatError",
     "DumpError",
     "ExecnetError",
+    "Executor",
     "Gateway",
     "GatewayDied",
     "Group",
@@ -65,6 +67,7 @@ __all__ = [
     "load",
     "loads",
     "makegateway",
+    "register_remote_exception",
     "serve",
     "set_execmodel",
 ]
@@ -217,6 +220,94 @@ class GatewayDied(RemoteError):
     channel._getremoteerror() gives it (pytest-xdist prints it as the reason
     a node went down); receive() still raises EOFError.
     """
+
+
+# A remote exception of a builtin class (or of a class registered with
+# register_remote_exception) is raised here as an instance of a subclass of
+# both RemoteError and that class, made once per class, so that `except
+# KeyError:` works.  The class is looked up by name, never made from text.
+# Only Exception subclasses: KeyboardInterrupt, SystemExit, GeneratorExit
+# stay plain RemoteError (an `except KeyboardInterrupt:` must mean this process).
+_REGISTERED_ERRORS = {}   # (module, qualname) -> class registered by the user
+_TYPED_ERRORS = {}        # (module, qualname) -> the RemoteError subclass made
+
+
+def register_remote_exception(cls):
+    """Raise remote exceptions of this (importable) class locally as cls too."""
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        raise TypeError(_Text.NOT_AN_EXCEPTION_CLASS % (cls,))
+    key = (cls.__module__, cls.__qualname__)
+    _REGISTERED_ERRORS[key] = cls
+    _TYPED_ERRORS.pop(key, None)
+    return cls
+
+
+def _typed_error_class(module, qualname):
+    """The RemoteError subclass for a remote exception class, or None."""
+    key = (module, qualname)
+    made = _TYPED_ERRORS.get(key)
+    if made is not None:
+        return made
+    base = _REGISTERED_ERRORS.get(key)
+    if base is None and module == "builtins":
+        import builtins
+
+        base = getattr(builtins, qualname, None)
+    if not (isinstance(base, type) and issubclass(base, Exception)) or issubclass(
+            base, RemoteError):
+        return None
+    try:
+        # base first: its __new__ (OSError's errno handling, MemoryError's
+        # freelist) must be the one of the class's static base
+        made = type("Remote" + base.__name__, (base, RemoteError), {
+            "__module__": __name__, "__doc__": "RemoteError and %s." % qualname,
+            "__str__": RemoteError.__str__, "__repr__": RemoteError.__repr__})
+    except TypeError:  # an instance layout that cannot be combined
+        return None
+    _TYPED_ERRORS[key] = made
+    return made
+
+
+def _remote_error(text, kind=None):
+    """The RemoteError for a remote traceback text; kind is (module,
+    qualname, args) of the remote exception (see _error_kind)."""
+    if kind:
+        try:
+            module, qualname, args = kind
+            cls = _typed_error_class(module, qualname)
+            if cls is not None:
+                args = tuple(args)
+                error = cls.__new__(cls, *args)
+                cls.__bases__[0].__init__(error, *args)
+                error.formatted = text
+                return error
+        except Exception:  # arguments the class does not take: plain
+            pass
+    return RemoteError(text)
+
+
+def _error_kind(exc):
+    """(module, qualname, args) of an exception, for _remote_error on the
+    other side; None for BaseExceptions that are not Exceptions."""
+    if not isinstance(exc, Exception):
+        return None
+    cls = type(exc)
+    args = exc.args
+    if isinstance(exc, OSError) and exc.filename is not None:
+        args = (exc.errno, exc.strerror, exc.filename)
+        if exc.filename2 is not None:
+            args += (None, exc.filename2)
+    try:
+        dumps(args)
+    except Exception:
+        args = (str(exc),)
+    return (cls.__module__, cls.__qualname__, args)
+
+
+class _ErrorText(str):
+    """An error text for Channel.close that also carries the _error_kind."""
+
+    kind = None
 
 
 class TimeoutError(ExecnetError, _builtin_TimeoutError):
@@ -380,6 +471,25 @@ class _Text:
     SSH_FAILED = "gateway %s: ssh %s failed (exit status %s): %s"
     SSH_NO_PYTHON = "no python3 or python on the PATH of the remote shell"
     SSH_BAD_ENV_NAME = "not a shell variable name (ssh passes env: through the remote shell)"
+    NOT_AN_EXCEPTION_CLASS = "register_remote_exception needs an Exception subclass, not %r"
+    # remote calls
+    CALL_LAMBDA = "can't call %s remotely: a lambda has no name the remote can find; use def"
+    CALL_CLOSURE = ("can't call %s remotely: it is a closure (uses variables of the "
+                    "function around it)")
+    CALL_NESTED = ("can't call %s remotely: it is defined inside another function; "
+                   "define it at module level")
+    CALL_BOUND = ("can't call %r remotely: a method bound to an object of this process; "
+                  "call a module-level function")
+    CALL_NOT_FUNCTION = ("can't call %r remotely: not a function, class or builtin "
+                         "that the remote can find by module and name")
+    CALL_NOT_SELF_CONTAINED = ("can't call %s remotely: the remote cannot import module "
+                               "%r, and the function is not self-contained (%s)")
+    CALL_BAD_ARG = "call of %s on gateway %s: %s"
+    CALL_BAD_RESULT = "call of %s on gateway %s: can't send the result back: %s"
+    CALL_LOST = "gateway %s: the call of %s did not complete: %s"
+    CALL_LOST_EXIT = "the gateway exited"
+    CALL_NO_GATEWAY = "Executor has no gateway left to run %s: %s"
+    CALL_SHUTDOWN = "cannot schedule new calls after shutdown"
     INSECURE_WARNING = ("WARNING: running WITHOUT authentication (--insecure): every local "
                         "user can run code as you through %s")
 
@@ -2211,7 +2321,10 @@ class Channel:
             return
         if not self._peer_closed:
             if error is not None:
-                self.gateway._send(_MSG_CLOSE_ERROR, self.id, dumps(str(error)))
+                text = str(error)
+                if type(error) is _ErrorText and error.kind:
+                    text = (text, error.kind)  # the peer raises it typed
+                self.gateway._send(_MSG_CLOSE_ERROR, self.id, dumps(text))
             else:
                 self.gateway._send(_MSG_CLOSE, self.id)
         if isinstance(error, RemoteError):
@@ -2835,7 +2948,11 @@ class _GatewayBase:
             text = _loads(payload)
         except LoadError as exc:
             text = "(unreadable error text: %s)" % (exc,)
-        self._local_close(cid, RemoteError(str(text)))
+        if type(text) is tuple and len(text) == 2:  # (text, kind): see _ErrorText
+            error = _remote_error(str(text[0]), text[1])
+        else:
+            error = RemoteError(str(text))
+        self._local_close(cid, error)
 
     def _on_last_message(self, cid, payload):
         self._local_close(cid, sendonly=True)
@@ -3008,7 +3125,8 @@ class _RemoteGateway(_GatewayBase):
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too
             if not (isinstance(exc, EOFError) and self._finished):
                 _remember_source(filename or "<remote exec>", source)
-                error = _format_error(exc)
+                error = _ErrorText(_format_error(exc))
+                error.kind = _error_kind(exc)
         finally:
             _flush_std_streams()
             # idle before the close goes out: the next remote_exec may follow it
@@ -4372,6 +4490,18 @@ class Gateway(_GatewayBase):
         channel = self.newchannel()
         self._send(_MSG_EXEC, channel.id, payload)
         return channel
+
+    def call(self, func, *args, **kwargs):
+        """Run func(*args, **kwargs) remotely and return its value (section 11)."""
+        return _call_client(self).call(func, args, kwargs)
+
+    def call_async(self, func, *args, **kwargs):
+        """Start func(*args, **kwargs) remotely; return a concurrent.futures.Future."""
+        return _call_client(self).submit(func, args, kwargs)
+
+    def set_call_limit(self, limit):
+        """How many calls the remote runs at once (default 8; excess ones wait)."""
+        _call_client(self).set_limit(limit)
 
     def remote_status(self):
         """Ask the remote how many channels and tasks it has."""
@@ -6273,7 +6403,739 @@ def _rsync_receive(channel):
     channel.send("done")
 
 
-# === 11. Socket server ===
+# === 11. Remote calls ===
+#
+# gw.call(func, *args, **kwargs) runs func in the remote through the
+# gateway's call server: one remote_exec of _serve_calls, started on the
+# first call, whose channel carries every call.  Items on it:
+#
+#   to the remote    (call_id, target, args, kwargs)    a call; kwargs None:
+#                                                       none; 0: args is a
+#                                                       list of argument
+#                                                       tuples (a chunk of
+#                                                       Executor.map)
+#                    ("cancel", call_id)                skip it if not started
+#                    ("limit", n)                       run at most n at once
+#   from the remote  (call_id, status, value)           _DONE: the result;
+#                    _FAILED: (traceback text, _error_kind); _BAD_RESULT: the
+#                    DumpError text; _DONE_BYTES: the result is the next
+#                    item, large bytes (sent without a copy); _SKIPPED and
+#                    _STARTED: the answer to "cancel"
+#
+# target is an int naming a function defined by an earlier call, or on its
+# first use (tid, module, qualname, source, filename): by source if the
+# function is self-contained (it needs nothing remotely), else by reference
+# through _resolve_reference, the one place an import-forwarding feature
+# needs to hook into.  The local side completes futures in the channel's
+# callback (the receiver thread): no thread of its own, no per-message cost
+# for other channels.  With the main_thread_only exec model the server runs
+# in the remote main thread and calls run there one at a time; while it
+# lives, other remote_exec calls on that gateway are refused.
+
+_CALL_LIMIT = 8   # calls one gateway runs at once, unless set_call_limit says
+_DONE, _FAILED, _BAD_RESULT, _DONE_BYTES, _SKIPPED, _STARTED = range(6)
+_CALL_TARGETS = {}   # func -> (module, qualname, source, filename), checked once
+_CALL_END = object()  # the call channel's endmarker
+_calls_lock = threading.Lock()
+
+
+def _call_source(function):
+    """(filename, source) of a self-contained function, or raise ValueError."""
+    import inspect
+    import textwrap
+
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError) as exc:
+        raise ValueError("no source: %s" % (exc,)) from None
+    used = _non_builtin_globals(source, function.__code__)
+    if used:
+        raise ValueError("it uses the globals %s" % (", ".join(used),))
+    filename = inspect.getsourcefile(function) or "<remote call>"
+    return filename, "\n" * (function.__code__.co_firstlineno - 1) + source
+
+
+def _local_reference(module, qualname):
+    """The object module.qualname in this process, or None."""
+    obj = sys.modules.get(module)
+    try:
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return None
+    return obj
+
+
+def _call_target(func):
+    """How func travels: (module, qualname, source, filename); raises
+    TypeError/ValueError for what the remote cannot find (nothing is sent)."""
+    target = _CALL_TARGETS.get(func)
+    if target is not None:
+        return target
+    name = getattr(func, "__qualname__", None) or repr(func)
+    if isinstance(func, type(_call_target)):
+        if func.__name__ == "<lambda>":
+            raise ValueError(_Text.CALL_LAMBDA % (name,))
+        if func.__closure__:
+            raise ValueError(_Text.CALL_CLOSURE % (name,))
+        if "<locals>" in name:
+            raise ValueError(_Text.CALL_NESTED % (name,))
+        module = func.__module__
+        try:
+            filename, source = _call_source(func)
+            target = (None, func.__name__, source, filename)
+        except ValueError as exc:
+            if module in (None, "__main__", "__channelexec__") or _local_reference(
+                    module, name) is not func:
+                raise ValueError(_Text.CALL_NOT_SELF_CONTAINED % (name, module, exc)) from None
+            target = (module, name, None, None)
+    else:
+        owner = getattr(func, "__self__", None)
+        if owner is not None and not isinstance(owner, (type, type(sys))):
+            raise TypeError(_Text.CALL_BOUND % (func,))
+        module = getattr(owner if isinstance(owner, type) else func, "__module__", None)
+        if module is None:
+            module = getattr(getattr(func, "__objclass__", None), "__module__", None)
+        if not (isinstance(module, str) and isinstance(name, str)
+                and _local_reference(module, name) == func):
+            raise TypeError(_Text.CALL_NOT_FUNCTION % (func,))
+        target = (module, name, None, None)
+    try:
+        _CALL_TARGETS[func] = target
+    except TypeError:  # unhashable: checked again next time
+        pass
+    return target
+
+
+def _resolve_reference(module, qualname):
+    """The object module.qualname in this (remote) process, importing module."""
+    import importlib
+
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _dump_failure(obj, root):
+    """The DumpError text for obj, its path starting at root (None: it dumps)."""
+    try:
+        dumps(obj)
+    except DumpError:
+        pass
+    else:
+        return None
+    try:
+        _save(obj, [].append, 1)
+    except _DumpFail as fail:
+        return "%s at %s%s" % (fail.reason, root, "".join(reversed(fail.path)))
+    except RecursionError:
+        pass
+    return "can't serialize a recursive or too deeply nested structure at %s" % (root,)
+
+
+# -- the remote side --
+
+
+def _serve_calls(channel, limit):
+    """Remote: serve calls arriving on channel until it closes."""
+    server = _CallServer(channel, limit)
+    channel.setcallback(server.on_item, endmarker=None)
+    server.work()
+    server.finished.wait()
+
+
+class _CallTarget:
+    """A remote call target, resolved on its first call."""
+
+    def __init__(self, definition):
+        self.definition = definition
+        self.func = None
+        self.lock = threading.Lock()
+
+    def get(self):
+        func = self.func
+        if func is None:
+            with self.lock:
+                if self.func is None:
+                    module, qualname, source, filename = self.definition
+                    if source is None:
+                        self.func = _resolve_reference(module, qualname)
+                    else:
+                        _remember_source(filename, source)
+                        namespace = {"__name__": "__channelexec__"}
+                        exec(compile(source, filename, "exec"), namespace)
+                        self.func = namespace[qualname]
+                func = self.func
+        return func
+
+
+class _CallServer:
+    """Remote: queues calls as they arrive (receiver thread) and runs them
+    in up to `limit` worker threads, started as needed."""
+
+    def __init__(self, channel, limit):
+        self.channel = channel
+        self.single = channel.gateway.execmodel.backend == "main_thread_only"
+        self.limit = 1 if self.single else max(1, limit)
+        self.lock = threading.Lock()
+        self.slots = threading.Condition(self.lock)  # (after a lower limit)
+        self.sendlock = threading.Lock()  # a large bytes result goes in two items
+        self.queue = _Queue()
+        self.targets = {}
+        self.waiting = set()   # ids of calls queued, not started
+        self.workers = 1       # the thread of _serve_calls is one
+        self.idle = 0          # workers waiting, not yet promised a call
+        self.backlog = 0       # calls queued that no worker was promised
+        self.running = 0
+        self.held = 0          # workers waiting for a slot
+        self.finished = threading.Event()
+
+    def on_item(self, item):
+        if item is None:
+            self.queue.put(None)
+            return
+        first = item[0]
+        if type(first) is int:
+            target = item[1]
+            if type(target) is tuple:
+                self.targets[target[0]] = _CallTarget(target[1:])
+            with self.lock:
+                self.waiting.add(first)
+                if self.idle:
+                    self.idle -= 1
+                    start = False
+                else:
+                    self.backlog += 1
+                    start = self.workers < self.limit
+                    if start:
+                        self.workers += 1
+            self.queue.put(item)
+            if start:
+                _daemon(self.work, (), "execnet_single-call")
+        elif first == "cancel":
+            with self.lock:
+                waiting = item[1] in self.waiting
+                self.waiting.discard(item[1])
+            answer = (item[1], _SKIPPED if waiting else _STARTED, None)
+            # the receiver thread must not wait for a worker's send: it
+            # may wait for credit that this thread brings
+            _daemon(self.reply, (answer,), "execnet_single-call-answer")
+        elif first == "limit" and not self.single:
+            with self.lock:
+                self.limit = max(1, item[1])
+                self.slots.notify_all()
+                more = max(0, min(self.backlog, self.limit - self.workers))
+                self.workers += more
+            for _ in range(more):
+                _daemon(self.work, (), "execnet_single-call")
+
+    def work(self):
+        lock = self.lock
+        get = self.queue.get
+        waiting = self.waiting
+        ran = False
+        try:
+            while True:
+                with lock:
+                    if ran:
+                        self.running -= 1
+                        if self.held:
+                            self.slots.notify()
+                    if self.backlog:
+                        self.backlog -= 1
+                    else:
+                        self.idle += 1
+                item = get()
+                if item is None:
+                    self.queue.put(None)  # for the other workers
+                    return
+                call_id = item[0]
+                with lock:
+                    while self.running >= self.limit:
+                        self.held += 1
+                        self.slots.wait()
+                        self.held -= 1
+                    ran = call_id in waiting
+                    if ran:   # (else cancelled)
+                        waiting.discard(call_id)
+                        self.running += 1
+                if ran:
+                    self.call(*item)
+        finally:
+            with lock:
+                self.workers -= 1
+                if not self.workers:
+                    self.finished.set()
+
+    def call(self, call_id, target, args, kwargs):
+        value = None
+        try:
+            func = self.targets[target if type(target) is int else target[0]].get()
+            if kwargs is None:
+                value = func(*args)
+            elif type(kwargs) is int:  # a chunk: a list of argument tuples
+                value = [func(*one) for one in args]
+            else:
+                value = func(*args, **kwargs)
+            reply = (call_id, _DONE, value)
+        except BaseException as exc:  # SystemExit too: the server carries on
+            reply = (call_id, _FAILED, (_format_error(exc), _error_kind(exc)))
+        _flush_std_streams()
+        self.reply(reply, value)
+
+    def reply(self, reply, value=None):
+        """Send a reply (the send lock keeps a _DONE_BYTES pair together)."""
+        send = self.channel.send
+        call_id = reply[0]
+        try:
+            with self.sendlock:
+                if type(value) is bytes and len(value) > _READ_SIZE:
+                    # the bytes as an item of their own: sent without a copy
+                    send((call_id, _DONE_BYTES, None))
+                    send(value)
+                    return
+                try:
+                    send(reply)
+                except DumpError as exc:
+                    send((call_id, _BAD_RESULT, _dump_failure(value, "result") or str(exc)))
+        except OSError:
+            pass  # the local side is gone
+
+
+# -- the local side --
+
+
+def _future_base():
+    """concurrent.futures, imported on first use (not at remote start)."""
+    import concurrent.futures
+
+    return concurrent.futures
+
+
+class _CallFutureMixin:
+    """A Future of a remote call: cancel() asks the remote for one it sent."""
+
+    _client = None
+    _call_id = None    # set once the call is sent
+    _call_name = None
+    _answer = None
+
+    def cancel(self):
+        """Cancel the call unless it has started; True if it never runs."""
+        with self._sendlock:
+            client = self._client
+            if client is None or self._call_id is None or self.done():
+                return self._future_cancel()
+            return client._cancel(self)
+
+    def _future_cancel(self):
+        return super().cancel()
+
+
+class _CallWaiter:
+    """What gw.call waits on: the few Future methods _CallClient uses."""
+
+    _answer = _client = _call_id = _call_name = None
+
+    def __init__(self):
+        self.queue = _Queue()
+
+    def done(self):
+        return False
+
+    def set_result(self, value):
+        self.queue.put((True, value))
+
+    def set_exception(self, exc):
+        self.queue.put((False, exc))
+
+
+_made_classes = {}
+
+
+def _made_class(name, mixin, base):
+    """The class (mixin, base), made once (base is imported late)."""
+    cls = _made_classes.get(mixin)
+    if cls is None:
+        cls = _made_classes[mixin] = type(name, (mixin, base), {"__module__": __name__})
+    return cls
+
+
+def _new_future():
+    cls = _made_class("CallFuture", _CallFutureMixin, _future_base().Future)
+    future = cls()
+    future._sendlock = threading.Lock()
+    return future
+
+
+class _CallClient:
+    """The local end of one gateway's call server."""
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+        # reentrant: setcallback() calls _ended at once, under it, if the
+        # call server's channel closed before its callback was set
+        self.lock = threading.RLock()
+        self.channel = None
+        self.futures = {}      # call_id -> future, while running
+        self.bytes_for = None  # the call whose bytes result is the next item
+        self.next_id = 1
+        self.tids = {}         # target tuple -> [tid, sent]
+        self.limit = _CALL_LIMIT
+
+    def set_limit(self, limit):
+        limit = int(limit)
+        if limit < 1:
+            raise ValueError("the call limit must be at least 1, not %r" % (limit,))
+        with self.lock:
+            self.limit = limit
+            channel = self.channel
+        if channel is not None:
+            channel.send(("limit", limit))
+
+    def _channel(self):
+        """The call server's channel (lock held), started on first use."""
+        channel = self.channel
+        if channel is None:
+            channel = self.gateway.remote_exec(
+                "import execnet_single\nexecnet_single._serve_calls(channel, %d)" % self.limit)
+            channel.setcallback(lambda item: self._on_reply(channel, item), endmarker=_CALL_END)
+            self.channel = channel
+        return channel
+
+    def submit(self, func, args, kwargs, future=None, chunk=False):
+        """Send a call; its future completes when the result arrives."""
+        target = _call_target(func)
+        if future is None:
+            future = _new_future()
+        with future._sendlock:
+            if not future.cancelled():
+                self._send(future, target, args, kwargs, chunk)
+        return future
+
+    def call(self, func, args, kwargs):
+        """Run a call and wait for its result (no Future: the fast path)."""
+        waiter = _CallWaiter()
+        self._send(waiter, _call_target(func), args, kwargs, False)
+        ok, value = waiter.queue.get()
+        if ok:
+            return value
+        raise value
+
+    def _send(self, future, target, args, kwargs, chunk):
+        with self.lock:
+            channel = self._channel()
+            call_id = self.next_id
+            self.next_id += 1
+            entry = self.tids.get(target)
+            if entry is None:
+                entry = self.tids[target] = [len(self.tids), False]
+            self.futures[call_id] = future
+        tid, sent = entry
+        request = (call_id, tid if sent else (tid,) + target, args,
+                   0 if chunk else (kwargs or None))
+        future._client = self
+        future._call_id = call_id
+        future._call_name = target[1]
+        try:
+            channel.send(request)
+        except BaseException as exc:
+            with self.lock:
+                self.futures.pop(call_id, None)
+            future._call_id = None
+            if isinstance(exc, DumpError):
+                text = (_dump_failure(args, "args") or _dump_failure(kwargs, "kwargs")
+                        or str(exc))
+                raise DumpError(_Text.CALL_BAD_ARG % (target[1], self.gateway.id, text)
+                                ) from None
+            raise
+        entry[1] = True
+
+    def _cancel(self, future):
+        """Ask the remote to skip a sent call (future's send lock held)."""
+        if threading.get_ident() == self.gateway._receiver_ident:
+            return False  # the answer would arrive in this very thread
+        future._answer = answer = threading.Event()
+        try:
+            self.channel.send(("cancel", future._call_id))
+        except OSError:
+            return False
+        answer.wait()
+        if future._answer is _SKIPPED:
+            with self.lock:
+                self.futures.pop(future._call_id, None)
+            return future._future_cancel()
+        return False
+
+    def _on_reply(self, channel, item):
+        """The call channel's callback (receiver thread)."""
+        if self.bytes_for is not None:
+            call_id, status, value = self.bytes_for, _DONE, item
+            self.bytes_for = None
+        elif item is _CALL_END:
+            self._ended(channel)
+            return
+        else:
+            call_id, status, value = item
+            if status == _DONE_BYTES:
+                self.bytes_for = call_id
+                return
+        if status >= _SKIPPED:
+            future = self.futures.get(call_id)
+            if future is not None:
+                event = future._answer
+                future._answer = status
+                if status == _STARTED and not future.done():
+                    future.set_running_or_notify_cancel()
+                if event is not None and event is not status:
+                    event.set()
+            return
+        future = self.futures.pop(call_id, None)
+        if future is None or future.done():
+            return
+        if status == _DONE:
+            future.set_result(value)
+        elif status == _FAILED:
+            future.set_exception(_remote_error(*value))
+        else:
+            future.set_exception(DumpError(_Text.CALL_BAD_RESULT % (
+                future._call_name, self.gateway.id, value)))
+
+    def _ended(self, channel):
+        """The call server or the gateway ended: fail what is still running."""
+        with self.lock:
+            if self.channel is channel:
+                self.channel = None
+            futures, self.futures = self.futures, {}
+            self.bytes_for = None
+            for entry in self.tids.values():
+                entry[1] = False  # a new server knows no targets
+        error = channel._getremoteerror()
+        for call_id, future in futures.items():
+            event = future._answer
+            if isinstance(event, threading.Event):
+                future._answer = _STARTED
+                event.set()
+            if future.done():
+                continue
+            if isinstance(error, RemoteError) and not isinstance(error, GatewayDied):
+                exc = error   # the call server itself failed
+            else:   # the gateway ended (a GatewayDied says why): the call is lost
+                exc = EOFError(_Text.CALL_LOST % (self.gateway.id, future._call_name,
+                                                  error or _Text.CALL_LOST_EXIT))
+            try:
+                future.set_exception(exc)
+            except Exception:  # set meanwhile (3.8+: InvalidStateError)
+                pass
+
+
+def _call_client(gateway):
+    client = gateway.__dict__.get("_calls")
+    if client is None:
+        with _calls_lock:
+            client = gateway.__dict__.get("_calls")
+            if client is None:
+                client = gateway._calls = _CallClient(gateway)
+    return client
+
+
+class Executor:
+    """A concurrent.futures.Executor running calls on a group's gateways."""
+
+    def __new__(cls, *args, **kwargs):
+        # a real concurrent.futures.Executor, whose module is imported now
+        # rather than at every remote start
+        if not issubclass(cls, _future_base().Executor):
+            cls = _made_class(cls.__name__, cls, _future_base().Executor)
+        return object.__new__(cls)
+
+    def __init__(self, specs_or_group, per_gateway=1):
+        if per_gateway < 1:
+            raise ValueError("per_gateway must be at least 1, not %r" % (per_gateway,))
+        from _collections import deque
+
+        if isinstance(specs_or_group, Group):
+            self.group, self._own_group = specs_or_group, False
+        else:
+            if isinstance(specs_or_group, (str, XSpec)):
+                specs_or_group = [specs_or_group]
+            self.group, self._own_group = Group(specs_or_group), True
+        self.per_gateway = per_gateway
+        self._lock = threading.Lock()
+        self._queue = deque()     # (future, func, args, kwargs, chunk) not yet sent
+        self._busy = {}           # gateway -> calls sent and not finished
+        self._dead = {}           # gateway -> why it cannot take calls
+        self._pending = set()     # every future not yet done
+        self._idle = threading.Condition(self._lock)
+        self._shutdown = False
+        for gateway in self.group:
+            client = _call_client(gateway)
+            if client.limit != per_gateway:
+                client.set_limit(per_gateway)
+
+    def submit(self, fn, *args, **kwargs):
+        """Schedule fn(*args, **kwargs) on a gateway; return its Future."""
+        return self._submit(fn, args, kwargs, False)
+
+    def _submit(self, fn, args, kwargs, chunk):
+        target = _call_target(fn)  # refused now, not in a future
+        future = _new_future()
+        future._gateway = None   # the gateway it runs on, once sent
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError(_Text.CALL_SHUTDOWN)
+            self._queue.append((future, target, args, kwargs, chunk))
+            self._pending.add(future)
+        future.add_done_callback(self._settled)
+        self._pump()
+        return future
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """Like map(), its results in order; chunksize calls travel as one."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        if chunksize == 1:
+            return _future_base().Executor.map(self, fn, *iterables, timeout=timeout)
+        import itertools
+        import time
+
+        items = zip(*iterables)
+        futures = []
+        while True:
+            chunk = list(itertools.islice(items, chunksize))
+            if not chunk:
+                break
+            futures.append(self._submit(fn, chunk, None, True))
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def results():
+            try:
+                futures.reverse()
+                while futures:
+                    left = None if end is None else end - time.monotonic()
+                    for value in futures.pop().result(left):
+                        yield value
+            finally:
+                for future in futures:
+                    future.cancel()
+        return results()
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        """No new calls; cancel queued ones if asked; wait; end own gateways."""
+        with self._lock:
+            self._shutdown = True
+            dropped = list(self._queue) if cancel_futures else []
+            if cancel_futures:
+                self._queue.clear()
+        for entry in dropped:
+            entry[0].cancel()
+        if wait:
+            with self._idle:
+                self._idle.wait_for(lambda: not self._pending)
+            if self._own_group:
+                self.group.terminate()
+        elif self._own_group:
+            _daemon(self.shutdown, (True,), "execnet_single-executor-shutdown")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.shutdown(wait=True)
+        return False
+
+    def _settled(self, future):
+        """A future is done (receiver thread, or where it was cancelled)."""
+        gateway = future._gateway
+        # (the exception is read directly: exception() would take its lock again)
+        if gateway is not None and isinstance(future._exception, EOFError):
+            with self._lock:
+                self._dead.setdefault(gateway, future._exception)
+        with self._lock:
+            self._pending.discard(future)
+            if not self._pending:
+                self._idle.notify_all()
+            if gateway is not None:
+                self._release(gateway)
+        if self._queue:
+            self._pump()
+
+    def _release(self, gateway):
+        """One call fewer on gateway (lock held)."""
+        busy = self._busy[gateway] - 1
+        if busy:
+            self._busy[gateway] = busy
+        else:
+            del self._busy[gateway]
+
+    def _pump(self):
+        """Send queued calls to gateways with room (any thread)."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                gateway, live = self._free_gateway()
+                if gateway is None:
+                    if self._busy or live:
+                        return
+                    entries = list(self._queue)
+                    self._queue.clear()
+                    reason = "; ".join("%s: %s" % (gw.id, why) for gw, why in self._dead.items())
+                else:
+                    entries = None
+                    entry = self._queue.popleft()
+                    self._busy[gateway] = self._busy.get(gateway, 0) + 1
+            if entries is not None:  # (outside the lock: done callbacks take it)
+                for entry in entries:
+                    _fail(entry[0], EOFError(_Text.CALL_NO_GATEWAY % (entry[1][1], reason)))
+                return
+            future, target, args, kwargs, chunk = entry
+            error = None
+            with future._sendlock:   # cancel() waits, or has happened
+                if not future.cancelled():
+                    future._gateway = gateway
+                    try:
+                        _call_client(gateway)._send(future, target, args, kwargs, chunk)
+                        continue
+                    except DumpError as exc:
+                        error = exc
+                    except (OSError, EOFError, RemoteError) as exc:
+                        error = exc
+                        with self._lock:
+                            self._dead[gateway] = exc
+                            self._queue.appendleft(entry)
+                    future._gateway = None
+            with self._lock:
+                self._release(gateway)
+            if isinstance(error, DumpError):
+                _fail(future, error)
+
+    def _free_gateway(self):
+        """(the least busy gateway with room or None, whether any lives)."""
+        best = None
+        live = False
+        for gateway in self.group._gateways:
+            if gateway in self._dead:
+                continue
+            if gateway._finished:
+                self._dead[gateway] = gateway._error or _Text.CALL_LOST_EXIT
+                continue
+            live = True
+            busy = self._busy.get(gateway, 0)
+            if busy < self.per_gateway and (best is None or busy < best[0]):
+                best = (busy, gateway)
+        return (best and best[1]), live
+
+
+def _fail(future, exc):
+    try:
+        future.set_exception(exc)
+    except Exception:  # cancelled or done meanwhile
+        pass
+
+
+# === 12. Socket server ===
 #
 # `python -m execnet_single serve`.  Each accepted connection gets a thread
 # for the handshake of section 9 (at most max_handshakes at once, each done
@@ -6756,7 +7618,7 @@ def _banner(server, key_path, insecure, tls):
         __version__, host, server.port, " (TLS)" if tls else "", keyinfo, spec)
 
 
-# === 12. CLI ===
+# === 13. CLI ===
 #
 # `python -m execnet_single pytest ARGS` runs pytest here with `execnet`
 # resolved to this module, and passes `-p execnet_single`: pytest loads this

@@ -5643,6 +5643,105 @@ class TestBenchmarks:
         print("      peak RSS growth: \\r text +%.1f MiB, \\n lines +%.1f MiB"
               % (min(peaks["\\r text"]) / 1048576.0, min(peaks["\\n lines"]) / 1048576.0))
 
+    # -- remote calls (section 11) --
+
+    def test_call_round_trip(self, bench_other, bench_table):
+        loop = ("import traceback\n"
+                "for args in channel:\n"
+                "    if args is None: break\n"
+                "    try:\n"
+                "        channel.send((True, args[0] + args[1]))\n"
+                "    except Exception:\n"
+                "        channel.send((False, traceback.format_exc()))\n")
+        echo = "for item in channel:\n    channel.send(item)\n    if item is None: break"
+        gws = {label: module.makegateway("popen") for label, module in self._libraries(bench_other)}
+        try:
+            ours = gws["execnet_single"]
+            raw = ours.remote_exec(echo)
+            hand = gws["execnet"].remote_exec(loop)
+            count = 2000
+
+            def call_trial():
+                ours.call(call_add, 0, 1)
+                start = time.perf_counter()
+                for i in range(count):
+                    assert ours.call(call_add, i, 1) == i + 1
+                return time.perf_counter() - start
+
+            def raw_trial():
+                start = time.perf_counter()
+                for i in range(count):
+                    raw.send((i, 1))
+                    assert raw.receive(timeout=30) == (i, 1)
+                return time.perf_counter() - start
+
+            def hand_trial():
+                start = time.perf_counter()
+                for i in range(count):
+                    hand.send((i, 1))
+                    assert hand.receive(timeout=30) == (True, i + 1)
+                return time.perf_counter() - start
+            times = _run_rounds([("gw.call", _best_of(call_trial, 3)),
+                                 ("execnet_single channel", _best_of(raw_trial, 3)),
+                                 ("execnet channel loop", _best_of(hand_trial, 3))])
+            for ch in (raw, hand):
+                ch.send(None)
+                ch.waitclose(timeout=30)
+        finally:
+            for gw in gws.values():
+                gw.exit()
+        name = "call round trip, small function"
+        bench_table.figure(name, times, 1.25, ours="gw.call", reference="execnet_single channel")
+        bench_table.figure(name, times, 1.0, ours="gw.call", reference="execnet channel loop")
+
+    def test_executor_map(self, bench_table):
+        import concurrent.futures
+
+        count = 20000
+        expected = [2 * i for i in range(count)]
+        with execnet.Executor(["popen"] * 4) as ours, \
+                concurrent.futures.ProcessPoolExecutor(4) as theirs:
+            for pool in (ours, theirs):
+                assert list(pool.map(call_add, range(100), range(100))) == expected[:100]
+
+            def trial(pool):
+                def run():
+                    start = time.perf_counter()
+                    assert list(pool.map(call_add, range(count), range(count))) == expected
+                    return time.perf_counter() - start
+                return run
+            times = _run_rounds([("Executor", trial(ours)),
+                                 ("ProcessPoolExecutor", trial(theirs))])
+        bench_table.figure("map of 20,000 small calls over 4 processes", times, 1.0,
+                           ours="Executor", reference="ProcessPoolExecutor")
+
+    def test_call_big_results(self, bench_table):
+        calls = 1000
+        gw = execnet.makegateway("popen")
+        try:
+            ch = gw.remote_exec(BULK_REMOTE)
+
+            def call_trial():
+                assert len(gw.call(bytes, MIB)) == MIB
+                start = time.perf_counter()
+                window = []
+                total = 0
+                for _ in range(calls):
+                    window.append(gw.call_async(bytes, MIB))
+                    if len(window) >= 4:
+                        total += len(window.pop(0).result(timeout=60))
+                total += sum(len(f.result(timeout=60)) for f in window)
+                assert total == calls * MIB
+                return time.perf_counter() - start
+            times = _run_rounds([("gw.call", call_trial),
+                                 ("channel", lambda: _bulk_trial(ch, "remote->local", calls))])
+            ch.send(None)
+            ch.waitclose(timeout=30)
+        finally:
+            gw.exit()
+        bench_table.figure("1,000 calls of 1 MiB results", times, 1.5,
+                           ours="gw.call", reference="channel")
+
 
 # ============================================================== RSync
 
@@ -5970,6 +6069,540 @@ class TestRSync:
             call_with_timeout(rsync.send, 120)
         assert "closed before the copy was complete" in str(excinfo.value)
         assert finished == []
+
+
+# ------------------------------------------------------------ remote calls
+# Module-level and self-contained (builtins only): gw.call ships them by source.
+
+
+def call_add(a, b=0):
+    return a + b
+
+
+def call_raise(name, args):
+    import builtins
+
+    raise getattr(builtins, name)(*args)
+
+
+def call_sleep(seconds, value=None):
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+def call_probe(seconds):
+    """Sleep; return the most calls seen running at once in this process."""
+    import sys
+    import threading
+    import time
+
+    state = sys.__dict__.setdefault("_probe", {"lock": threading.Lock(), "now": 0, "max": 0})
+    with state["lock"]:
+        state["now"] += 1
+        state["max"] = max(state["max"], state["now"])
+    time.sleep(seconds)
+    with state["lock"]:
+        state["now"] -= 1
+        return state["max"]
+
+
+def call_touch(path):
+    open(path, "w").close()
+    return path
+
+
+def call_wait_for_file(path, limit=60.0):
+    import os
+    import time
+
+    deadline = time.time() + limit
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.01)
+    return os.path.exists(path)
+
+
+def call_kill_self():
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def call_main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def call_unserializable_result():
+    return {"ok": [1, object()]}
+
+
+def call_exit(code):
+    import sys
+
+    sys.exit(code)
+
+
+def call_pid_and_value(value):
+    import os
+
+    return os.getpid(), value
+
+
+class CustomError(Exception):
+    """A user-defined class: typed only when registered."""
+
+
+def call_raise_custom():
+    raise CustomError("custom")
+
+
+# Builtin exception classes and arguments they can be built with remotely.
+_SPECIAL_ARGS = {
+    "UnicodeDecodeError": ("utf-8", b"\xff", 0, 1, "invalid start byte"),
+    "UnicodeEncodeError": ("ascii", "\xff", 0, 1, "ordinal not in range"),
+    "UnicodeTranslateError": ("\xff", 0, 1, "no"),
+    "ExceptionGroup": None,   # needs exceptions as arguments: not serializable
+    "BaseExceptionGroup": None,
+}
+
+
+def _builtin_exception_cases():
+    import builtins
+
+    cases = []
+    for name in sorted(dir(builtins)):
+        cls = getattr(builtins, name)
+        if isinstance(cls, type) and issubclass(cls, SyntaxError):
+            cases.append((name, ("boom",)))   # a second argument must be a tuple
+        elif isinstance(cls, type) and issubclass(cls, Exception) and name not in _SPECIAL_ARGS:
+            cases.append((name, ("boom", 7)))
+        elif _SPECIAL_ARGS.get(name):
+            cases.append((name, _SPECIAL_ARGS[name]))
+    return cases
+
+
+class TestCalls:
+    def test_call_and_call_async(self, gw):
+        import concurrent.futures
+
+        assert call_with_timeout(gw.call, 60, call_add, 2, b=3) == 5
+        assert call_with_timeout(gw.call, 30, os.getpid) == rinfo(gw).pid
+        future = gw.call_async(call_add, "a", "b")
+        assert isinstance(future, concurrent.futures.Future)
+        assert future.result(timeout=30) == "ab"
+        futures = [gw.call_async(call_add, i, b=i) for i in range(300)]
+        assert [f.result(timeout=60) for f in futures] == [2 * i for i in range(300)]
+        # large bytes results travel as items of their own, among other replies
+        futures = [gw.call_async(bytes, [i % 256] * (1 << 20)) if i % 3 == 0
+                   else gw.call_async(call_add, i, 1) for i in range(30)]
+        assert [f.result(timeout=60) for f in futures] == [
+            bytes([i % 256] * (1 << 20)) if i % 3 == 0 else i + 1 for i in range(30)]
+
+    @pytest.mark.transports("popen")
+    def test_by_reference_and_builtins(self, gw, tmp_path):
+        import json
+        import posixpath
+
+        assert gw.call(json.dumps, {"a": [1]}) == '{"a": [1]}'
+        assert gw.call(posixpath.join, "a", "b") == "a/b"   # uses module globals
+        assert gw.call(str.upper, "abc") == "ABC"
+        assert gw.call(dict.fromkeys, [1, 2]) == {1: None, 2: None}
+        assert gw.call(len, [1, 2, 3]) == 3
+        assert gw.call(dict, a=1) == {"a": 1}
+        # a module the remote cannot import: the remote's ModuleNotFoundError
+        (tmp_path / "only_here_mod.py").write_text("import os\ndef f():\n    return os.sep\n")
+        sys.path.insert(0, str(tmp_path))
+        try:
+            import only_here_mod
+            with pytest.raises(ModuleNotFoundError) as excinfo:
+                call_with_timeout(gw.call, 30, only_here_mod.f)
+            assert "only_here_mod" in excinfo.value.formatted
+        finally:
+            sys.path.remove(str(tmp_path))
+            sys.modules.pop("only_here_mod", None)
+
+    @pytest.mark.transports("popen")
+    def test_refused_before_anything_is_sent(self, gw):
+        import functools
+
+        offset = 1
+
+        def nested(x):
+            return x
+
+        def closure(x):
+            return x + offset
+
+        class Local:
+            def method(self):
+                return 1
+
+        cases = [
+            (lambda: 1, ValueError, "a lambda has no name"),
+            (nested, ValueError, "defined inside another function"),
+            (closure, ValueError, "it is a closure"),
+            (Local().method, TypeError, "a method bound to an object of this process"),
+            ([].append, TypeError, "a method bound to an object of this process"),
+            (functools.partial(call_add, 1), TypeError, "not a function, class or builtin"),
+        ]
+        for func, kind, text in cases:
+            with pytest.raises(kind) as excinfo:
+                gw.call_async(func)
+            assert text in str(excinfo.value)
+        # __main__-style: not self-contained and not importable by the remote
+        import linecache
+
+        source = "def uses_os():\n    return os.sep\n"
+        linecache.cache["<calls-main>"] = (len(source), None, source.splitlines(True), "<calls-main>")
+        scope = {"__name__": "__main__", "os": os}
+        exec(compile(source, "<calls-main>", "exec"), scope)
+        with pytest.raises(ValueError) as excinfo:
+            gw.call(scope["uses_os"])
+        assert "not self-contained (it uses the globals os)" in str(excinfo.value)
+        assert gw._calls.channel is None, "something was sent"
+
+    @pytest.mark.transports("popen")
+    def test_dump_errors_name_the_argument_and_result_path(self, gw):
+        with pytest.raises(execnet.DumpError) as excinfo:
+            gw.call(call_add, 1, [2, object()])
+        assert str(excinfo.value) == (
+            "call of call_add on gateway %s: can't serialize <class 'object'> at args[1][1]"
+            % gw.id)
+        with pytest.raises(execnet.DumpError) as excinfo:
+            gw.call_async(call_add, 1, b={"k": object()})
+        assert "can't serialize <class 'object'> at kwargs['b']['k']" in str(excinfo.value)
+        with pytest.raises(execnet.DumpError) as excinfo:
+            call_with_timeout(gw.call, 30, call_unserializable_result)
+        assert str(excinfo.value) == (
+            "call of call_unserializable_result on gateway %s: can't send the result back: "
+            "can't serialize <class 'object'> at result['ok'][1]" % gw.id)
+        assert call_with_timeout(gw.call, 30, call_add, 1, 2) == 3, "the server carries on"
+
+    @pytest.mark.transports("popen")
+    def test_concurrency_limit_default_and_settable(self, gw):
+        futures = [gw.call_async(call_probe, 0.5) for _ in range(12)]
+        assert max(f.result(timeout=60) for f in futures) == 8   # the default
+        gw.set_call_limit(3)
+        gw.call(call_probe, 0)
+        futures = [gw.call_async(call_probe, 0.5) for _ in range(9)]
+        assert max(f.result(timeout=60) for f in futures) == 8   # max so far
+        gw.call(exec, "import sys; sys._probe['max'] = 0")
+        futures = [gw.call_async(call_probe, 0.5) for _ in range(9)]
+        assert max(f.result(timeout=60) for f in futures) == 3
+        with pytest.raises(ValueError):
+            gw.set_call_limit(0)
+
+    @pytest.mark.transports("popen")
+    def test_results_come_back_as_each_finishes(self, gw):
+        import concurrent.futures
+
+        slow = gw.call_async(call_sleep, 30, "slow")
+        fast = gw.call_async(call_sleep, 0, "fast")
+        done, _ = concurrent.futures.wait([slow, fast], timeout=20,
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        assert done == {fast} and fast.result() == "fast"
+        with pytest.raises(concurrent.futures.TimeoutError):
+            slow.result(timeout=0.1)
+
+    @pytest.mark.transports("popen")
+    def test_builtin_exceptions_are_caught_by_their_class(self, gw):
+        cases = _builtin_exception_cases()
+        assert len(cases) > 50
+        futures = [(name, args, gw.call_async(call_raise, name, args)) for name, args in cases]
+        import builtins
+
+        for name, args, future in futures:
+            cls = getattr(builtins, name)
+            error = future.exception(timeout=60)
+            assert isinstance(error, cls), name
+            assert isinstance(error, execnet.RemoteError), name
+            assert error.formatted.rstrip().splitlines()[-1].startswith(cls.__name__), name
+            assert str(error) == error.formatted
+            with pytest.raises(cls):
+                raise error
+            if cls is Exception:   # RemoteError is one already
+                assert type(error) is execnet.RemoteError
+            elif not issubclass(cls, OSError):
+                assert error.args == args, name
+
+    @pytest.mark.transports("popen")
+    def test_oserror_keeps_errno_and_filename(self, gw):
+        import errno
+
+        with pytest.raises(FileNotFoundError) as excinfo:
+            gw.call(open, "/nonexistent/dir/file")
+        error = excinfo.value
+        assert (error.errno, error.filename) == (errno.ENOENT, "/nonexistent/dir/file")
+        assert isinstance(error, execnet.RemoteError)
+        with pytest.raises(OSError) as excinfo:
+            gw.call(call_raise, "OSError", (errno.EACCES, "denied", "/x", None, "/y"))
+        error = excinfo.value
+        assert isinstance(error, PermissionError)   # OSError picks the subclass by errno
+        assert (error.errno, error.filename, error.filename2) == (errno.EACCES, "/x", "/y")
+
+    @pytest.mark.transports("popen")
+    def test_untyped_and_registered_exceptions(self, gw):
+        for name in ("KeyboardInterrupt", "SystemExit", "GeneratorExit"):
+            error = gw.call_async(call_raise, name, ()).exception(timeout=30)
+            assert type(error) is execnet.RemoteError, name
+            assert name in error.formatted
+            # even if a (version of the) remote named the class
+            made = sys.modules[execnet.__name__]._remote_error("tb", ("builtins", name, ()))
+            assert type(made) is execnet.RemoteError, name
+        error = gw.call_async(call_exit, 3).exception(timeout=30)
+        assert type(error) is execnet.RemoteError
+        assert gw.call(call_add, 1, 1) == 2, "the call server survives SystemExit"
+        # a user-defined class: plain RemoteError unless registered
+        error = gw.call_async(call_raise_custom).exception(timeout=30)
+        assert type(error) is execnet.RemoteError
+        assert "CustomError: custom" in error.formatted
+        with pytest.raises(TypeError):
+            execnet.register_remote_exception(int)
+
+    @pytest.mark.transports("popen")
+    def test_registered_exception_class(self, gw):
+        gw.call(exec, "import sys, types\n"
+                      "m = types.ModuleType('calls_mod_errors')\n"
+                      "exec('class AppError(Exception):\\n    pass', m.__dict__)\n"
+                      "sys.modules['calls_mod_errors'] = m")
+        import types
+
+        module = types.ModuleType("calls_mod_errors")
+        exec("class AppError(Exception):\n    pass", module.__dict__)
+        code = "import calls_mod_errors\nraise calls_mod_errors.AppError('x', 1)"
+        assert type(gw.call_async(exec, code).exception(timeout=30)) is execnet.RemoteError
+        execnet.register_remote_exception(module.AppError)
+        try:
+            error = gw.call_async(exec, code).exception(timeout=30)
+            assert isinstance(error, module.AppError) and isinstance(error, execnet.RemoteError)
+            assert error.args == ("x", 1)
+        finally:
+            execnet_single_module = sys.modules[execnet.__name__]
+            execnet_single_module._REGISTERED_ERRORS.clear()
+            execnet_single_module._TYPED_ERRORS.pop(("calls_mod_errors", "AppError"), None)
+
+    def test_remote_exec_errors_are_typed_too(self, gw):
+        ch = gw.remote_exec("raise KeyError('gone')")
+        with pytest.raises(KeyError) as excinfo:
+            ch.receive(timeout=30)
+        error = excinfo.value
+        assert isinstance(error, execnet.RemoteError)
+        assert error.args == ("gone",)
+        assert "KeyError: 'gone'" in str(error) and str(error) == error.formatted
+        ch = gw.remote_exec("class Mine(Exception): pass\nraise Mine('m')")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.waitclose(timeout=30)
+        assert type(excinfo.value) is execnet.RemoteError
+        assert type(excinfo.value).__name__ == "RemoteError"
+        ch = gw.remote_exec("import sys; sys.exit(2)")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.waitclose(timeout=30)
+        assert type(excinfo.value) is execnet.RemoteError
+
+    @pytest.mark.transports("popen")
+    def test_cancel_before_start_never_runs(self, gw, tmp_path):
+        gw.set_call_limit(1)
+        release = str(tmp_path / "release")
+        marker = str(tmp_path / "marker")
+        running = gw.call_async(call_wait_for_file, release)
+        queued = gw.call_async(call_touch, marker)   # sent, waiting remotely
+        assert call_with_timeout(queued.cancel, 30) is True
+        assert queued.cancelled()
+        assert call_with_timeout(running.cancel, 30) is False   # started: runs on
+        open(release, "w").close()
+        assert running.result(timeout=30) is True
+        assert gw.call(call_add, 1, 2) == 3
+        assert not os.path.exists(marker), "a cancelled call ran"
+        done = gw.call_async(call_add, 1)
+        done.result(timeout=30)
+        assert done.cancel() is False
+
+    @pytest.mark.transports("popen")
+    def test_exit_fails_pending_futures(self, group):
+        gw = mkgw(group, "popen")
+        futures = [gw.call_async(call_sleep, 60) for _ in range(10)]
+        exit_and_join(gw)
+        for future in futures:
+            error = future.exception(timeout=30)
+            assert isinstance(error, EOFError)
+            assert str(error) == "gateway %s: the call of call_sleep did not complete: " \
+                                 "the gateway exited" % gw.id
+        with pytest.raises(OSError):
+            gw.call_async(call_add, 1)
+
+    @pytest.mark.transports("popen", "via", "socket", "ssh")
+    def test_remote_dies_mid_call(self, gw):
+        other = gw.call_async(call_sleep, 60)
+        dying = gw.call_async(call_kill_self)
+        for future in (dying, other):
+            error = future.exception(timeout=30)
+            assert isinstance(error, EOFError)
+            assert "the call of" in str(error) and "did not complete" in str(error)
+            assert "the gateway exited" not in str(error)
+
+    @pytest.mark.transports("popen")
+    def test_main_thread_only_runs_calls_one_at_a_time_in_main_thread(self, group):
+        gw = mkgw(group, "popen//execmodel=main_thread_only")
+        assert gw.call(call_main_thread) is True
+        futures = [gw.call_async(call_probe, 0.1) for _ in range(4)]
+        assert [f.result(timeout=60) for f in futures] == [1, 1, 1, 1]
+        ch = gw.remote_exec("channel.send(1)")
+        with pytest.raises(execnet.RemoteError) as excinfo:
+            ch.receive(timeout=30)
+        assert "main_thread_only" in str(excinfo.value)
+        # the reverse: a remote_exec holds the main thread, calls are refused
+        # with the reason, and work again once it is done
+        other = mkgw(group, "popen//execmodel=main_thread_only")
+        busy = other.remote_exec("channel.receive()")
+        error = other.call_async(call_add, 1).exception(timeout=30)
+        assert isinstance(error, execnet.RemoteError) and "main_thread_only" in str(error)
+        busy.send(None)
+        busy.waitclose(timeout=30)
+        assert call_with_timeout(other.call, 30, call_add, 1, 2) == 3
+
+    @pytest.mark.transports("popen")
+    def test_ten_thousand_concurrent_futures(self, gw):
+        before = set(threading.enumerate())
+        futures = [gw.call_async(call_add, i, 1) for i in range(10000)]
+        assert [f.result(timeout=120) for f in futures] == list(range(1, 10001))
+        assert set(threading.enumerate()) - before == set(), "the local side added threads"
+        remote_threads = gw.call(threading.active_count)
+        assert remote_threads <= 8 + 6, remote_threads   # limit + the gateway's own
+
+    @pytest.mark.parametrize("host, remote", [(VERSIONS[-1], "3.6"), ("3.6", VERSIONS[-1])])
+    def test_cross_version(self, host, remote):
+        script = IMPORT_LINE + textwrap.dedent("""
+            import json, sys, concurrent.futures
+            gw = execnet.makegateway("popen//python=%s")
+            out = [gw.call(sys.getrecursionlimit) > 0, list(gw.call(divmod, 7, 2))]
+            try:
+                gw.call(int, "x")
+            except ValueError as exc:
+                out.append(isinstance(exc, execnet.RemoteError))
+            try:
+                gw.call(open, "/nonexistent/x")
+            except FileNotFoundError as exc:
+                out.append(exc.filename)
+            with execnet.Executor(["popen//python=%s"] * 2) as pool:
+                out.append(list(pool.map(abs, [-1, -2, -3])))
+                out.append(isinstance(pool, concurrent.futures.Executor))
+                out.append(list(pool.map(divmod, [7, 9], [2, 4], chunksize=2)))
+            out.append(gw.call(eval, "'%%d.%%d' %% __import__('sys').version_info[:2]"))
+            gw.exit()
+            print(json.dumps(out))
+        """ % ((need_interpreter(remote),) * 2))
+        proc = run_script(host_python(host), script, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert json_loads(proc.stdout) == [
+            True, [3, 1], True, "/nonexistent/x", [1, 2, 3], True, [[3, 1], [2, 1]], remote]
+
+
+def json_loads(data):
+    import json
+
+    return json.loads(data.decode().strip().splitlines()[-1])
+
+
+class TestExecutor:
+    def test_is_an_executor_submit_map_ordered(self):
+        import concurrent.futures
+
+        with execnet.Executor(["popen"] * 2, per_gateway=2) as pool:
+            assert isinstance(pool, concurrent.futures.Executor)
+            assert isinstance(pool, execnet.Executor)
+            assert pool.submit(call_add, 1, b=2).result(timeout=30) == 3
+            results = call_with_timeout(list, 120, pool.map(call_add, range(500), range(500)))
+            assert results == [2 * i for i in range(500)]
+            results = call_with_timeout(
+                list, 120, pool.map(call_add, range(500), range(500), chunksize=7))
+            assert results == [2 * i for i in range(500)]
+            assert len({pid for pid, _ in pool.map(call_pid_and_value, range(40))}) == 2
+            with pytest.raises(ValueError):
+                pool.map(call_add, [1], chunksize=0)
+            with pytest.raises(ValueError):
+                pool.submit(lambda: 1)
+            pids = [gw._rinfo().pid for gw in pool.group]
+        for pid in pids:
+            assert wait_for(lambda: pid_gone(pid), timeout=30)
+        with pytest.raises(RuntimeError):
+            pool.submit(call_add, 1)
+
+    def test_map_timeout(self):
+        import concurrent.futures
+
+        with execnet.Executor("popen") as pool:
+            results = pool.map(call_sleep, [0, 5], timeout=0.5)
+            assert next(results) is None
+            with pytest.raises(concurrent.futures.TimeoutError):
+                next(results)
+            results = pool.map(call_sleep, [0, 5, 0], timeout=0.5, chunksize=2)
+            with pytest.raises(concurrent.futures.TimeoutError):
+                next(results)
+
+    def test_at_most_per_gateway_running(self, tmp_path):
+        with execnet.Executor(["popen"] * 2, per_gateway=3) as pool:
+            results = call_with_timeout(list, 60, pool.map(call_probe, [0.3] * 24))
+            assert max(results) == 3
+        release = str(tmp_path / "release")
+        with execnet.Executor("popen", per_gateway=2) as pool:
+            futures = [pool.submit(call_wait_for_file, release) for _ in range(3)]
+            assert wait_for(lambda: futures[1]._call_id is not None, timeout=30)
+            assert futures[2]._call_id is None, "a third call was sent to the gateway"
+            open(release, "w").close()
+            assert [f.result(timeout=30) for f in futures] == [True] * 3
+
+    def test_shutdown_cancel_futures(self, tmp_path):
+        release = str(tmp_path / "release")
+        pool = execnet.Executor("popen", per_gateway=1)
+        try:
+            first = pool.submit(call_wait_for_file, release)
+            rest = [pool.submit(call_touch, str(tmp_path / ("m%d" % i))) for i in range(10)]
+            wait_for(lambda: first._call_id is not None, timeout=30)
+            open(release, "w").close()
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            pool.shutdown()
+        assert first.result(timeout=0) is True
+        ran = [f for f in rest if not f.cancelled()]
+        assert len(ran) <= 1, "at most the call already sent ahead ran"
+        assert len(os.listdir(str(tmp_path))) == 1 + len(ran)
+
+    def test_dead_gateway_fails_only_its_calls(self, group):
+        gateways = [mkgw(group, "popen") for _ in range(3)]
+        pool = execnet.Executor(group, per_gateway=1)
+        try:
+            victim = gateways[0]
+            doomed = pool.submit(call_sleep, 60)
+            wait_for(lambda: doomed._client is not None, timeout=30)
+            victim = doomed._client.gateway
+            others = pool.map(call_pid_and_value, range(200))
+            victim._io.kill()
+            error = doomed.exception(timeout=30)
+            assert isinstance(error, EOFError) and victim.id in str(error)
+            results = call_with_timeout(list, 60, others)
+            assert [v for _, v in results] == list(range(200))
+            assert victim._rinfo().pid not in {pid for pid, _ in results[-50:]}
+        finally:
+            pool.shutdown()
+        assert len(group) == 3, "a group it did not create is left alone"
+
+    def test_all_gateways_dead_fails_queued_calls(self, group):
+        gw = mkgw(group, "popen")
+        pool = execnet.Executor(group)
+        try:
+            running = pool.submit(call_sleep, 60)
+            queued = pool.submit(call_add, 1)
+            wait_for(lambda: running._client is not None, timeout=30)
+            gw._io.kill()
+            assert isinstance(running.exception(timeout=30), EOFError)
+            error = queued.exception(timeout=30)
+            assert isinstance(error, EOFError) and "has no gateway left" in str(error)
+        finally:
+            pool.shutdown()
 
 
 def _xdist_host_script(args, single=True):
