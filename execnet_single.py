@@ -5162,7 +5162,7 @@ def _start_socket(spec, params, group=None):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if context is not None:
             sock = context.wrap_socket(sock, server_hostname=host)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:   # 3.6: a wrong host name is a ValueError
         sock.close()
         raise HostNotFound(_Text.CONNECT_FAILED % (spec.id, where, exc))
     io = _SocketIO(sock, where, key, insecure, timeout)

@@ -14,11 +14,12 @@ mode CI uses) tests ``execnet_single.py`` next to this file.
 import glob
 import hashlib
 import importlib.util
+import inspect
 import io
-import re
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -6741,13 +6742,19 @@ class TestPytestXdist:
                                         str(suite)])
             out = (proc.stdout + proc.stderr).decode()
             assert proc.returncode == 0 and "31 passed" in out, out
-        proc = self._pytest(suite, ["--dist", "load", "--px", "popen//id=proxy",
-                                    "--tx", "2*popen//via=proxy",
-                                    "test_suite.py"])
-        out = (proc.stdout + proc.stderr).decode()
-        assert proc.returncode == 0 and "31 passed" in out, out
-        recorded = sorted(p.read_text() for p in suite.glob("library-gw*.txt"))
-        assert recorded == ["execnet_single"], recorded
+        import xdist.plugin
+
+        # --px came with pytest-xdist 3.2 (Python 3.6 has 3.0 at most)
+        if '"--px"' in inspect.getsource(xdist.plugin):
+            proc = self._pytest(suite, ["--dist", "load", "--px", "popen//id=proxy",
+                                        "--tx", "2*popen//via=proxy",
+                                        "test_suite.py"])
+            out = (proc.stdout + proc.stderr).decode()
+            assert proc.returncode == 0 and "31 passed" in out, out
+            recorded = sorted(p.read_text() for p in suite.glob("library-gw*.txt"))
+            assert recorded == ["execnet_single"], recorded
+        else:
+            assert sys.version_info < (3, 7), "a pytest-xdist without --px"
         work = [p.read_text() for p in (tmp_path / "socketwork").glob("**/library-gw*.txt")]
         assert work == ["execnet_single"], work
 
@@ -8348,7 +8355,9 @@ class TestSocketTLS:
                 spec = server.spec.replace("CA_FILE", ca)
                 with pytest.raises(execnet.HostNotFound) as info:
                     mkgw(group, spec)
-                assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+                # (3.6 checks the name after the handshake: "doesn't match")
+                assert ("CERTIFICATE_VERIFY_FAILED" in str(info.value)
+                        or "doesn't match" in str(info.value)), str(info.value)
                 assert "127.0.0.1" in str(info.value)   # the mismatch is named
                 if host == "localhost":   # the name it was made for works
                     gw = mkgw(group, spec.replace("socket=127.0.0.1", "socket=localhost"))
