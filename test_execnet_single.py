@@ -24,6 +24,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 import sys
 import textwrap
 import threading
@@ -7391,18 +7392,25 @@ class TestSocketServer:
         assert "WARNING: running WITHOUT authentication" in server.logtext()
 
     def test_no_arguments_runs_the_server(self, tmp_path):
-        proc = subprocess.Popen([sys.executable, "-m", "execnet_single"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=server_env(tmp_path), cwd=str(tmp_path))
-        try:
-            banner = call_with_timeout(proc.stdout.readline, 60).decode()
-            assert "listening on 127.0.0.1:8888" in banner, (banner, proc.stderr.read1(4096)
-                                                             if proc.poll() is not None else "")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-            proc.stdout.close()
-            proc.stderr.close()
+        import fcntl
+
+        # the default port is one for the whole machine: test sessions that
+        # run side by side (tox -p) take turns
+        with open(os.path.join(tempfile.gettempdir(), "execnet_single-test-port-8888.lock"),
+                  "a") as lock:
+            call_with_timeout(fcntl.flock, 120, lock, fcntl.LOCK_EX)
+            proc = subprocess.Popen([sys.executable, "-m", "execnet_single"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=server_env(tmp_path), cwd=str(tmp_path))
+            try:
+                banner = call_with_timeout(proc.stdout.readline, 60).decode()
+                assert "listening on 127.0.0.1:8888" in banner, (
+                    banner, proc.stderr.read1(4096) if proc.poll() is not None else "")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0
+                proc.stdout.close()
+                proc.stderr.close()
 
     def test_creates_a_private_key_when_given_none(self, tmp_path, group):
         server = ServerProcess(tmp_path)
