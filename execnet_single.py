@@ -3700,10 +3700,13 @@ def _start_io(io, spec, params, describe, stage2=_STAGE2_LINE):
 
 
 def _reap(io, timeout):
-    """Wait for the remote to end; kill it if it does not in time."""
+    """Wait for the remote to end; kill it if it does not in time.  A killed
+    process not yet reaped when the time is up is waited for by a daemon
+    thread, so that no zombie outlives the bound (exit() keeps to it)."""
     if io.wait(timeout) is None:
         io.kill()
-        io.wait(timeout)
+        if io.wait(timeout) is None:
+            _daemon(io.wait, (None,), "execnet_single-reaper")
 
 
 _FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True,
@@ -4003,7 +4006,14 @@ def _start_popen_warm(spec, params, group=None):
     if spec.preload:
         server = _fork_server_for(spec, group)
         if server is not None:
-            return server.start(spec, params)
+            try:
+                return server.start(spec, params)
+            except HostNotFound:
+                if not server.ended():
+                    raise
+            # it ended before its watcher could tell (killed, say): once
+            # more, from the new server that takes its place
+            return _fork_server_for(spec, group).start(spec, params)
     return _start_popen(spec, params, group)
 
 
@@ -6469,7 +6479,10 @@ def _local_reference(module, qualname):
 def _call_target(func):
     """How func travels: (module, qualname, source, filename); raises
     TypeError/ValueError for what the remote cannot find (nothing is sent)."""
-    target = _CALL_TARGETS.get(func)
+    try:
+        target = _CALL_TARGETS.get(func)
+    except TypeError:   # 3.6: a method bound to an unhashable object ([].append)
+        target = None
     if target is not None:
         return target
     name = getattr(func, "__qualname__", None) or repr(func)
