@@ -4431,6 +4431,18 @@ channel.send((LABEL, results))
 
 @single_only
 class TestCrossVersion:
+    def test_host_is_the_python_the_tox_env_names(self):
+        # tox.ini says which Python each env runs on (EXECNET_SINGLE_HOST):
+        # a slip there would quietly test another interpreter
+        expected = os.environ.get("EXECNET_SINGLE_HOST")
+        if not expected:
+            pytest.skip("EXECNET_SINGLE_HOST is not set (not run by tox)")
+        if expected == "pypy":
+            assert sys.implementation.name == "pypy", sys.version
+        else:
+            assert sys.implementation.name == "cpython", sys.version
+            assert "%d.%d" % sys.version_info[:2] == expected, sys.version
+
     @pytest.mark.parametrize("version", PYTHONS)
     def test_echo_every_type(self, group, version):
         gw = mkgw(group, "popen//python=" + need_interpreter(version))
