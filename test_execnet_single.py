@@ -7372,6 +7372,12 @@ class TestForwarding:
         assert replies[0] == ("refused", T.FORWARD_NOT_ALLOWED % "pytest")
         assert replies[1][0] == replies[2][0] == "ok"
 
+    def test_stdlib_path_check_on_its_own(self):
+        # the name list (3.10+) refuses first; this is the check for 3.6-3.9
+        assert execnet._in_stdlib(os.path.realpath(json.__file__))
+        assert not execnet._in_stdlib(os.path.realpath(psutil.__file__))
+        assert not execnet._in_stdlib(os.path.realpath(__file__))
+
     def test_spec_value_is_checked(self, group):
         with pytest.raises(ValueError, match="forward"):
             execnet.makegateway("popen//forward=a/b")
