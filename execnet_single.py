@@ -3720,7 +3720,7 @@ def _reap(io, timeout):
 _FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True,
                 "0": False, "false": False, "no": False, "off": False}
 # xspec keys that are on or off: `key` alone, or key= one of _FLAG_VALUES
-_FLAG_KEYS = ("dont_write_bytecode", "insecure", "tls")
+_FLAG_KEYS = ("dont_write_bytecode", "insecure", "tls", "forward_preload")
 
 
 def _flag(spec, key):
@@ -3751,6 +3751,7 @@ def _gateway_params(spec, names=()):
     }
     if spec.forward:
         params["forward"] = spec.forward
+        params["forward_preload"] = _flag(spec, "forward_preload")
     return params
 
 
@@ -6010,7 +6011,7 @@ class Group:
         io, rinfo, leftover = _transport_for(spec)(spec, params, self)
         gateway = Gateway(io, spec, rinfo, output, leftover)
         if params.get("forward"):
-            _ForwardServer(gateway, params["forward"])
+            _ForwardServer(gateway, params["forward"], params["forward_preload"])
         _trace("started gateway", spec.id, rinfo)
         return gateway
 
@@ -7171,8 +7172,14 @@ def _fail(future, exc):
 # never reaches), so a via= chain, a plain byte relay, carries it end to end:
 #
 #   remote -> local   (request id, "dotted.name")
-#   local -> remote   (request id, ("ok", source, is_package, path, host))
-#                     (request id, ("refused", reason))
+#   local -> remote   (request id, ("ok", source, is_package, path, host), more)
+#                     (request id, ("refused", reason), {})
+#
+# more: with forward_preload, {name: ("ok", ...)} for the allowed modules the
+# answered one imports statically (found with ast, transitively), which the
+# remote keeps for later imports: one round trip instead of one per module.
+# The remote also keeps every answer it got (a via= hop is a byte relay, so
+# the far remote asks the local side directly, through it).
 #
 # The local side resolves names with PathFinder on sys.path and on the
 # parent's spec, so it never imports (never runs) anything, not even a
@@ -7231,6 +7238,7 @@ class _ForwardFinder:
         self._lock = threading.Lock()
         self._next = 0
         self._waiting = {}
+        self._cache = {}   # name -> an "ok" answer, asked for or preloaded
         self._channel = gateway._new_channel(_FORWARD_CID)
         self._channel.setcallback(self._on_reply, endmarker=None)
 
@@ -7244,13 +7252,18 @@ class _ForwardFinder:
                     entry[0].set()
                 return
             entry = self._waiting.pop(item[0], None)
+            self._cache.update(item[2])
+            if entry is not None and item[1][0] == "ok":
+                self._cache[entry[2]] = item[1]
         if entry is not None:
             entry[1] = item[1]
             entry[0].set()
 
     def _ask(self, fullname):
-        entry = [threading.Event(), None]
+        entry = [threading.Event(), None, fullname]
         with self._lock:
+            if fullname in self._cache:
+                return self._cache[fullname]
             self._next += 1
             reqid = self._next
             self._waiting[reqid] = entry
@@ -7346,11 +7359,63 @@ def _in_stdlib(path):
     return bool(inside(paths.get("stdlib")) or inside(paths.get("platstdlib")))
 
 
+def _static_imports(name, source, is_package):
+    """Absolute names that module `name` imports at top level or anywhere (ast)."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    package = name if is_package else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                if node.level - 1 >= len(parts) or not package:
+                    continue
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            if base:
+                found.append(base)
+            found.extend(base + "." + alias.name if base else alias.name
+                         for alias in node.names if alias.name != "*")
+    names = []
+    for full in found:  # and the packages on the way: importing a.b.c needs a.b
+        parts = full.split(".")
+        names.extend(".".join(parts[:i + 1]) for i in range(len(parts)))
+    return names
+
+
+def _forward_closure(name, reply, allowed, limit=500):
+    """{name: answer} of the allowed modules `name` imports, transitively."""
+    more = {}
+    seen = {name}
+    todo = _static_imports(name, reply[1], reply[2])
+    while todo and len(more) < limit:
+        other = todo.pop()
+        if other in seen:
+            continue
+        seen.add(other)
+        top = other.partition(".")[0]
+        if allowed != "*" and top not in allowed:
+            continue
+        answer = _forward_lookup(other, allowed)
+        if answer[0] == "ok":  # names that are attributes, not modules, drop out here
+            more[other] = answer
+            todo.extend(_static_imports(other, answer[1], answer[2]))
+    return more
+
+
 class _ForwardServer:
     """Local side: answers a gateway's forwarded-import requests."""
 
-    def __init__(self, gateway, value):
+    def __init__(self, gateway, value, preload=False):
         self._allowed = _forward_allowed(value)
+        self._preload = preload
         self._channel = gateway._new_channel(_FORWARD_CID)
         self._channel.setcallback(self._on_request)
 
@@ -7361,9 +7426,12 @@ class _ForwardServer:
         if type(item) is not tuple or len(item) != 2:
             return
         reply = _forward_lookup(item[1], self._allowed)
-        _trace("forward", item[1], reply[0])
+        more = {}
+        if self._preload and reply[0] == "ok":
+            more = _forward_closure(item[1], reply, self._allowed)
+        _trace("forward", item[1], reply[0], len(more))
         try:
-            self._channel.send((item[0], reply))
+            self._channel.send((item[0], reply, more))
         except (OSError, ValueError):
             pass  # the gateway is gone
 

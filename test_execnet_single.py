@@ -7372,6 +7372,23 @@ class TestForwarding:
         assert replies[0] == ("refused", T.FORWARD_NOT_ALLOWED % "pytest")
         assert replies[1][0] == replies[2][0] == "ok"
 
+    @pytest.mark.parametrize("preload, asked", [("", 4), ("//forward_preload", 2)])
+    def test_preload_and_cache_save_round_trips(self, group, fwpkg, preload, asked):
+        gw = mkgw(group, "popen//forward=%s%s" % (fwpkg, preload))
+        ch = gw.remote_exec(textwrap.dedent("""
+            import sys
+            finder = [f for f in sys.meta_path if type(f).__name__ == "_ForwardFinder"][0]
+            import %(p)s.helpers
+            first = finder._next
+            for name in [m for m in sys.modules if m.startswith("%(p)s")]:
+                del sys.modules[name]
+            import %(p)s.helpers
+            channel.send((first, finder._next, %(p)s.helpers.f(1)))
+            """ % {"p": fwpkg}))
+        # without preload: the package, helpers, sub and sub.leaf; with it,
+        # helpers brings sub and sub.leaf; importing again asks nothing
+        assert ch.receive(timeout=60) == (asked, asked, 42 + 43)
+
     def test_stdlib_path_check_on_its_own(self):
         # the name list (3.10+) refuses first; this is the check for 3.6-3.9
         assert execnet._in_stdlib(os.path.realpath(json.__file__))
