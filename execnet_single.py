@@ -18,8 +18,9 @@ Sections (each uses only the ones above it):
   9. Local gateways: popen, via, socket, ssh  (local side)
  10. XSpec, exec models, Group, MultiChannel, RSync
  11. Remote calls: Gateway.call, Executor (local side; the call server remotely)
- 12. Socket server                        (python -m execnet_single serve)
- 13. CLI
+ 12. Import forwarding: forward= (local side answers; the finder remotely)
+ 13. Socket server                        (python -m execnet_single serve)
+ 14. CLI
 
 (PYTEST_DONT_REWRITE: `-p execnet_single` loads this already imported module
 as a pytest plugin; this marker keeps pytest from warning about that.)
@@ -490,6 +491,14 @@ class _Text:
     CALL_LOST_EXIT = "the gateway exited"
     CALL_NO_GATEWAY = "Executor has no gateway left to run %s: %s"
     CALL_SHUTDOWN = "cannot schedule new calls after shutdown"
+    FORWARD_REFUSED = "cannot forward module %r from the local side: %s"
+    FORWARD_BAD_NAME = "%r is not a valid module name"
+    FORWARD_NOT_ALLOWED = "top-level package %r is not on the forward= list"
+    FORWARD_STDLIB = "it is part of the standard library (the remote uses its own)"
+    FORWARD_NOT_FOUND = "the local side cannot find it on sys.path"
+    FORWARD_NOT_SOURCE = "not a pure Python source file (%s)"
+    FORWARD_UNREADABLE = "cannot read its source: %s"
+    FORWARD_SYNTAX = "forwarded module %r does not compile on the remote's Python %s: %s"
     INSECURE_WARNING = ("WARNING: running WITHOUT authentication (--insecure): every local "
                         "user can run code as you through %s")
 
@@ -3337,6 +3346,8 @@ def _remote_main(source, params_bytes, seal=None):
     if seal is not None:
         io = _SealedIO(io, seal[0], seal[1], seal[3], read_seq=seal[2])
     gateway = _RemoteGateway(io, params)
+    if params.get("forward"):
+        _install_forward_finder(gateway, params["forward"])
     info = _rinfo_dict()
     spawner = None
     if params.get("spawner_key"):
@@ -3712,7 +3723,7 @@ def _reap(io, timeout):
 _FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True,
                 "0": False, "false": False, "no": False, "off": False}
 # xspec keys that are on or off: `key` alone, or key= one of _FLAG_VALUES
-_FLAG_KEYS = ("dont_write_bytecode", "insecure", "tls")
+_FLAG_KEYS = ("dont_write_bytecode", "insecure", "tls", "forward_preload")
 
 
 def _flag(spec, key):
@@ -3729,7 +3740,7 @@ def _flag(spec, key):
 
 def _gateway_params(spec, names=()):
     """What the remote needs to know, from an XSpec."""
-    return {
+    params = {
         "id": spec.id,
         "execmodel": spec.execmodel or "thread",
         "window": int(spec.window or _DEFAULT_WINDOW),
@@ -3741,6 +3752,10 @@ def _gateway_params(spec, names=()):
         "names": list(names),
         "force_names": sorted(_alias_state["forced"]),
     }
+    if spec.forward:
+        params["forward"] = spec.forward
+        params["forward_preload"] = _flag(spec, "forward_preload")
+    return params
 
 
 class _PopenIO(_FdIO):
@@ -5750,6 +5765,15 @@ def _module_names_list(value):
             return "expected module names separated by commas, not %r" % name.strip()
 
 
+def _forward_names(value):
+    if value.strip() == "*":
+        return None
+    for name in value.split(","):
+        if not name.strip().isidentifier():
+            return "expected top-level package names separated by commas, or *, not %r" % (
+                name.strip(),)
+
+
 # xspec keys whose values are checked before a gateway starts
 _SPEC_CHECKS = (
     ("window", _positive_int),
@@ -5770,6 +5794,7 @@ _SPEC_CHECKS = (
     ("tls_key", str.strip),
     ("handshake_timeout", _positive_number),
     ("preload", _module_names_list),
+    ("forward", _forward_names),
 )
 
 
@@ -5995,6 +6020,8 @@ class Group:
         params = _gateway_params(spec, _module_names())
         io, rinfo, leftover = _transport_for(spec)(spec, params, self)
         gateway = Gateway(io, spec, rinfo, output, leftover)
+        if params.get("forward"):
+            _ForwardServer(gateway, params["forward"], params["forward_preload"])
         _trace("started gateway", spec.id, rinfo)
         return gateway
 
@@ -7148,7 +7175,281 @@ def _fail(future, exc):
         pass
 
 
-# === 12. Socket server ===
+# === 12. Import forwarding ===
+#
+# popen//forward=mypkg,other (or forward=*): code in the remote may import
+# those top-level packages from the local side.  _remote_main puts a
+# _ForwardFinder last on the remote's sys.meta_path; Group._start attaches a
+# _ForwardServer to the local gateway.  They talk on the reserved channel
+# _FORWARD_CID (odd, like the local side's ids, but one the local counter
+# never reaches), so a via= chain, a plain byte relay, carries it end to end:
+#
+#   remote -> local   (request id, "dotted.name")
+#   local -> remote   (request id, ("ok", source, is_package, path, host), more)
+#                     (request id, ("refused", reason), {})
+#
+# more: with forward_preload, {name: ("ok", ...)} for the allowed modules the
+# answered one imports statically (found with ast, transitively), which the
+# remote keeps for later imports: one round trip instead of one per module.
+# The remote also keeps every answer it got (a via= hop is a byte relay, so
+# the far remote asks the local side directly, through it).
+#
+# The local side resolves names with PathFinder on sys.path and on the
+# parent's spec, so it never imports (never runs) anything, not even a
+# parent package, and answers in a thread of its own (file I/O).  It sends
+# only .py sources of allowed, non-stdlib modules; the remote never names a
+# path.  The remote compiles with its own Python under the import lock.
+
+_FORWARD_CID = 0xFFFFFFFF
+
+
+def _forward_allowed(value):
+    """'*' or a frozenset of top-level names, from the forward= value."""
+    if value in (None, "", False):
+        return None
+    value = value.strip()
+    if value == "*":
+        return "*"
+    return frozenset(part.strip() for part in value.split(",") if part.strip())
+
+
+class _ForwardLoader:
+    """Executes forwarded source, compiled by this (remote) Python."""
+
+    def __init__(self, source, is_package):
+        self.source = source
+        self.is_package_ = is_package
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        name = module.__name__
+        filename = module.__spec__.origin
+        try:
+            code = compile(self.source, filename, "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            error = SyntaxError(_Text.FORWARD_SYNTAX % (
+                name, sys.version.split()[0], exc.msg), (
+                filename, exc.lineno, exc.offset, exc.text))
+            raise error from None
+        _remember_source(filename, self.source)
+        exec(code, module.__dict__)
+
+    def get_source(self, name):
+        return self.source
+
+    def is_package(self, name):
+        return self.is_package_
+
+
+class _ForwardFinder:
+    """On the remote's sys.meta_path: asks the local side for allowed modules."""
+
+    def __init__(self, gateway, allowed):
+        self._allowed = allowed
+        self._lock = threading.Lock()
+        self._next = 0
+        self._waiting = {}
+        self._cache = {}   # name -> an "ok" answer, asked for or preloaded
+        self._channel = gateway._new_channel(_FORWARD_CID)
+        self._channel.setcallback(self._on_reply, endmarker=None)
+
+    def _on_reply(self, item):  # receiver thread: hand over, never block
+        with self._lock:
+            if item is None:  # the gateway is closing: nobody will answer
+                entries = list(self._waiting.values())
+                self._waiting.clear()
+                for entry in entries:
+                    entry[1] = ("refused", "the gateway closed")
+                    entry[0].set()
+                return
+            entry = self._waiting.pop(item[0], None)
+            self._cache.update(item[2])
+            if entry is not None and item[1][0] == "ok":
+                self._cache[entry[2]] = item[1]
+        if entry is not None:
+            entry[1] = item[1]
+            entry[0].set()
+
+    def _ask(self, fullname):
+        entry = [threading.Event(), None, fullname]
+        with self._lock:
+            if fullname in self._cache:
+                return self._cache[fullname]
+            self._next += 1
+            reqid = self._next
+            self._waiting[reqid] = entry
+        try:
+            self._channel.send((reqid, fullname))
+        except (OSError, ValueError) as exc:
+            with self._lock:
+                self._waiting.pop(reqid, None)
+            return ("refused", "cannot ask the local side: %s" % (exc,))
+        entry[0].wait()
+        return entry[1]
+
+    def find_spec(self, fullname, path=None, target=None):
+        top = fullname.partition(".")[0]
+        if self._allowed != "*" and top not in self._allowed:
+            return None
+        reply = self._ask(fullname)
+        if reply[0] != "ok":
+            raise ModuleNotFoundError(_Text.FORWARD_REFUSED % (fullname, reply[1]),
+                                      name=fullname)
+        import importlib.machinery
+
+        source, is_package, path, host = reply[1:5]
+        spec = importlib.machinery.ModuleSpec(
+            fullname, _ForwardLoader(source, is_package),
+            origin="<forwarded from %s:%s>" % (host, path), is_package=is_package)
+        spec.has_location = True  # so __file__ is set (to the honest origin)
+        if is_package:
+            spec.submodule_search_locations = [
+                "<forwarded from %s:%s>" % (host, os.path.dirname(path))]
+        return spec
+
+
+def _install_forward_finder(gateway, value):
+    """Remote side: forwarding on (called by _remote_main when asked)."""
+    finder = _ForwardFinder(gateway, _forward_allowed(value))
+    sys.meta_path.append(finder)
+    return finder
+
+
+def _forward_lookup(name, allowed):
+    """Local side: ("ok", source, is_package, path, host) or ("refused", why)."""
+    import importlib.machinery
+    import importlib.util
+
+    if (not isinstance(name, str) or len(name) > 500
+            or not all(part.isidentifier() for part in name.split("."))):
+        return ("refused", _Text.FORWARD_BAD_NAME % (name,))
+    top = name.partition(".")[0]
+    if allowed is None or (allowed != "*" and top not in allowed):
+        return ("refused", _Text.FORWARD_NOT_ALLOWED % (top,))
+    stdlib_names = getattr(sys, "stdlib_module_names", ())  # 3.10+
+    if top in stdlib_names or top in sys.builtin_module_names:
+        return ("refused", _Text.FORWARD_STDLIB)
+    spec = None
+    search = None  # sys.path for a top-level name, else the parent's locations
+    for depth, part in enumerate(name.split(".")):
+        prefix = ".".join(name.split(".")[:depth + 1])
+        if depth and not search:
+            return ("refused", _Text.FORWARD_NOT_FOUND)
+        try:  # PathFinder: finds without importing anything, even parents
+            spec = importlib.machinery.PathFinder.find_spec(prefix, search)
+        except (ImportError, ValueError, OSError):
+            spec = None
+        if spec is None:
+            return ("refused", _Text.FORWARD_NOT_FOUND)
+        search = spec.submodule_search_locations
+    if not isinstance(spec.loader, importlib.machinery.SourceFileLoader) or not (
+            spec.origin or "").endswith(".py"):
+        return ("refused", _Text.FORWARD_NOT_SOURCE % (spec.origin,))
+    path = os.path.realpath(spec.origin)
+    if _in_stdlib(path):
+        return ("refused", _Text.FORWARD_STDLIB)
+    try:
+        with open(path, "rb") as f:
+            source = importlib.util.decode_source(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError) as exc:
+        return ("refused", _Text.FORWARD_UNREADABLE % (exc,))
+    import socket
+
+    return ("ok", source, spec.submodule_search_locations is not None, path,
+            socket.gethostname())
+
+
+def _in_stdlib(path):
+    """True for a file of this Python's standard library (not site-packages)."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    inside = lambda root: root and path.startswith(os.path.realpath(root) + os.sep)
+    if inside(paths.get("purelib")) or inside(paths.get("platlib")):
+        return False
+    return bool(inside(paths.get("stdlib")) or inside(paths.get("platstdlib")))
+
+
+def _static_imports(name, source, is_package):
+    """Absolute names that module `name` imports at top level or anywhere (ast)."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    package = name if is_package else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                if node.level - 1 >= len(parts) or not package:
+                    continue
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            if base:
+                found.append(base)
+            found.extend(base + "." + alias.name if base else alias.name
+                         for alias in node.names if alias.name != "*")
+    names = []
+    for full in found:  # and the packages on the way: importing a.b.c needs a.b
+        parts = full.split(".")
+        names.extend(".".join(parts[:i + 1]) for i in range(len(parts)))
+    return names
+
+
+def _forward_closure(name, reply, allowed, limit=500):
+    """{name: answer} of the allowed modules `name` imports, transitively."""
+    more = {}
+    seen = {name}
+    todo = _static_imports(name, reply[1], reply[2])
+    while todo and len(more) < limit:
+        other = todo.pop()
+        if other in seen:
+            continue
+        seen.add(other)
+        top = other.partition(".")[0]
+        if allowed != "*" and top not in allowed:
+            continue
+        answer = _forward_lookup(other, allowed)
+        if answer[0] == "ok":  # names that are attributes, not modules, drop out here
+            more[other] = answer
+            todo.extend(_static_imports(other, answer[1], answer[2]))
+    return more
+
+
+class _ForwardServer:
+    """Local side: answers a gateway's forwarded-import requests."""
+
+    def __init__(self, gateway, value, preload=False):
+        self._allowed = _forward_allowed(value)
+        self._preload = preload
+        self._channel = gateway._new_channel(_FORWARD_CID)
+        self._channel.setcallback(self._on_request)
+
+    def _on_request(self, item):  # receiver thread: file I/O goes elsewhere
+        _daemon(self._answer, (item,), "execnet_single-forward")
+
+    def _answer(self, item):
+        if type(item) is not tuple or len(item) != 2:
+            return
+        reply = _forward_lookup(item[1], self._allowed)
+        more = {}
+        if self._preload and reply[0] == "ok":
+            more = _forward_closure(item[1], reply, self._allowed)
+        _trace("forward", item[1], reply[0], len(more))
+        try:
+            self._channel.send((item[0], reply, more))
+        except (OSError, ValueError):
+            pass  # the gateway is gone
+
+
+# === 13. Socket server ===
 #
 # `python -m execnet_single serve`.  Each accepted connection gets a thread
 # for the handshake of section 9 (at most max_handshakes at once, each done
@@ -7631,7 +7932,7 @@ def _banner(server, key_path, insecure, tls):
         __version__, host, server.port, " (TLS)" if tls else "", keyinfo, spec)
 
 
-# === 13. CLI ===
+# === 14. CLI ===
 #
 # `python -m execnet_single pytest ARGS` runs pytest here with `execnet`
 # resolved to this module, and passes `-p execnet_single`: pytest loads this

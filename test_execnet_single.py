@@ -7238,6 +7238,179 @@ class RecordingProxy:
         self.listener.close()
 
 
+def make_forward_package(root):
+    """A package made for the forwarding tests, under a name nobody has; returns it."""
+    name = "fwpkg_%d_%d" % (os.getpid(), next(_ids))
+    files = {
+        "__init__.py": "DATA = 42\n",
+        "helpers.py": textwrap.dedent("""\
+            from . import DATA
+            from .sub import leaf
+
+
+            def f(x):
+                return x * DATA + leaf.VALUE
+
+
+            def boom():
+                raise ValueError("boom from forwarded code")
+            """),
+        "sub/__init__.py": "",
+        "sub/leaf.py": "from .. import DATA\nVALUE = DATA + 1\n",
+        "broken.py": "raise RuntimeError('broken on purpose')\n",
+        "modern.py": "if (n := 3):\n    pass\n",
+        "slow.py": textwrap.dedent("""\
+            import builtins, time
+            builtins.fw_imports = getattr(builtins, "fw_imports", 0) + 1
+            time.sleep(0.3)
+            """),
+    }
+    for path, text in files.items():
+        target = root / name / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return name
+
+
+@pytest.fixture
+def fwpkg(tmp_path):
+    """A test package importable locally (sys.path) for this test only."""
+    name = make_forward_package(tmp_path)
+    sys.path.insert(0, str(tmp_path))
+    yield name
+    sys.path.remove(str(tmp_path))
+    for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[mod]
+
+
+FORWARD_HOSTILE = """
+import execnet_single as e, sys
+finder = [f for f in sys.meta_path if type(f).__name__ == "_ForwardFinder"][0]
+finder._channel.send("not a request")  # malformed: ignored, no answer
+channel.send([finder._ask(name) for name in channel.receive()])
+"""
+
+
+@single_only
+class TestForwarding:
+    @pytest.mark.transports("popen", "via", "socket", "ssh")
+    def test_package_with_subpackages_and_relative_imports(self, group, transport, fwpkg):
+        gw = make_transport_gateway(group, transport, "//forward=" + fwpkg)
+        ch = gw.remote_exec(textwrap.dedent("""
+            import %s.helpers as h, %s.sub as sub
+            channel.send((h.f(2), h.DATA, h.__file__, h.__spec__.parent,
+                          list(sub.__path__), sub.__spec__.submodule_search_locations))
+            """ % (fwpkg, fwpkg)))
+        value, data, file, parent, path, locations = ch.receive(timeout=60)
+        assert (value, data, parent) == (2 * 42 + 43, 42, fwpkg)
+        assert file.startswith("<forwarded from ") and file.endswith(
+            os.path.join(fwpkg, "helpers.py") + ">")
+        assert path == locations and path[0].endswith(os.path.join(fwpkg, "sub") + ">")
+        assert fwpkg not in sys.modules  # the local side never imported it
+
+    def test_off_by_default(self, group, fwpkg):
+        gw = mkgw(group, "popen")
+        ch = gw.remote_exec("import sys\nchannel.send([type(f).__name__ for f in sys.meta_path])")
+        assert "_ForwardFinder" not in ch.receive(timeout=30)
+        with pytest.raises(execnet.RemoteError, match="No module named '%s'" % fwpkg):
+            gw.remote_exec("import " + fwpkg).receive(timeout=30)
+
+    def test_refused_and_failing_modules_are_import_errors_that_say_why(self, group, fwpkg):
+        gw = mkgw(group, "popen//forward=" + fwpkg)
+        with pytest.raises(execnet.RemoteError) as info:
+            gw.remote_exec("import %s.missing" % fwpkg).receive(timeout=30)
+        assert "ModuleNotFoundError" in str(info.value)
+        assert execnet._Text.FORWARD_NOT_FOUND in str(info.value)
+        with pytest.raises(execnet.RemoteError, match="broken on purpose"):
+            gw.remote_exec("import %s.broken" % fwpkg).receive(timeout=30)
+        # a package not on the list is not asked for: the usual error
+        with pytest.raises(execnet.RemoteError, match="No module named 'pytest_nope'"):
+            gw.remote_exec("import pytest_nope").receive(timeout=30)
+
+    def test_traceback_and_getsource_show_the_real_lines(self, group, fwpkg):
+        gw = mkgw(group, "popen//forward=" + fwpkg)
+        with pytest.raises(execnet.RemoteError) as info:
+            gw.remote_exec("import %s.helpers as h\nh.boom()" % fwpkg).receive(timeout=30)
+        assert 'raise ValueError("boom from forwarded code")' in str(info.value)
+        ch = gw.remote_exec("import inspect, %s.helpers as h\n"
+                            "channel.send(inspect.getsource(h.f))" % fwpkg)
+        assert ch.receive(timeout=30).startswith("def f(x):\n    return x * DATA")
+
+    def test_two_threads_importing_get_one_copy(self, group, fwpkg):
+        gw = mkgw(group, "popen//forward=" + fwpkg)
+        ch = gw.remote_exec(textwrap.dedent("""
+            import builtins, importlib, threading
+            got = []
+            threads = [threading.Thread(target=lambda: got.append(
+                importlib.import_module("%s.slow"))) for _ in range(2)]
+            [t.start() for t in threads]
+            [t.join(30) for t in threads]
+            channel.send((len(got), got[0] is got[1], builtins.fw_imports))
+            """ % fwpkg))
+        assert ch.receive(timeout=60) == (2, True, 1)
+
+    def test_gw_call_of_a_forwarded_function(self, group, fwpkg):
+        gw = mkgw(group, "popen//forward=" + fwpkg)
+        helpers = importlib.import_module(fwpkg + ".helpers")
+        assert call_with_timeout(gw.call, 60, helpers.f, 2) == 2 * 42 + 43
+
+    def test_a_36_remote_compiles_with_its_own_python(self, group, fwpkg):
+        python = need_interpreter("3.6")
+        gw = mkgw(group, "popen//python=%s//forward=%s" % (python, fwpkg))
+        ch = gw.remote_exec("import %s.helpers as h\nchannel.send(h.f(1))" % fwpkg)
+        assert ch.receive(timeout=60) == 42 + 43
+        with pytest.raises(execnet.RemoteError) as info:
+            gw.remote_exec("import %s.modern" % fwpkg).receive(timeout=30)
+        assert "SyntaxError" in str(info.value)
+        assert "forwarded module '%s.modern' does not compile on the remote's Python 3.6" % (
+            fwpkg) in str(info.value)
+
+    def test_hostile_requests_are_refused(self, group, fwpkg):
+        T = execnet._Text
+        gw = mkgw(group, "popen//forward=*")
+        names = ["os", "json.decoder", "../etc/passwd", "/etc/passwd", "..x", "x..y", "",
+                 "psutil._psutil_linux"]
+        ch = gw.remote_exec(FORWARD_HOSTILE)
+        ch.send(names)
+        replies = ch.receive(timeout=60)
+        assert replies == [("refused", T.FORWARD_STDLIB)] * 2 + [
+            ("refused", T.FORWARD_BAD_NAME % (name,)) for name in names[2:-1]] + [
+            ("refused", T.FORWARD_NOT_SOURCE % psutil._psutil_linux.__file__)]
+        gw2 = mkgw(group, "popen//forward=" + fwpkg)
+        ch = gw2.remote_exec(FORWARD_HOSTILE)
+        ch.send(["pytest", fwpkg, fwpkg + ".sub.leaf"])
+        replies = ch.receive(timeout=60)
+        assert replies[0] == ("refused", T.FORWARD_NOT_ALLOWED % "pytest")
+        assert replies[1][0] == replies[2][0] == "ok"
+
+    @pytest.mark.parametrize("preload, asked", [("", 4), ("//forward_preload", 2)])
+    def test_preload_and_cache_save_round_trips(self, group, fwpkg, preload, asked):
+        gw = mkgw(group, "popen//forward=%s%s" % (fwpkg, preload))
+        ch = gw.remote_exec(textwrap.dedent("""
+            import sys
+            finder = [f for f in sys.meta_path if type(f).__name__ == "_ForwardFinder"][0]
+            import %(p)s.helpers
+            first = finder._next
+            for name in [m for m in sys.modules if m.startswith("%(p)s")]:
+                del sys.modules[name]
+            import %(p)s.helpers
+            channel.send((first, finder._next, %(p)s.helpers.f(1)))
+            """ % {"p": fwpkg}))
+        # without preload: the package, helpers, sub and sub.leaf; with it,
+        # helpers brings sub and sub.leaf; importing again asks nothing
+        assert ch.receive(timeout=60) == (asked, asked, 42 + 43)
+
+    def test_stdlib_path_check_on_its_own(self):
+        # the name list (3.10+) refuses first; this is the check for 3.6-3.9
+        assert execnet._in_stdlib(os.path.realpath(json.__file__))
+        assert not execnet._in_stdlib(os.path.realpath(psutil.__file__))
+        assert not execnet._in_stdlib(os.path.realpath(__file__))
+
+    def test_spec_value_is_checked(self, group):
+        with pytest.raises(ValueError, match="forward"):
+            execnet.makegateway("popen//forward=a/b")
+
+
 @single_only
 class TestSocketServer:
     def test_round_trip_in_a_child_of_the_server(self, tmp_path, group):
