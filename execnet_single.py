@@ -6513,7 +6513,9 @@ def _call_target(func):
     if target is not None:
         return target
     name = getattr(func, "__qualname__", None) or repr(func)
-    if isinstance(func, type(_call_target)):
+    # (PyPy: builtins such as str.upper are functions too, of builtin code)
+    if isinstance(func, type(_call_target)) and isinstance(
+            getattr(func, "__code__", None), type(_call_target.__code__)):
         if func.__name__ == "<lambda>":
             raise ValueError(_Text.CALL_LAMBDA % (name,))
         if func.__closure__:
@@ -6536,6 +6538,8 @@ def _call_target(func):
         module = getattr(owner if isinstance(owner, type) else func, "__module__", None)
         if module is None:
             module = getattr(getattr(func, "__objclass__", None), "__module__", None)
+        if module is None and _local_reference("builtins", name) is func:
+            module = "builtins"   # PyPy: str.upper names neither module nor class
         if not (isinstance(module, str) and isinstance(name, str)
                 and _local_reference(module, name) == func):
             raise TypeError(_Text.CALL_NOT_FUNCTION % (func,))

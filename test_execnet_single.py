@@ -1812,6 +1812,8 @@ class TestFraming:
             tracemalloc.stop()
         assert peak < 1024 * 1024
 
+    @pytest.mark.skipif(not hasattr(os, "writev"),
+                        reason="no os.writev here (PyPy): _FdIO.writev writes joined buffers")
     def test_partial_writev_continues_where_it_stopped(self, monkeypatch):
         # the OS may write fewer bytes than asked, also inside a buffer:
         # the rest goes next, complete and in order
@@ -2953,6 +2955,7 @@ class TestBootstrap:
         assert gw.remote_exec("channel.send(15)").receive(30) == 15
 
     @single_only
+    @needs_tracemalloc
     @pytest.mark.parametrize("end", ["\\n", ""])
     def test_endless_banner_keeps_memory_flat(self, tmp_path, end):
         chatty = tmp_path / "chatty-python"
