@@ -479,6 +479,8 @@ class _Text:
                     "function around it)")
     CALL_NESTED = ("can't call %s remotely: it is defined inside another function; "
                    "define it at module level")
+    NO_PYTEST = ("`python -m execnet_single pytest` runs the pytest (and pytest-xdist) "
+                 "installed for this Python, and there is none: %s")
     CALL_BOUND = ("can't call %r remotely: a method bound to an object of this process; "
                   "call a module-level function")
     CALL_NOT_FUNCTION = ("can't call %r remotely: not a function, class or builtin "
@@ -7967,9 +7969,10 @@ def pytest_plugin_registered(plugin, manager):
         return  # not in an xdist worker: the report is the user's
     import io
 
-    try:
-        from _pytest.config import create_terminal_writer
-    except ImportError:  # a pytest we do not know: leave it
+    # pytest is the caller's (loaded, since it calls this hook), never ours
+    create_terminal_writer = getattr(sys.modules.get("_pytest.config"),
+                                     "create_terminal_writer", None)
+    if create_terminal_writer is None:  # a pytest we do not know: leave it
         return
 
     class NullText(io.TextIOBase):
@@ -7987,8 +7990,13 @@ def _cli_pytest(args):
     else:
         module = sys.modules[__name__]
     module.install_as_execnet()
-    import pytest
+    import importlib
 
+    try:   # the user's pytest: this module depends on nothing outside the stdlib
+        pytest = importlib.import_module("pytest")
+    except ImportError as exc:
+        sys.stderr.write("execnet_single: error: %s\n" % (_Text.NO_PYTEST % (exc,)))
+        return 1
     return int(pytest.main(["-p", "execnet_single"] + list(args)))
 
 

@@ -6682,6 +6682,16 @@ def _need_xdist():
 
 @single_only
 class TestPytestXdist:
+    def test_command_without_pytest_says_so(self):
+        # -S: no site-packages, so no pytest; the library itself needs none
+        proc = subprocess.run([sys.executable, "-S", "-m", "execnet_single", "pytest", "-q"],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=60)
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert proc.stderr.decode().startswith(
+            "execnet_single: error: `python -m execnet_single pytest` runs the pytest"), proc.stderr
+        assert b"Traceback" not in proc.stderr
+
     def test_xdist_runs_on_execnet_single(self, tmp_path):
         # the library under pytest-xdist, replaced by this file; tox installs
         # pytest-xdist for every CPython 3.6-3.13, so CI runs this everywhere
