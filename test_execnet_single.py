@@ -11,6 +11,7 @@ For comparison runs only, ``EXECNET_SINGLE_TEST_AGAINST=execnet`` points the
 execnet-compatible tests at an installed execnet; the default (and the only
 mode CI uses) tests ``execnet_single.py`` next to this file.
 """
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -4257,44 +4258,27 @@ def _both_send_first(group, gw):
     return ok, ch.receive(timeout=30)
 
 
-def _callback_sends_large_reply(group, gw):
+def _callback_replies(group, gw, rounds, mib, limit=30):
+    """The remote sends rounds of small items; a callback (so: the receiver
+    thread) answers each with mib MiB, which the remote checks."""
     import queue
 
     ch = gw.remote_exec(
-        "for i in range(4):\n"
+        "for i in range(ROUNDS):\n"
         "    channel.send(i)\n"
-        "    assert channel.receive() == bytes([i]) * 10 * MIB\n"
-        "channel.send('done')\n".replace("MIB", str(MIB)))
+        "    assert channel.receive() == bytes([i]) * SIZE\n"
+        "channel.send('done')\n".replace("ROUNDS", str(rounds)).replace(
+            "SIZE", str(mib * MIB)))
     done = queue.Queue()
 
     def reply(item):
         if item == "done":
             done.put(item)
         else:
-            ch.send(bytes([item]) * 10 * MIB)
+            ch.send(bytes([item]) * mib * MIB)
 
     ch.setcallback(reply)
-    return done.get(timeout=30)
-
-
-def _callback_replies_beyond_the_window(group, gw):
-    import queue
-
-    ch = gw.remote_exec(
-        "for i in range(3):\n"
-        "    channel.send(i)\n"
-        "    assert channel.receive() == bytes([i]) * 3 * MIB\n"
-        "channel.send('done')\n".replace("MIB", str(MIB)))
-    done = queue.Queue()
-
-    def reply(item):
-        if item == "done":
-            done.put(item)
-        else:
-            ch.send(bytes([item]) * 3 * MIB)
-
-    ch.setcallback(reply)
-    return done.get(timeout=25)
+    return done.get(timeout=limit)
 
 
 def _small_window_big_items(group, gw):
@@ -4352,15 +4336,17 @@ class TestFlowControlCompletes:
         assert set(results.values()) == {(True, True)}, results
 
     def test_callback_sends_large_reply(self, transport):
-        results = _run_program(_callback_sends_large_reply, transport)
+        results = _run_program(functools.partial(_callback_replies, rounds=4, mib=10),
+                               transport)
         assert set(results.values()) == {"done"}, results
 
     def test_callback_replies_larger_than_the_window(self, transport):
         # 3 MiB replies under a 1 MiB window, sent from the receiver thread:
         # it must never wait for credit (the acknowledgements it would wait
         # for are what it reads)
-        results = _run_program(_callback_replies_beyond_the_window, transport,
-                               "//window=1048576")
+        results = _run_program(
+            functools.partial(_callback_replies, rounds=3, mib=3, limit=25), transport,
+            "//window=1048576")
         assert set(results.values()) == {"done"}, results
 
     def test_small_window_items_larger_than_window(self, transport):
