@@ -4191,7 +4191,8 @@ class _ForkServer:
 
     def ended(self):
         """True once the server's socket closed (it ended or failed)."""
-        return self._gone or self.error is not None
+        return (self._gone or self.error is not None   # (or it died, unseen yet)
+                or (self.io is not None and self.io.popen.poll() is not None))
 
     def wait_child(self, pid, timeout):
         """The exit status of a child; None while it runs (or is unknown)."""
