@@ -5131,6 +5131,23 @@ def _in_worker_thread(trial, timeout=300):
     return value
 
 
+def _round_trip_trial(gw, count=1000):
+    """Seconds for count round trips of a small int through an echo channel."""
+    ch = gw.remote_exec("for item in channel:\n    channel.send(item)\n"
+                        "    if item is None: break")
+    ch.send(-1)
+    assert ch.receive(timeout=30) == -1
+    start = time.perf_counter()
+    for i in range(count):
+        ch.send(i)
+        assert ch.receive(timeout=30) == i
+    elapsed = time.perf_counter() - start
+    ch.send(None)
+    assert ch.receive(timeout=30) is None
+    ch.waitclose(timeout=30)
+    return elapsed
+
+
 def _bulk_trial(ch, direction, items=BULK_ITEMS, size=MIB):
     """Seconds to move items chunks of size bytes over ch (BULK_REMOTE)."""
     chunk = bytes(range(256)) * (size // 256)
@@ -5402,23 +5419,8 @@ class TestBenchmarks:
             raise errors[0]
 
     def test_small_message_latency(self, bench_other, bench_table):
-        source = "for item in channel:\n    channel.send(item)\n    if item is None: break"
-
         def make(gw):
-            def trial():
-                ch = gw.remote_exec(source)
-                ch.send(-1)
-                assert ch.receive(timeout=30) == -1
-                start = time.perf_counter()
-                for i in range(1000):
-                    ch.send(i)
-                    assert ch.receive(timeout=30) == i
-                elapsed = time.perf_counter() - start
-                ch.send(None)
-                assert ch.receive(timeout=30) is None
-                ch.waitclose(timeout=30)
-                return elapsed
-            return trial
+            return functools.partial(_round_trip_trial, gw)
         made = self._on_gateways(bench_other, None)
         try:
             trials = [("multiprocessing.connection", _best_of(_mp_trial, 3))]
@@ -5509,23 +5511,8 @@ class TestBenchmarks:
             gws["unsealed"] = execnet.makegateway(unsealed.spec)
             assert type(gws["sealed"]._io) is execnet._SealedIO
             assert type(gws["unsealed"]._io) is execnet._SocketIO
-            echo = "for item in channel:\n    channel.send(item)\n    if item is None: break"
-
             def round_trips(gw):
-                def trial():
-                    ch = gw.remote_exec(echo)
-                    ch.send(-1)
-                    assert ch.receive(timeout=30) == -1
-                    start = time.perf_counter()
-                    for i in range(1000):
-                        ch.send(i)
-                        assert ch.receive(timeout=30) == i
-                    elapsed = time.perf_counter() - start
-                    ch.send(None)
-                    assert ch.receive(timeout=30) is None
-                    ch.waitclose(timeout=30)
-                    return elapsed
-                return _best_of(trial, 3)
+                return _best_of(functools.partial(_round_trip_trial, gw), 3)
 
             def bulk(gw, direction):
                 def trial():
