@@ -7016,6 +7016,7 @@ class Executor:
         self._pending = set()     # every future not yet done
         self._idle = threading.Condition(self._lock)
         self._shutdown = False
+        self._turn = 0            # where _free_gateway's round-robin starts
         for gateway in self.group:
             client = _call_client(gateway)
             if client.limit != per_gateway:
@@ -7159,10 +7160,15 @@ class Executor:
                 _fail(future, error)
 
     def _free_gateway(self):
-        """(the least busy gateway with room or None, whether any lives)."""
+        """(the least busy gateway with room or None, whether any lives).
+
+        Ties go round-robin, starting after the last one chosen: calls that
+        finish before the next is sent still spread over the gateways."""
         best = None
         live = False
-        for gateway in self.group._gateways:
+        gateways = list(self.group._gateways)
+        start = self._turn % len(gateways) if gateways else 0
+        for gateway in gateways[start:] + gateways[:start]:
             if gateway in self._dead:
                 continue
             if gateway._finished:
@@ -7172,6 +7178,8 @@ class Executor:
             busy = self._busy.get(gateway, 0)
             if busy < self.per_gateway and (best is None or busy < best[0]):
                 best = (busy, gateway)
+        if best is not None:
+            self._turn = gateways.index(best[1]) + 1
         return (best and best[1]), live
 
 

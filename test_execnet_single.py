@@ -6511,6 +6511,12 @@ class TestExecutor:
                 list, 120, pool.map(call_add, range(500), range(500), chunksize=7))
             assert results == [2 * i for i in range(500)]
             assert len({pid for pid, _ in pool.map(call_pid_and_value, range(40))}) == 2
+            # calls sent one at a time, each finished before the next, alternate
+            one_by_one = [pool.submit(call_pid_and_value, i).result(timeout=30)[0]
+                          for i in range(6)]
+            assert one_by_one[0::2] == [one_by_one[0]] * 3
+            assert one_by_one[1::2] == [one_by_one[1]] * 3
+            assert one_by_one[0] != one_by_one[1]
             with pytest.raises(ValueError):
                 pool.map(call_add, [1], chunksize=0)
             with pytest.raises(ValueError):
