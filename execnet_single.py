@@ -101,6 +101,50 @@ def _forked():
     _PID[0] = os.getpid()
 
 
+# Windows (tested under Wine only): no select on pipes, no process groups,
+# no os.nice; the helpers below stand in where this file needs them.
+_WINDOWS = sys.platform == "win32"
+# nice= on Windows: the priority class nearest to that niceness
+_WINDOWS_PRIORITY = ((10, 0x40), (1, 0x4000), (0, 0x20), (-9, 0x8000), (-20, 0x80))
+
+
+def _pipe_available(rfd):
+    """Windows: how many bytes pipe fd rfd holds now; None at its end."""
+    import _winapi
+    import msvcrt
+
+    try:
+        return _winapi.PeekNamedPipe(msvcrt.get_osfhandle(rfd), 0)[0]
+    except OSError:
+        return None
+
+
+def _binary_fds(*fds):
+    """Windows: no newline translation on these fds (a no-op elsewhere)."""
+    if _WINDOWS:
+        import msvcrt
+
+        for fd in fds:
+            msvcrt.setmode(fd, os.O_BINARY)
+
+
+def _set_niceness(value):
+    """os.nice(value), or on Windows the matching priority class."""
+    if not _WINDOWS:
+        os.nice(value)
+        return
+    import ctypes
+
+    for floor, priority_class in _WINDOWS_PRIORITY:
+        if value >= floor:
+            break
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.GetCurrentProcess.restype = ctypes.c_void_p  # (a 64-bit handle)
+    kernel32.SetPriorityClass.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
+    if not kernel32.SetPriorityClass(kernel32.GetCurrentProcess(), priority_class):
+        raise ctypes.WinError(ctypes.get_last_error())
+
+
 def _trace_off(*msg):
     """Tracing is off: do nothing."""
 
@@ -3220,12 +3264,27 @@ class _OutputForwarder:
         self._locks = {}
         for target in (1, 2):
             rfd, wfd = os.pipe()
-            os.set_blocking(rfd, False)
+            if not _WINDOWS:  # (Windows: _drain reads only what _pipe_available says)
+                os.set_blocking(rfd, False)
             os.dup2(wfd, target)
             os.close(wfd)
+            _binary_fds(rfd, target)
             self._pipes[target] = rfd
             self._locks[target] = threading.Lock()
-        self._thread = _daemon(self._run, (), "execnet_single-output")
+        self._thread = _daemon(self._poll if _WINDOWS else self._run, (),
+                               "execnet_single-output")
+
+    def _poll(self, interval=0.05):
+        """Windows has no select on pipes: look into them every interval."""
+        import time
+
+        pipes = dict(self._pipes)
+        while pipes:
+            for target in list(pipes):
+                with self._locks[target]:
+                    if not self._drain(target):
+                        del pipes[target]
+            time.sleep(interval)
 
     def _run(self):
         import select
@@ -3245,8 +3304,15 @@ class _OutputForwarder:
     def _drain(self, target):
         """Send what the pipe holds now (lock held); False at its end."""
         while True:
+            size = _READ_SIZE
+            if _WINDOWS:
+                size = _pipe_available(self._pipes[target])
+                if size is None:
+                    return False
+                if not size:
+                    return True
             try:
-                data = os.read(self._pipes[target], _READ_SIZE)
+                data = os.read(self._pipes[target], min(size, _READ_SIZE))
             except BlockingIOError:
                 return True
             except OSError:
@@ -3328,7 +3394,7 @@ def _remote_main(source, params_bytes, seal=None):
             os.makedirs(chdir)
         os.chdir(chdir)
     if params.get("nice"):
-        os.nice(int(params["nice"]))
+        _set_niceness(int(params["nice"]))
     if params.get("dont_write_bytecode"):
         sys.dont_write_bytecode = True
     me = sys.modules[__name__]
@@ -3341,6 +3407,7 @@ def _remote_main(source, params_bytes, seal=None):
         _alias_state["forced"].add(name)
     rfd = os.dup(0)
     wfd = os.dup(1)
+    _binary_fds(rfd, wfd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

@@ -262,6 +262,52 @@ ALL_TRANSPORTS = ["popen", "via", "socket", "socket-tls", "ssh"]
 TRANSPORTS = [t for t in os.environ.get(
     "EXECNET_SINGLE_TRANSPORTS", ",".join(ALL_TRANSPORTS)).split(",") if t]
 _tls_server = {}   # the TLS socket server the socket-tls transport connects to
+# "wine": a Linux host drives the Windows CPython 3.13 that `.ci/run wine` puts
+# under Wine, by popen. Only where EXECNET_SINGLE_TRANSPORTS names it (tox's
+# py311), and then for the classes below and tests marked transports("wine"):
+# each Windows start costs ~0.7 s, and pids, signals and /proc are Linux's.
+WINE_CLASSES = ("TestChannel",)
+WINE_ROOT = os.environ.get("EXECNET_SINGLE_WINE_ROOT", "/opt/execnet-single-wine")
+WINE_LOADER = "/usr/lib/wine/wine64"
+WINDOWS = sys.platform == "win32"
+posix_only = pytest.mark.skipif(WINDOWS, reason="POSIX-only behaviour")
+
+
+def wine_python():
+    """The python= command of the Windows CPython under Wine; fail in CI, skip elsewhere, when missing."""
+    python = os.path.join(WINE_ROOT, "python", "python.exe")
+    if not (os.path.exists(WINE_LOADER) and os.path.exists(python)):
+        message = "Wine or its Windows CPython is missing (`.ci/run wine` sets them up)"
+        if IN_CI:
+            pytest.fail(message + " (required when CI=true)")
+        pytest.skip(message)
+    prefix = os.path.join(WINE_ROOT, "prefix")
+    if not _wine_server:
+        # Wine's server keeps the stdio of the wine command that starts it: one
+        # started by a gateway would hold that gateway's pipes open. Start
+        # one here (or find it running), with nothing attached; -p: it stays.
+        # The same for the services (services.exe, ...) its first process starts.
+        env = dict(os.environ, WINEPREFIX=prefix, WINEDEBUG="-all")
+        for argv in (["/usr/lib/wine/wineserver", "-p"], [WINE_LOADER, python, "-c", "pass"]):
+            subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=60)
+        _wine_server.append(prefix)
+    return "/usr/bin/env WINEPREFIX=%s WINEDEBUG=-all %s %s" % (prefix, WINE_LOADER, python)
+
+
+_wine_server = []
+
+
+def wine_processes():
+    """The Windows processes (python.exe under Wine) among this process's children."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.name().lower().endswith(".exe"):
+                found.append(p.pid)
+        except psutil.Error:
+            pass
+    return found
 
 
 def make_transport_gateway(group, transport, extra=""):
@@ -270,6 +316,8 @@ def make_transport_gateway(group, transport, extra=""):
     session's TLS socket server; "ssh", the session's sshd."""
     if transport == "popen":
         return mkgw(group, "popen" + extra)
+    if transport == "wine":
+        return mkgw(group, "popen//python=" + wine_python() + extra)
     if transport == "ssh":   # the host's own interpreter, as for popen
         python = "" if "//python=" in extra else "//python=" + sys.executable
         return mkgw(group, ssh_server_or_skip().spec(python + extra))
@@ -445,6 +493,8 @@ def pytest_generate_tests(metafunc):
     if "transport" in metafunc.fixturenames and not explicit:
         marker = metafunc.definition.get_closest_marker("transports")
         kinds = marker.args if marker else ALL_TRANSPORTS
+        if not marker and getattr(metafunc.cls, "__name__", None) in WINE_CLASSES:
+            kinds = list(kinds) + ["wine"]
         metafunc.parametrize("transport", [k for k in kinds if k in TRANSPORTS])
 
 
@@ -2110,6 +2160,7 @@ class TestChannel:
         assert proc.stdout.decode().split() == ["1", "2"], stderr
         assert proc.returncode == 0, stderr
 
+    @pytest.mark.transports(*ALL_TRANSPORTS)   # not "wine": Windows has no fork
     def test_fork_in_remote_dropping_a_channel_leaves_it_open(self, gw):
         other = gw.newchannel()
         ch = gw.remote_exec(
@@ -2876,6 +2927,19 @@ class TestBootstrap:
         assert execnet._code_for_remote(sys.hexversion + 1, tag, abi) == b""
         assert execnet._code_for_remote(sys.hexversion, "other-99", abi) == b""
 
+    @pytest.mark.transports("wine")
+    @pytest.mark.parametrize("nice, priority_class", [(5, 0x4000), (15, 0x40)])
+    def test_nice_on_a_windows_remote_sets_a_priority_class(self, group, transport, nice,
+                                                           priority_class):
+        gw = make_transport_gateway(group, transport, "//nice=%d" % nice)
+        ch = gw.remote_exec(
+            "import ctypes\nk = ctypes.WinDLL('kernel32')\n"
+            "k.GetCurrentProcess.restype = ctypes.c_void_p\n"
+            "k.GetPriorityClass.argtypes = (ctypes.c_void_p,)\n"
+            "channel.send(k.GetPriorityClass(k.GetCurrentProcess()))")
+        assert ch.receive(timeout=30) == priority_class
+        exit_and_join(gw)
+
     @single_only
     @pytest.mark.parametrize("fake", [
         None, "cpython:t:nogil", "cpython::gil" if sys.implementation.name == "pypy" else "pypy::gil"])
@@ -3285,6 +3349,22 @@ class TestOutput:
             "sent an output frame for fd 7 (only fds 1 and 2 are forwarded)")
         assert got == []
 
+    @pytest.mark.transports("wine")
+    def test_fd_output_of_a_windows_remote_arrives_while_it_runs(self, group, transport):
+        # Windows has no select on pipes: os.write(1, ...) must still arrive
+        # while the remote runs, byte for byte (no newline translation)
+        got = []
+        gw = call_with_timeout(group.makegateway, 60, "popen//python=" + wine_python(),
+                               output=lambda fd, data: got.append((fd, data)))
+        ch = gw.remote_exec("import os\nos.write(1, b'a\\r\\nb\\n')\n"
+                            "os.write(2, b'c\\n')\nchannel.receive()")
+        assert wait_for(lambda: len(b"".join(d for fd, d in got)) >= 7, timeout=30), got
+        assert b"".join(d for fd, d in got if fd == 1) == b"a\r\nb\n"
+        assert b"".join(d for fd, d in got if fd == 2) == b"c\n"
+        ch.send(None)
+        ch.waitclose(timeout=30)
+        exit_and_join(gw)
+
     def test_default_output_goes_to_local_stderr(self, gw, capsys):
         ch = gw.remote_exec(OUTPUT_SOURCE)
         assert ch.receive(timeout=30) == "after-output"
@@ -3686,6 +3766,21 @@ sys.stdout.flush()
 
 
 class TestTermination:
+    @pytest.mark.transports("wine")
+    @pytest.mark.parametrize("how", ["exit", "terminate"])
+    def test_windows_remote_stuck_in_a_long_call_is_killed(self, group, transport, how):
+        # its main thread asleep in C (no Python to run a handler): killed at
+        # the end of the grace period, and no python.exe is left under Wine
+        gw = make_transport_gateway(group, transport, "//execmodel=main_thread_only")
+        ch = gw.remote_exec("import time\nchannel.send('asleep')\ntime.sleep(3600)")
+        assert ch.receive(timeout=30) == "asleep"
+        assert wine_processes()
+        if how == "exit":
+            exit_and_join(gw, timeout=60)
+        else:
+            call_with_timeout(group.terminate, 60, timeout=2)
+        assert wait_for(lambda: not wine_processes(), timeout=30), "python.exe left behind"
+
     def test_exit_with_busy_remote(self, group, transport):
         gw = make_transport_gateway(group, transport)
         pid = rinfo(gw).pid
