@@ -105,6 +105,7 @@ def _forked():
 # no os.nice; the helpers below stand in where this file needs them.
 _WINDOWS = sys.platform == "win32"
 # nice= on Windows: the priority class nearest to that niceness
+_CREATE_NEW_PROCESS_GROUP = 0x200
 _WINDOWS_PRIORITY = ((10, 0x40), (1, 0x4000), (0, 0x20), (-9, 0x8000), (-20, 0x80))
 
 
@@ -3837,7 +3838,9 @@ class _PopenIO(_FdIO):
         if popen is None:
             popen = subprocess.Popen(
                 args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                bufsize=0, env=env, start_new_session=True, pass_fds=pass_fds)
+                bufsize=0, env=env, start_new_session=True, pass_fds=pass_fds,
+                # Windows ignores start_new_session: the host's Ctrl-C stays its own
+                creationflags=_CREATE_NEW_PROCESS_GROUP if _WINDOWS else 0)
         self.popen = popen
         _FdIO.__init__(self, self.popen.stdout.fileno(), self.popen.stdin.fileno())
         self.remoteaddress = str(self.popen.pid)
@@ -3905,6 +3908,8 @@ class _PopenIO(_FdIO):
         import signal
 
         try:
+            if _WINDOWS:  # no process groups: TerminateProcess; its own
+                raise OSError  # children end when their stdin closes
             os.killpg(self.popen.pid, signal.SIGKILL)
         except OSError:
             try:
