@@ -129,6 +129,15 @@ def _binary_fds(*fds):
             msvcrt.setmode(fd, os.O_BINARY)
 
 
+def _kill_group(popen, sig=9):
+    """Signal the process group popen leads (it was started in a new session);
+    Windows has none: TerminateProcess on the process itself."""
+    if _WINDOWS:
+        popen.kill()
+    else:
+        os.killpg(popen.pid, sig)
+
+
 def _set_niceness(value):
     """os.nice(value), or on Windows the matching priority class."""
     if not _WINDOWS:
@@ -3905,12 +3914,9 @@ class _PopenIO(_FdIO):
 
     def kill(self):
         """Kill the process and its process group."""
-        import signal
-
         try:
-            if _WINDOWS:  # no process groups: TerminateProcess; its own
-                raise OSError  # children end when their stdin closes
-            os.killpg(self.popen.pid, signal.SIGKILL)
+            # (Windows: the process only; its own children end when their stdin closes)
+            _kill_group(self.popen)
         except OSError:
             try:
                 self.popen.kill()
@@ -7854,14 +7860,13 @@ class _SocketServer:
     def _end_child(child):
         """The client is gone: the session may finish (exit grace), then
         it is killed, stopped or busy as it may be."""
-        import signal
         import subprocess
 
         try:
             child.wait(_EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
             try:
-                os.killpg(child.pid, signal.SIGKILL)
+                _kill_group(child)
             except OSError:
                 pass
 
@@ -7907,11 +7912,11 @@ class _SocketServer:
 
         with self._lock:
             children = list(self._sessions)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig in (signal.SIGTERM, getattr(signal, "SIGKILL", 9)):  # (Windows: no SIGKILL)
             for child in children:
                 if child.poll() is None:
                     try:
-                        os.killpg(child.pid, sig)
+                        _kill_group(child, sig)
                     except OSError:
                         pass
             deadline = time.time() + 2.0

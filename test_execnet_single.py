@@ -3774,6 +3774,18 @@ sys.stdout.flush()
 
 
 class TestTermination:
+    @pytest.mark.transports("popen", "via")
+    def test_remote_that_will_not_leave_is_killed(self, group, transport):
+        # its os._exit made a sleep: only the kill after the grace period
+        # (by this host, or by the proxy for via) ends it
+        gw = make_transport_gateway(group, transport)
+        pid = rinfo(gw).pid
+        ch = gw.remote_exec("import os, time\nos._exit = lambda status: time.sleep(3600)\n"
+                            "channel.send('stuck')")
+        assert ch.receive(timeout=30) == "stuck"
+        exit_and_join(gw, timeout=60)
+        assert wait_for(lambda: pid_gone(pid), timeout=30), "remote survived exit()"
+
     @pytest.mark.transports("wine")
     @pytest.mark.parametrize("how", ["exit", "terminate"])
     def test_windows_remote_stuck_in_a_long_call_is_killed(self, group, transport, how):
