@@ -8270,19 +8270,25 @@ class TestSealedSessions:
             assert wait_for(lambda: server.logtext().count("failed its check") == 2)
             assert not marker.exists()
 
-    def test_records_refused_one_by_one(self, tmp_path):
-        # the record layer alone, fed what a relay could send
+    @pytest.mark.parametrize("reads", ["7 bytes", "whole records"])
+    def test_records_refused_one_by_one(self, tmp_path, reads):
+        # the record layer alone, fed what a relay could send, in reads of 7
+        # bytes (records cut and joined: _feed) or of one whole record each
+        # (the hot path in read())
         key = os.urandom(32)
 
         class Feed(execnet._IO):
-            def __init__(self, data):
-                self.data = [data[i:i + 7] for i in range(0, len(data), 7)]
+            def __init__(self, records):
+                if reads == "7 bytes":
+                    data = b"".join(records)
+                    records = [data[i:i + 7] for i in range(0, len(data), 7)]
+                self.data = list(records)
 
             def read(self):
                 return self.data.pop(0) if self.data else b""
 
-        def read_all(data):
-            io = execnet._SealedIO(Feed(data), key, key, "PEER")
+        def read_all(records):
+            io = execnet._SealedIO(Feed(records), key, key, "PEER")
             out = []
             while True:
                 piece = io.read()
@@ -8292,19 +8298,24 @@ class TestSealedSessions:
 
         good = [seal_record(key, n, b"item %d" % n) for n in range(3)]
         end = seal_record(key, 3, b"", end=True)
-        assert read_all(b"".join(good) + end) == b"item 0item 1item 2"
+        flipped = [bytearray(good[1]), bytearray(good[1])]
+        flipped[0][5] ^= 1     # a payload bit
+        flipped[1][-1] ^= 1    # a tag bit
+        assert read_all(good + [end]) == b"item 0item 1item 2"
         cases = {
-            "record 1 failed": good[0] + good[2] + end,                # dropped
-            "record 1 failed ": good[0] + good[2] + good[1] + end,     # swapped
-            "record 2 failed": good[0] + good[1] + good[1] + end,      # replayed
-            "record 0 failed": b"\0" + b"".join(good) + end,          # injected
-            "without its end record": b"".join(good),                  # truncated
-            "inside a record": b"".join(good) + end[:-1],              # cut in a record
-            "invalid length word": struct.pack("!I", 2 ** 30) + bytes(16),
+            "record 1 failed": [good[0], good[2], end],                # dropped
+            "record 1 failed ": [good[0], good[2], good[1], end],      # swapped
+            "record 2 failed": [good[0], good[1], good[1], end],       # replayed
+            "record 1 failed  ": [good[0], bytes(flipped[0]), good[2], end],
+            "record 1 failed   ": [good[0], bytes(flipped[1]), good[2], end],
+            "record 0 failed": [b"\0" + good[0]] + good[1:] + [end],   # injected
+            "without its end record": good,                              # truncated
+            "inside a record": good + [end[:-1]],                        # cut in a record
+            "invalid length word": [struct.pack("!I", 2 ** 30) + bytes(16)],
         }
-        for what, data in cases.items():
+        for what, records in cases.items():
             with pytest.raises(execnet._StreamError) as info:
-                read_all(data)
+                read_all(records)
             assert "session with PEER ended: " in str(info.value)
             assert what.strip() in str(info.value), (what, str(info.value))
 
