@@ -5858,6 +5858,140 @@ class TestBenchmarks:
         bench_table.figure("1,000 calls of 1 MiB results", times, 1.5,
                            ours="gw.call", reference="channel")
 
+    def test_forwarded_import_of_50_modules(self, tmp_path):
+        # a tree of imports: __init__ imports m0, mI imports m(2I+1) and m(2I+2)
+        name = "fwbench_%d" % os.getpid()
+        root = tmp_path / "pkgs" / name
+        root.mkdir(parents=True)
+        (root / "__init__.py").write_text("from . import m0\n")
+        for i in range(49):
+            kids = [k for k in (2 * i + 1, 2 * i + 2) if k < 49]
+            (root / ("m%d.py" % i)).write_text("".join(
+                "from . import m%d\n" % k for k in kids) + "VALUE = %d\n" % i)
+        sys.path.insert(0, str(tmp_path / "pkgs"))
+        timed = ("import sys, time\n"
+                 "t = time.perf_counter()\nimport %(n)s\n"
+                 "cold = time.perf_counter() - t\n"
+                 "for m in [m for m in sys.modules if m.split('.')[0] == '%(n)s']:\n"
+                 "    del sys.modules[m]\n"
+                 "t = time.perf_counter()\nimport %(n)s\n"
+                 "warm = time.perf_counter() - t\n"
+                 "channel.send((cold, warm, %(n)s.m48.VALUE))" % {"n": name})
+
+        def measure(spec):
+            group = execnet.Group()
+            try:
+                gw = call_with_timeout(group.makegateway, 120, spec)
+                cold, warm, value = gw.remote_exec(timed).receive(timeout=300)
+                assert value == 48
+                return cold, warm
+            finally:
+                call_with_timeout(group.terminate, 60, timeout=10)
+
+        try:
+            # tc netem is missing from this machine's kernel: the 20 ms are
+            # added by _DelayedLink, a loopback relay that holds every chunk
+            # 20 ms each way, in front of a socket server in a popen process
+            group = execnet.Group()
+            try:
+                host = mkgw(group, "popen")
+                keyfile = tmp_path / "key"
+                keyfile.write_bytes(b"k" * 32)
+                keyfile.chmod(0o600)
+                figures = [("popen", lambda extra: "popen" + extra)]
+                links = []
+
+                def delayed(extra):
+                    ch = host.remote_exec("import execnet_single\n"
+                                          "execnet_single._serve_installed(channel)")
+                    ch.send(("127.0.0.1", 0, b"k" * 32))
+                    address = tuple(ch.receive(timeout=60))
+                    links.append(_DelayedLink(address, 0.020))
+                    return "socket=127.0.0.1:%d//keyfile=%s%s" % (
+                        links[-1].port, keyfile, extra)
+                figures.append(("a socket link with 20 ms added each way", delayed))
+                for label, spec in figures:
+                    cold, warm = measure(spec("//forward=" + name))
+                    preload, _ = measure(spec("//forward=%s//forward_preload" % name))
+                    print("\nforwarded import of 50 modules over %s: cold %.3f s, "
+                          "warm (remote cache) %.4f s, preload %.3f s; "
+                          "preload speed-up %.1fx" % (label, cold, warm, preload,
+                                                       cold / preload))
+                for link in links:
+                    link.close()
+            finally:
+                call_with_timeout(group.terminate, 60, timeout=10)
+        finally:
+            sys.path.remove(str(tmp_path / "pkgs"))
+
+
+class _DelayedLink:
+    """A one-connection loopback relay to address that delivers every chunk
+    `delay` seconds after it arrived, each way (latency, not a bandwidth cap)."""
+
+    def __init__(self, address, delay):
+        import socket
+
+        self.address, self.delay = address, delay
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.threads = [threading.Thread(target=self._serve, daemon=True)]
+        self.threads[0].start()
+
+    def _serve(self):
+        import socket
+
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        upstream = socket.create_connection(self.address, timeout=30)
+        upstream.settimeout(None)
+        pumps = [threading.Thread(target=self._pump, args=pair, daemon=True)
+                 for pair in ((client, upstream), (upstream, client))]
+        [t.start() for t in pumps]
+        [t.join(120) for t in pumps]
+        client.close()
+        upstream.close()
+
+    def _pump(self, src, dst):
+        import queue
+        import socket
+
+        chunks = queue.Queue()
+
+        def deliver():
+            while True:
+                when, data = chunks.get()
+                if not data:
+                    break
+                time.sleep(max(0.0, when - time.monotonic()))
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    break
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        sender = threading.Thread(target=deliver, daemon=True)
+        sender.start()
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            chunks.put((time.monotonic() + self.delay, data))
+            if not data:
+                break
+        sender.join(60)
+
+    def close(self):
+        self.listener.close()
+        self.threads[0].join(60)
+
 
 # ============================================================== RSync
 
