@@ -6711,12 +6711,12 @@ class TestPytestXdist:
     """)
 
     @staticmethod
-    def _pytest(tmp_path, args, single=True, timeout=300):
+    def _pytest(tmp_path, args, single=True, timeout=300, env=None):
         """The suite in tmp_path under `python -m execnet_single pytest ARGS`
         (single=False: plain pytest on the installed execnet)."""
         _need_xdist()
         command = [sys.executable, "-m"] + (["execnet_single", "pytest"] if single else ["pytest"])
-        env = dict(os.environ, PYTHONPATH=HERE)
+        env = dict(os.environ, PYTHONPATH=HERE, **(env or {}))
         for name in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "PYTEST_PLUGINS"):
             env.pop(name, None)
         return subprocess.run(command + ["-p", "no:cacheprovider"] + list(args),
@@ -6733,6 +6733,64 @@ class TestPytestXdist:
         assert "warning" not in out.lower(), out   # e.g. about assertion rewriting
         recorded = [p.read_text() for p in tmp_path.glob("library-gw*.txt")]
         assert recorded == ["execnet_single"], recorded
+
+    WARM_SUITE = textwrap.dedent("""
+        import os, pytest
+        @pytest.mark.parametrize("i", range(20))
+        def test_many(i):
+            with open("/proc/%d/cmdline" % os.getppid(), "rb") as f:
+                parent = f.read().replace(b"\\0", b" ").decode()
+            with open("parent-%s.txt" % os.environ["PYTEST_XDIST_WORKER"], "w") as f:
+                f.write(parent)
+        def test_rewritten():
+            # assertion rewriting must survive the preload: its message is compared
+            x = [1, 2]
+            assert x == [1, 3]
+    """)
+
+    @staticmethod
+    def _normalized(proc):
+        # which worker ran what, and timings, differ from run to run
+        text = (proc.stdout + proc.stderr).decode()
+        text = re.sub(r"\[gw\d+\]", "[gw]", text)
+        return re.sub(r" in [\d.]+s( \([\d:]+\))?", " in Ts", text).splitlines()
+
+    def _warm_and_cold(self, tmp_path):
+        (tmp_path / "test_warm.py").write_text(self.WARM_SUITE)
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        runs = {}
+        for name, preload in (("warm", "1"), ("cold", "0")):
+            for old in tmp_path.glob("parent-*.txt"):
+                old.unlink()
+            proc = self._pytest(tmp_path, ["-n", "2", "-q", "-rf", "test_warm.py"],
+                                env={"EXECNET_SINGLE_PRELOAD": preload})
+            parents = {p.read_text() for p in tmp_path.glob("parent-gw*.txt")}
+            runs[name] = (proc, parents)
+        return runs
+
+    @pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="needs /proc")
+    def test_command_starts_workers_warm_with_the_cold_output(self, tmp_path):
+        runs = self._warm_and_cold(tmp_path)
+        (warm, warm_parents), (cold, cold_parents) = runs["warm"], runs["cold"]
+        out = (warm.stdout + warm.stderr).decode()
+        assert warm.returncode == 1 and "20 passed" in out and "1 failed" in out, out
+        assert "assert [1, 2] == [1, 3]" in out, out   # rewritten despite the preload
+        assert "warning" not in out.lower(), out
+        assert self._normalized(warm) == self._normalized(cold)
+        # warm: workers are children of the fork server, not of the pytest process
+        assert warm_parents and all("execnet_single pytest" not in p for p in warm_parents), \
+            warm_parents
+        # the opt-out: EXECNET_SINGLE_PRELOAD=0 starts them from pytest's process
+        assert cold_parents and all("execnet_single pytest" in p for p in cold_parents), \
+            cold_parents
+
+    @single_only
+    def test_preloaded_modules_are_pytest_core_only(self):
+        loaded = ["pytest", "_pytest.python", "_pytest.assertion.rewrite", "pluggy",
+                  "pluggy._hooks", "xdist", "xdist.remote", "conftest", "test_x",
+                  "pytest_timeout", "execnet", "pytest_foo"]
+        assert execnet._pytest_preload_names(loaded) == [
+            "_pytest.assertion.rewrite", "_pytest.python", "pluggy", "pluggy._hooks", "pytest"]
 
     def test_command_reaches_socket_and_proxied_workers(self, tmp_path):
         # --tx socket= (a server of ours) and --px (workers started via a proxy)
