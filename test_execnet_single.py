@@ -5616,6 +5616,50 @@ class TestBenchmarks:
                             rounds=min(3, BENCH_ROUNDS))
         bench_table.figure("pytest-xdist -n 8 session, 300 tests", times, 0.5)
 
+    @pytest.mark.parametrize("count", [400, 2000])
+    def test_xdist_command_warm(self, bench_table, tmp_path, count):
+        # `python -m execnet_single pytest -n 8` (warm workers, and cold with
+        # EXECNET_SINGLE_PRELOAD=0) against `pytest -n 8` on execnet, each a
+        # fresh process over the same count trivial tests
+        _need_xdist()
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        for index in range(count // 50):
+            (tmp_path / ("test_gen%d.py" % index)).write_text(textwrap.dedent("""
+                import pytest
+                @pytest.mark.parametrize("i", range(50))
+                def test_trivial(i):
+                    assert i * i >= 0
+            """))
+        base_env = dict(os.environ, PYTHONPATH=HERE)
+        for name in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "PYTEST_PLUGINS"):
+            base_env.pop(name, None)
+        args = ["-n", "8", "-q", "-p", "no:cacheprovider"]
+        commands = {
+            "warm": ([sys.executable, "-m", "execnet_single", "pytest"], {}),
+            "cold": ([sys.executable, "-m", "execnet_single", "pytest"],
+                     {"EXECNET_SINGLE_PRELOAD": "0"}),
+            "execnet": ([sys.executable, "-m", "pytest"], {}),
+        }
+
+        def make(label):
+            command, extra = commands[label]
+
+            def trial():
+                start = time.perf_counter()
+                proc = subprocess.run(command + args, cwd=str(tmp_path),
+                                      env=dict(base_env, **extra), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, timeout=600)
+                elapsed = time.perf_counter() - start
+                out = proc.stdout.decode()
+                assert "%d passed" % count in out, out + proc.stderr.decode()
+                return elapsed
+            return trial
+        times = _run_rounds([(label, make(label)) for label in commands],
+                            rounds=min(3, BENCH_ROUNDS))
+        name = "python -m execnet_single pytest -n 8, %d tests" % count
+        bench_table.figure(name + ", warm", times, 0.6, ours="warm")
+        bench_table.figure(name + ", cold", times, None, ours="cold")
+
     def test_progress_output(self, tmp_path, bench_table):
         # execnet_single only (execnet's default output path is another
         # thing): forwarding 40 MB of "\r"-separated progress text through
