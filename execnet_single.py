@@ -8009,8 +8009,9 @@ def pytest_xdist_setupnodes(config, specs):
         return
     names = _pytest_preload_names(sys.modules)
     for spec in specs:
-        # set in place: xdist's status display already keys on these spec objects
-        if spec.popen and not spec.preload and not spec.via:
+        # set in place: xdist's status display already keys on these spec objects;
+        # only this interpreter is known to have the very same pytest to preload
+        if spec.popen and not (spec.preload or spec.via or spec.python):
             spec.preload = ",".join(names)
 
 

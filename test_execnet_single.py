@@ -6829,6 +6829,22 @@ class TestPytestXdist:
             cold_parents
 
     @single_only
+    def test_setupnodes_makes_plain_popen_specs_warm(self, monkeypatch):
+        def specs_after(cli, env):
+            monkeypatch.setitem(execnet._alias_state, "cli_pytest", cli)
+            monkeypatch.setenv("EXECNET_SINGLE_PRELOAD", env)
+            specs = [execnet.XSpec(text) for text in (
+                "execmodel=main_thread_only//popen", "popen//python=python3.6",
+                "popen//via=proxy", "socket=127.0.0.1:1", "popen//preload=json")]
+            execnet.pytest_xdist_setupnodes(None, specs)
+            return [spec.preload for spec in specs]
+        names = ",".join(execnet._pytest_preload_names(sys.modules))
+        assert "pytest" in names.split(",")
+        assert specs_after(True, "1") == [names, None, None, None, "json"]
+        assert specs_after(True, "0") == [None, None, None, None, "json"]   # the opt-out
+        assert specs_after(False, "1") == [None, None, None, None, "json"]  # not our CLI
+
+    @single_only
     def test_preloaded_modules_are_pytest_core_only(self):
         loaded = ["pytest", "_pytest.python", "_pytest.assertion.rewrite", "pluggy",
                   "pluggy._hooks", "xdist", "xdist.remote", "conftest", "test_x",
