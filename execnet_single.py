@@ -8084,6 +8084,30 @@ def pytest_plugin_registered(plugin, manager):
     plugin._tw = create_terminal_writer(config, NullText())
 
 
+_PRELOAD_ENV = "EXECNET_SINGLE_PRELOAD"
+
+
+def _pytest_preload_names(modules):
+    """The loaded modules a worker may import before pytest's rewrite hook: pytest, pluggy."""
+    # Plugins (entry points, -p, conftest) are marked for assertion rewriting:
+    # imported early they would warn "Module already imported so cannot be
+    # rewritten" and lose rewriting, so only pytest's own core is preloaded.
+    return sorted(name for name in modules
+                  if name in ("pytest", "pluggy") or name.startswith(("_pytest.", "pluggy.")))
+
+
+def pytest_xdist_setupnodes(config, specs):
+    """pytest-xdist hook, under `python -m execnet_single pytest`: popen workers start warm."""
+    if not _alias_state.get("cli_pytest") or os.environ.get(_PRELOAD_ENV, "1") == "0":
+        return
+    names = _pytest_preload_names(sys.modules)
+    for spec in specs:
+        # set in place: xdist's status display already keys on these spec objects;
+        # only this interpreter is known to have the very same pytest to preload
+        if spec.popen and not (spec.preload or spec.via or spec.python):
+            spec.preload = ",".join(names)
+
+
 def _cli_pytest(args):
     """`python -m execnet_single pytest ARGS`; returns pytest's exit status."""
     if __name__ == "__main__":
@@ -8092,6 +8116,7 @@ def _cli_pytest(args):
     else:
         module = sys.modules[__name__]
     module.install_as_execnet()
+    module._alias_state["cli_pytest"] = True   # warm popen workers (pytest_xdist_setupnodes)
     import importlib
 
     try:   # the user's pytest: this module depends on nothing outside the stdlib

@@ -5742,6 +5742,50 @@ class TestBenchmarks:
                             rounds=min(3, BENCH_ROUNDS))
         bench_table.figure("pytest-xdist -n 8 session, 300 tests", times, 0.5)
 
+    @pytest.mark.parametrize("count", [400, 2000])
+    def test_xdist_command_warm(self, bench_table, tmp_path, count):
+        # `python -m execnet_single pytest -n 8` (warm workers, and cold with
+        # EXECNET_SINGLE_PRELOAD=0) against `pytest -n 8` on execnet, each a
+        # fresh process over the same count trivial tests
+        _need_xdist()
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        for index in range(count // 50):
+            (tmp_path / ("test_gen%d.py" % index)).write_text(textwrap.dedent("""
+                import pytest
+                @pytest.mark.parametrize("i", range(50))
+                def test_trivial(i):
+                    assert i * i >= 0
+            """))
+        base_env = dict(os.environ, PYTHONPATH=HERE)
+        for name in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "PYTEST_PLUGINS"):
+            base_env.pop(name, None)
+        args = ["-n", "8", "-q", "-p", "no:cacheprovider"]
+        commands = {
+            "warm": ([sys.executable, "-m", "execnet_single", "pytest"], {}),
+            "cold": ([sys.executable, "-m", "execnet_single", "pytest"],
+                     {"EXECNET_SINGLE_PRELOAD": "0"}),
+            "execnet": ([sys.executable, "-m", "pytest"], {}),
+        }
+
+        def make(label):
+            command, extra = commands[label]
+
+            def trial():
+                start = time.perf_counter()
+                proc = subprocess.run(command + args, cwd=str(tmp_path),
+                                      env=dict(base_env, **extra), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, timeout=600)
+                elapsed = time.perf_counter() - start
+                out = proc.stdout.decode()
+                assert "%d passed" % count in out, out + proc.stderr.decode()
+                return elapsed
+            return trial
+        times = _run_rounds([(label, make(label)) for label in commands],
+                            rounds=min(3, BENCH_ROUNDS))
+        name = "python -m execnet_single pytest -n 8, %d tests" % count
+        bench_table.figure(name + ", warm", times, 0.6, ours="warm")
+        bench_table.figure(name + ", cold", times, None, ours="cold")
+
     def test_progress_output(self, tmp_path, bench_table):
         # execnet_single only (execnet's default output path is another
         # thing): forwarding 40 MB of "\r"-separated progress text through
@@ -6971,12 +7015,12 @@ class TestPytestXdist:
     """)
 
     @staticmethod
-    def _pytest(tmp_path, args, single=True, timeout=300):
+    def _pytest(tmp_path, args, single=True, timeout=300, env=None):
         """The suite in tmp_path under `python -m execnet_single pytest ARGS`
         (single=False: plain pytest on the installed execnet)."""
         _need_xdist()
         command = [sys.executable, "-m"] + (["execnet_single", "pytest"] if single else ["pytest"])
-        env = dict(os.environ, PYTHONPATH=HERE)
+        env = dict(os.environ, PYTHONPATH=HERE, **(env or {}))
         for name in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "PYTEST_PLUGINS"):
             env.pop(name, None)
         return subprocess.run(command + ["-p", "no:cacheprovider"] + list(args),
@@ -6993,6 +7037,80 @@ class TestPytestXdist:
         assert "warning" not in out.lower(), out   # e.g. about assertion rewriting
         recorded = [p.read_text() for p in tmp_path.glob("library-gw*.txt")]
         assert recorded == ["execnet_single"], recorded
+
+    WARM_SUITE = textwrap.dedent("""
+        import os, pytest
+        @pytest.mark.parametrize("i", range(20))
+        def test_many(i):
+            with open("/proc/%d/cmdline" % os.getppid(), "rb") as f:
+                parent = f.read().replace(b"\\0", b" ").decode()
+            with open("parent-%s.txt" % os.environ["PYTEST_XDIST_WORKER"], "w") as f:
+                f.write(parent)
+        def test_rewritten():
+            # assertion rewriting must survive the preload: its message is compared
+            x = [1, 2]
+            assert x == [1, 3]
+    """)
+
+    @staticmethod
+    def _normalized(proc):
+        # which worker ran what, and timings, differ from run to run
+        text = (proc.stdout + proc.stderr).decode()
+        text = re.sub(r"\[gw\d+\]", "[gw]", text)
+        return re.sub(r" in [\d.]+s( \([\d:]+\))?", " in Ts", text).splitlines()
+
+    def _warm_and_cold(self, tmp_path):
+        (tmp_path / "test_warm.py").write_text(self.WARM_SUITE)
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        runs = {}
+        for name, preload in (("warm", "1"), ("cold", "0")):
+            for old in tmp_path.glob("parent-*.txt"):
+                old.unlink()
+            proc = self._pytest(tmp_path, ["-n", "2", "-q", "-rf", "test_warm.py"],
+                                env={"EXECNET_SINGLE_PRELOAD": preload})
+            parents = {p.read_text() for p in tmp_path.glob("parent-gw*.txt")}
+            runs[name] = (proc, parents)
+        return runs
+
+    @pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="needs /proc")
+    def test_command_starts_workers_warm_with_the_cold_output(self, tmp_path):
+        runs = self._warm_and_cold(tmp_path)
+        (warm, warm_parents), (cold, cold_parents) = runs["warm"], runs["cold"]
+        out = (warm.stdout + warm.stderr).decode()
+        assert warm.returncode == 1 and "20 passed" in out and "1 failed" in out, out
+        assert "assert [1, 2] == [1, 3]" in out, out   # rewritten despite the preload
+        assert "warning" not in out.lower(), out
+        assert self._normalized(warm) == self._normalized(cold)
+        # warm: workers are children of the fork server, not of the pytest process
+        assert warm_parents and all("execnet_single pytest" not in p for p in warm_parents), \
+            warm_parents
+        # the opt-out: EXECNET_SINGLE_PRELOAD=0 starts them from pytest's process
+        assert cold_parents and all("execnet_single pytest" in p for p in cold_parents), \
+            cold_parents
+
+    @single_only
+    def test_setupnodes_makes_plain_popen_specs_warm(self, monkeypatch):
+        def specs_after(cli, env):
+            monkeypatch.setitem(execnet._alias_state, "cli_pytest", cli)
+            monkeypatch.setenv("EXECNET_SINGLE_PRELOAD", env)
+            specs = [execnet.XSpec(text) for text in (
+                "execmodel=main_thread_only//popen", "popen//python=python3.6",
+                "popen//via=proxy", "socket=127.0.0.1:1", "popen//preload=json")]
+            execnet.pytest_xdist_setupnodes(None, specs)
+            return [spec.preload for spec in specs]
+        names = ",".join(execnet._pytest_preload_names(sys.modules))
+        assert "pytest" in names.split(",")
+        assert specs_after(True, "1") == [names, None, None, None, "json"]
+        assert specs_after(True, "0") == [None, None, None, None, "json"]   # the opt-out
+        assert specs_after(False, "1") == [None, None, None, None, "json"]  # not our CLI
+
+    @single_only
+    def test_preloaded_modules_are_pytest_core_only(self):
+        loaded = ["pytest", "_pytest.python", "_pytest.assertion.rewrite", "pluggy",
+                  "pluggy._hooks", "xdist", "xdist.remote", "conftest", "test_x",
+                  "pytest_timeout", "execnet", "pytest_foo"]
+        assert execnet._pytest_preload_names(loaded) == [
+            "_pytest.assertion.rewrite", "_pytest.python", "pluggy", "pluggy._hooks", "pytest"]
 
     def test_command_reaches_socket_and_proxied_workers(self, tmp_path):
         # --tx socket= (a server of ours) and --px (workers started via a proxy)
