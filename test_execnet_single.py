@@ -6422,6 +6422,17 @@ def call_wait_for_file(path, limit=60.0):
     return os.path.exists(path)
 
 
+def call_mark_then_wait_for_file(started, path, limit=60.0):
+    import os
+    import time
+
+    open(started, "w").close()
+    deadline = time.time() + limit
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.01)
+    return os.path.exists(path)
+
+
 def call_kill_self():
     import os
     import signal
@@ -6707,8 +6718,11 @@ class TestCalls:
         gw.set_call_limit(1)
         release = str(tmp_path / "release")
         marker = str(tmp_path / "marker")
-        running = gw.call_async(call_wait_for_file, release)
+        started = str(tmp_path / "started")
+        running = gw.call_async(call_mark_then_wait_for_file, started, release)
         queued = gw.call_async(call_touch, marker)   # sent, waiting remotely
+        # (until the remote starts it, the first call could be cancelled too)
+        assert wait_for(lambda: os.path.exists(started), timeout=30)
         assert call_with_timeout(queued.cancel, 30) is True
         assert queued.cancelled()
         assert call_with_timeout(running.cancel, 30) is False   # started: runs on
