@@ -7262,7 +7262,8 @@ class Executor:
         live = False
         gateways = list(self.group._gateways)
         start = self._turn % len(gateways) if gateways else 0
-        for gateway in gateways[start:] + gateways[:start]:
+        for position in list(range(start, len(gateways))) + list(range(start)):
+            gateway = gateways[position]
             if gateway in self._dead:
                 continue
             if gateway._finished:
@@ -7271,9 +7272,9 @@ class Executor:
             live = True
             busy = self._busy.get(gateway, 0)
             if busy < self.per_gateway and (best is None or busy < best[0]):
-                best = (busy, gateway)
+                best = (busy, gateway, position)
         if best is not None:
-            self._turn = gateways.index(best[1]) + 1
+            self._turn = best[2] + 1
         return (best and best[1]), live
 
 
