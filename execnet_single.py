@@ -1844,15 +1844,23 @@ class _FdIO(_IO):
 #                 _RECORD_MAX; the top bit (_RECORD_END) marks the end record
 #                 (payload size 0) that close_write() sends
 #   4       n     payload: stream bytes
-#   4+n     16    tag: HMAC-SHA256(direction key, seq + length word + payload),
-#                 first 16 bytes; seq is the record's number in its
-#                 direction, 8 bytes big-endian, from 0
+#   4+n     16    tag over seq + length word + payload, under the direction
+#                 key: for n <= _SMALL_RECORD (256), BLAKE2s in its keyed
+#                 (MAC) mode with digest size 16; for larger n, the first
+#                 16 bytes of HMAC-SHA256.  seq is the record's number in
+#                 its direction, 8 bytes big-endian, from 0
 #
 # The first record the client sends (seq 0) is the bootstrap itself, up to
 # _BOOT_RECORD_MAX bytes (see _STAGE1_SEALED).  A reader hands on no byte of
 # a record before its tag is checked, refuses a length beyond the bound
 # before reading the payload, and tells an end of stream without the end
 # record (cut or truncated) from a clean end.
+#
+# Two MACs, chosen by the authenticated length: a round trip's messages are
+# small, and keyed BLAKE2s takes one pass and one digest where HMAC takes
+# two (0.41 against 0.71 us for 60 bytes, 3.11); bulk goes through SHA-256,
+# which CPUs with SHA extensions hash 3x faster than BLAKE2s (1.7 against
+# 0.5 GiB/s here).
 
 _RECORD = struct.Struct("!I")
 _SEQ = struct.Struct("!Q")
@@ -1861,17 +1869,20 @@ _RECORD_MAX = _CHUNK + _HEADER_SIZE   # one full data frame per record
 _RECORD_END = 0x80000000
 _BOOT_RECORD_MAX = 64 * 1024 * 1024
 _TAG_SIZE = 16
+_SMALL_RECORD = 256   # payloads up to this size are tagged with BLAKE2s
 _SEAL_STATUS = 5   # exit status of a session whose stream failed its check
 
 
-def _hmac_pads(key):
-    """HMAC-SHA256 of key (at most 64 bytes) as its two padded hash states,
-    copied per record: half the cost of hmac.HMAC.copy() for small records."""
+def _record_macs(key):
+    """A direction's MAC states, copied per record: keyed BLAKE2s (small
+    records), and HMAC-SHA256 of key (at most 64 bytes) as its two padded
+    hash states (half the cost of hmac.HMAC.copy())."""
     import hashlib
 
-    key = key.ljust(64, b"\0")
-    return (hashlib.sha256(bytes(byte ^ 0x36 for byte in key)),
-            hashlib.sha256(bytes(byte ^ 0x5C for byte in key)))
+    pad = key.ljust(64, b"\0")
+    return (hashlib.blake2s(key=key, digest_size=_TAG_SIZE),
+            hashlib.sha256(bytes(byte ^ 0x36 for byte in pad)),
+            hashlib.sha256(bytes(byte ^ 0x5C for byte in pad)))
 
 
 class _SealedIO(_IO):
@@ -1885,8 +1896,8 @@ class _SealedIO(_IO):
         self.remoteaddress = inner.remoteaddress
         self.session = inner.session
         self._peer = peer
-        self._rin, self._rout = _hmac_pads(read_key)
-        self._win, self._wout = _hmac_pads(write_key)
+        self._rsmall, self._rin, self._rout = _record_macs(read_key)
+        self._wsmall, self._win, self._wout = _record_macs(write_key)
         self._compare = hmac.compare_digest
         self._rseq = read_seq
         self._wseq = write_seq
@@ -1904,15 +1915,22 @@ class _SealedIO(_IO):
         """Append one record of buffers (size bytes in all) to out (lock held)."""
         head = _SEQ_RECORD.pack(self._wseq, _RECORD_END if end else size)
         self._wseq += 1
-        mac = self._win.copy()
+        mac = (self._wsmall if size <= _SMALL_RECORD else self._win).copy()
         mac.update(head)
         for data in buffers:
             mac.update(data)
-        outer = self._wout.copy()
-        outer.update(mac.digest())
         out.append(head[8:])
         out.extend(buffers)
-        out.append(outer.digest()[:_TAG_SIZE])
+        out.append(self._finish(mac, size, self._wout))
+
+    @staticmethod
+    def _finish(mac, size, outer):
+        """The tag of a record of size bytes whose MAC state is mac."""
+        if size <= _SMALL_RECORD:
+            return mac.digest()
+        outer = outer.copy()
+        outer.update(mac.digest())
+        return outer.digest()[:_TAG_SIZE]
 
     def write(self, data):
         """Send data in records (OSError once the peer is gone)."""
@@ -1924,6 +1942,12 @@ class _SealedIO(_IO):
                 raise BrokenPipeError("stream to %s closed for writing" % self._peer)
             head = _SEQ_RECORD.pack(self._wseq, size)
             self._wseq += 1
+            if size <= _SMALL_RECORD:
+                mac = self._wsmall.copy()
+                mac.update(head)
+                mac.update(data)
+                self._inner.write(head[8:] + data + mac.digest())
+                return
             mac = self._win.copy()
             mac.update(head)
             mac.update(data)
@@ -2004,12 +2028,17 @@ class _SealedIO(_IO):
                     _RECORD.unpack_from(data)[0] != end - 4 or end - 4 > _RECORD_MAX:
                 self._feed(data)
                 continue
-            mac = self._rin.copy()
+            small = end - 4 <= _SMALL_RECORD
+            mac = (self._rsmall if small else self._rin).copy()
             mac.update(_SEQ.pack(self._rseq))
             mac.update(data[:end])
-            outer = self._rout.copy()
-            outer.update(mac.digest())
-            if not self._compare(outer.digest()[:_TAG_SIZE], data[end:]):
+            if small:
+                tag = mac.digest()
+            else:
+                outer = self._rout.copy()
+                outer.update(mac.digest())
+                tag = outer.digest()[:_TAG_SIZE]
+            if not self._compare(tag, data[end:]):
                 self._fail(_Text.SEAL_BAD_TAG % self._rseq)
             self._rseq += 1
             return data[4:end]
@@ -2019,10 +2048,8 @@ class _SealedIO(_IO):
         self._broken = _Text.SEAL_BROKEN % (self._peer, what)
         raise _StreamError(self._broken)
 
-    def _verify(self, mac, tag):
-        outer = self._rout.copy()
-        outer.update(mac.digest())
-        if not self._compare(outer.digest()[:_TAG_SIZE], tag):
+    def _verify(self, mac, size, tag):
+        if not self._compare(self._finish(mac, size, self._rout), tag):
             self._fail(_Text.SEAL_BAD_TAG % self._rseq)
         self._rseq += 1
 
@@ -2042,7 +2069,7 @@ class _SealedIO(_IO):
             if len(large[3]) < _TAG_SIZE:
                 return
             self._large = None
-            self._verify(large[0], large[3])
+            self._verify(large[0], _RECORD_MAX, large[3])   # (a large size)
             self._ready.extend(large[1])
             data = data[take + need:]
             if not data:
@@ -2056,7 +2083,7 @@ class _SealedIO(_IO):
             if length > _RECORD_MAX or (word & _RECORD_END and length):
                 self._fail(_Text.SEAL_BAD_LENGTH % (self._rseq, word))
             stop = pos + 4 + length + _TAG_SIZE
-            mac = self._rin.copy()
+            mac = (self._rsmall if length <= _SMALL_RECORD else self._rin).copy()
             mac.update(_SEQ.pack(self._rseq))
             if stop > size:
                 if length > _READ_SIZE:   # collect it piece by piece
@@ -2069,10 +2096,8 @@ class _SealedIO(_IO):
                     pos = size
                 break
             end = stop - _TAG_SIZE
-            mac.update(buf[pos:end])
-            outer = self._rout.copy()   # (_verify, inlined: the hot path)
-            outer.update(mac.digest())
-            if not self._compare(outer.digest()[:_TAG_SIZE], buf[end:stop]):
+            mac.update(buf[pos:end])   # (_verify, inlined: the hot path)
+            if not self._compare(self._finish(mac, length, self._rout), buf[end:stop]):
                 self._fail(_Text.SEAL_BAD_TAG % self._rseq)
             self._rseq += 1
             if word & _RECORD_END:
@@ -3556,7 +3581,11 @@ size = struct.unpack("!I", head)[0]
 if size > %d:
     sys.exit(%d)
 payload = _readexact(0, size)
-mac = hmac.new(keys[:32], bytes(8) + head, hashlib.sha256)
+if size <= %d:
+    mac = hashlib.blake2s(key=keys[:32], digest_size=%d)
+else:
+    mac = hmac.new(keys[:32], digestmod=hashlib.sha256)
+mac.update(bytes(8) + head)
 mac.update(payload)
 if not hmac.compare_digest(mac.digest()[:%d], _readexact(0, %d)):
     sys.exit(%d)
@@ -3573,7 +3602,8 @@ mod = type(sys)("execnet_single")
 exec(code, mod.__dict__)
 sys.modules["execnet_single"] = mod
 mod._remote_main(source, params, (keys[:32], keys[32:], 1, sys.argv[2]))
-''' % (_BOOT_RECORD_MAX, _SEAL_STATUS, _TAG_SIZE, _TAG_SIZE, _SEAL_STATUS)
+''' % (_BOOT_RECORD_MAX, _SEAL_STATUS, _SMALL_RECORD, _TAG_SIZE, _TAG_SIZE, _TAG_SIZE,
+       _SEAL_STATUS)
 _code_cache = {}
 
 

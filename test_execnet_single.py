@@ -7456,7 +7456,11 @@ def seal_record(key, seq, payload, end=False):
     import hmac
 
     word = struct.pack("!I", 0x80000000 if end else len(payload))
-    tag = hmac.new(key, struct.pack("!Q", seq) + word + payload, "sha256").digest()[:16]
+    signed = struct.pack("!Q", seq) + word + payload
+    if len(payload) <= 256:   # small records: keyed BLAKE2s
+        tag = hashlib.blake2s(signed, key=key, digest_size=16).digest()
+    else:
+        tag = hmac.new(key, signed, "sha256").digest()[:16]
     return word + payload + tag
 
 
@@ -7836,14 +7840,21 @@ class TestSocketServer:
             assert gw.remote_exec("channel.send(1 + 1)").receive(30) == 2
             exit_and_join(gw)
 
-    def test_positive_control_payload_runs_after_a_real_handshake(self, tmp_path):
+    @pytest.mark.parametrize("size", [None, 256, 257])
+    def test_positive_control_payload_runs_after_a_real_handshake(self, tmp_path, size):
         # shows that the attack payloads below would be noticed if they ran,
         # and that sealing the first record as documented is all it takes
+        # (also at the size where the MAC changes: padded to size bytes)
         marker = tmp_path / "ran"
+        source = "open(%r, 'w').close()" % str(marker)
+        if size is not None:
+            source = source.ljust(size - 12)   # (12: the record's own header)
         with socket_server(tmp_path) as server:
             sock = connect(server.port)
             c2s = raw_auth(sock, server.key)[0]
-            sock.sendall(boot_record(c2s, "open(%r, 'w').close()" % str(marker)))
+            record = boot_record(c2s, source)
+            assert size is None or len(record) == 4 + size + 16
+            sock.sendall(record)
             assert wait_for(marker.exists, timeout=30)
             sock.close()
 
@@ -8552,11 +8563,13 @@ class TestSealedSessions:
             assert wait_for(lambda: server.logtext().count("failed its check") == 2)
             assert not marker.exists()
 
+    @pytest.mark.parametrize("size", [6, 256, 257, 3000])
     @pytest.mark.parametrize("reads", ["7 bytes", "whole records"])
-    def test_records_refused_one_by_one(self, tmp_path, reads):
+    def test_records_refused_one_by_one(self, tmp_path, reads, size):
         # the record layer alone, fed what a relay could send, in reads of 7
         # bytes (records cut and joined: _feed) or of one whole record each
-        # (the hot path in read())
+        # (the hot path in read()); payloads on both sides of the size where
+        # the MAC changes (BLAKE2s up to 256 bytes, HMAC-SHA256 above)
         key = os.urandom(32)
 
         class Feed(execnet._IO):
@@ -8578,12 +8591,33 @@ class TestSealedSessions:
                     return b"".join(out)
                 out.append(piece)
 
-        good = [seal_record(key, n, b"item %d" % n) for n in range(3)]
+        items = [(b"item %d" % n).ljust(size, b".") for n in range(3)]
+        good = [seal_record(key, n, items[n]) for n in range(3)]
         end = seal_record(key, 3, b"", end=True)
         flipped = [bytearray(good[1]), bytearray(good[1])]
         flipped[0][5] ^= 1     # a payload bit
         flipped[1][-1] ^= 1    # a tag bit
-        assert read_all(good + [end]) == b"item 0item 1item 2"
+        assert read_all(good + [end]) == b"".join(items)
+
+        class Sink(execnet._IO):   # what a sealed writer sends, record by record
+            def __init__(self):
+                self.written = []
+
+            def write(self, data):
+                self.written.append(bytes(data))
+
+            def writev(self, buffers):
+                self.written.append(b"".join(bytes(b) for b in buffers))
+
+            def close_write(self):
+                self.written.append("closed")
+
+        sink = Sink()
+        writer = execnet._SealedIO(sink, key, key, "PEER")
+        for item in items:
+            writer.write(item)
+        writer.close_write()
+        assert sink.written == good + [end, "closed"]
         cases = {
             "record 1 failed": [good[0], good[2], end],                # dropped
             "record 1 failed ": [good[0], good[2], good[1], end],      # swapped
