@@ -3300,6 +3300,29 @@ def _remember_source(filename, source):
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
 
 
+class _SentSourceLoader:
+    """This module's loader on the remote side, where it has no file: its
+    source for linecache, inspect and tracebacks, and the __spec__.loader
+    that 3.15's warnings machinery looks for (without one, a warning raised
+    in a frame of this module added "Module globals is missing a
+    __spec__.loader" to the remote's output)."""
+
+    def get_source(self, name):
+        source = _SOURCE
+        return source.decode("utf-8") if isinstance(source, bytes) else source
+
+
+def _set_own_spec():
+    """Give this module, made by the bootstrap, a spec and a loader."""
+    import importlib.machinery
+
+    loader = _SentSourceLoader()
+    module = globals()
+    module["__loader__"] = loader
+    module["__spec__"] = importlib.machinery.ModuleSpec(
+        __name__, loader, origin="<execnet_single source sent by the local side>")
+
+
 class _OutputForwarder:
     """Makes fds 1 and 2 pipes and sends what arrives as _MSG_OUTPUT frames.
 
@@ -3435,6 +3458,7 @@ def _remote_main(source, params_bytes, seal=None):
     """
     global _SOURCE
     _SOURCE = source
+    _set_own_spec()
     params = loads(params_bytes)
     _setup_trace()
     _trace("remote start", params.get("id"))
@@ -4018,6 +4042,7 @@ def _fork_server_main(source, params_bytes):
     """The fork server's main loop (its process's only thread)."""
     global _SOURCE
     _SOURCE = source
+    _set_own_spec()
     params = loads(params_bytes)
     _setup_trace()
     import select
