@@ -4856,7 +4856,8 @@ def _serve_via(channel):
     # relay only copies bytes
     relay = None
     if params.get("forward") and not isinstance(io, _SealedIO):
-        relay = _HopRelay(io, _forward_allowed(params["forward"]))
+        relay = _HopRelay(io, _forward_allowed(params["forward"]),
+                          params.get("forward_preload"))
         leftover = relay.up(leftover)
     write = io.write if relay is None else relay.down
 
@@ -7551,6 +7552,8 @@ class _ForwardServer:
     def __init__(self, gateway, value, preload=False):
         self._allowed = _forward_allowed(value)
         self._preload = preload
+        self.asked = []   # the names asked for, in order (what a via= hop's cache saves)
+        gateway._forward_server = self
         self._channel = gateway._new_channel(_FORWARD_CID)
         self._channel.setcallback(self._on_request)
 
@@ -7560,6 +7563,7 @@ class _ForwardServer:
     def _answer(self, item):
         if type(item) is not tuple or len(item) != 2:
             return
+        self.asked.append(item[1])
         reply = _forward_lookup(item[1], self._allowed)
         more = {}
         if self._preload and reply[0] == "ok":
@@ -7648,7 +7652,8 @@ class _FrameScan:
                     raise LoadError("not a frame header at stream offset %d" % (
                         self._offset + pos - _HEADER_SIZE))
                 match = cid == self._cid and code in self._codes
-                self._frame = (pos - _HEADER_SIZE, code, match, match and length <= self._limit)
+                self._frame = (self._offset + pos - _HEADER_SIZE, code, match,
+                               match and length <= self._limit)
                 self._left = length
             take = min(self._left, size - pos)
             if self._frame[3] and take:
@@ -7662,23 +7667,30 @@ class _FrameScan:
             if first is None:
                 first = pos
             if match:
-                frames.append((start, pos, code, b"".join(self._parts) if collect else None))
+                frames.append((start - self._offset, pos, code,
+                               b"".join(self._parts) if collect else None))
                 self._parts = []
         at_end = self._frame is None and not self._head
         self._offset += size
         return frames, first, at_end
 
 
-def _hop_cache_get(key):
+def _hop_cache_get(allowed, name, preload):
+    """(answer, more) from the cache, or None.  more, for a remote with
+    forward_preload: what the local side sent with the answer, and what the
+    cache holds of the modules it imports statically (as _forward_closure)."""
     with _HOP_CACHE_LOCK:
-        entry = _HOP_CACHE.get(key)
-        if entry is None:
-            return None
+        entry = _HOP_CACHE.get((allowed, name))
+        if entry is None or not preload:
+            return entry and (entry[0], {})
         more = {}
-        for other in entry[1]:
-            found = _HOP_CACHE.get((key[0], other))
-            if found is not None:
+        todo = list(entry[1]) + _static_imports(name, entry[0][1], entry[0][2])
+        while todo:
+            other = todo.pop()
+            found = _HOP_CACHE.get((allowed, other))
+            if other != name and other not in more and found is not None:
                 more[other] = found[0]
+                todo.extend(_static_imports(other, found[0][1], found[0][2]))
         return entry[0], more
 
 
@@ -7707,9 +7719,10 @@ def _forward_answer_ok(answer):
 class _HopRelay:
     """In a via= hop: the relay of one forward= remote's frames, with the cache."""
 
-    def __init__(self, io, allowed):
+    def __init__(self, io, allowed, preload):
         self._io = io
         self._allowed = allowed
+        self._preload = preload
         self._down = _FrameScan(_FORWARD_CID, (_MSG_DATA, _MSG_DATA_PART), _MAX_PAYLOAD)
         self._up = _FrameScan(_FORWARD_CID, (_MSG_DATA, _MSG_DATA_PART, _MSG_ACK), 4096)
         self._lock = threading.Lock()
@@ -7819,7 +7832,9 @@ class _HopRelay:
                 or not _forward_permits(self._allowed, request[1])):
             return None   # the local side refuses or ignores it, as without a hop
         reqid, name = request
-        found = _hop_cache_get((self._allowed, name)) if whole and self._down else None
+        found = None
+        if whole and self._down is not None:
+            found = _hop_cache_get(self._allowed, name, self._preload)
         if found is None:
             with self._lock:
                 self._asked[reqid] = name
