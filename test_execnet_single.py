@@ -7938,6 +7938,54 @@ class TestForwarding:
         assert count.receive(timeout=30) == 2
         count.close()
 
+    def test_hop_relay_injects_at_a_boundary_and_settles_acknowledgements(self, monkeypatch):
+        E = execnet
+        monkeypatch.setattr(E, "_HOP_CACHE", {})
+        cid = E._FORWARD_CID
+        allowed = frozenset(["pkg"])
+        answer = ("ok", "X = 1\n", False, "/src/pkg/a.py", "here")
+
+        class Recorder:
+            def __init__(self):
+                self.written = []
+
+            def write(self, data):
+                self.written.append(bytes(data))
+
+            def writev(self, buffers):
+                self.written.extend(bytes(data) for data in buffers)
+
+        def data_frame(item):
+            return E._encode_frame(E._MSG_DATA, cid, E.dumps(item))
+
+        # the first child asks; the local side's answer goes down and is kept
+        first = E._HopRelay(Recorder(), allowed, False)
+        request = data_frame((1, "pkg.a"))
+        assert first.up(request) == request
+        reply = data_frame((1, answer, {}))
+        first.down(reply)
+        assert first._io.written == [reply]
+        # the second child's request is answered by the hop, at a boundary
+        second = E._HopRelay(Recorder(), allowed, False)
+        big = E._encode_frame(E._MSG_DATA, 3, b"b" * 5000)
+        second.down(big[:100])   # the local side is mid-frame
+        request = data_frame((7, "pkg.a"))
+        assert second.up(request + data_frame("other")) == data_frame("other")
+        assert b"".join(second._io.written) == big[:100]   # nothing injected mid-frame
+        second.down(big[100:] + reply[:5])
+        injected = data_frame((7, answer, {})) + E._encode_frame(
+            E._MSG_ACK, cid, E._COUNT.pack(len(request) - E._HEADER_SIZE))
+        assert b"".join(second._io.written) == big + injected + reply[:5]
+        # its acknowledgement of the injected answer stays in the hop; the rest goes up
+        owed = len(injected) - 2 * E._HEADER_SIZE - 4
+        ack = E._encode_frame(E._MSG_ACK, cid, E._COUNT.pack(owed + 10))
+        assert second.up(ack) == E._encode_frame(E._MSG_ACK, cid, E._COUNT.pack(10))
+        assert second.up(ack) == ack
+        # a child allowed other packages only is not answered from this cache
+        third = E._HopRelay(Recorder(), frozenset(["other", "pkg2"]), False)
+        assert third.up(data_frame((1, "pkg.a"))) == data_frame((1, "pkg.a"))
+        assert third._io.written == []
+
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
     @given(frames=st.lists(st.tuples(
         st.sampled_from([4, 8, 9, 5]), st.sampled_from([1, 0xFFFFFFFF, 0xFFFFFFFE]),
