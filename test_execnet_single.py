@@ -5966,6 +5966,30 @@ class TestBenchmarks:
                           "warm (remote cache) %.4f s, preload %.3f s; "
                           "preload speed-up %.1fx" % (label, cold, warm, preload,
                                                        cold / preload))
+
+                def behind_hop(extra, cache):
+                    # a via= hop at the far end of the delayed link, two popen
+                    # remotes behind it: the second's cold import, timed
+                    group = execnet.Group()
+                    try:
+                        hop = call_with_timeout(group.makegateway, 120, delayed("//id=hop"))
+                        if not cache:
+                            hop.remote_exec("import execnet_single\n"
+                                            "execnet_single._HOP_CACHE_MAX[0] = 0").waitclose(60)
+                        for _ in range(2):
+                            gw = call_with_timeout(group.makegateway, 120,
+                                                   "popen//via=hop//forward=%s%s" % (name, extra))
+                            cold, warm, value = gw.remote_exec(timed).receive(timeout=300)
+                            assert value == 48
+                        return cold
+                    finally:
+                        call_with_timeout(group.terminate, 60, timeout=10)
+                for label, extra in [("", ""), (" with preload", "//forward_preload")]:
+                    off, on = behind_hop(extra, False), behind_hop(extra, True)
+                    print("\nforwarded import of 50 modules%s in the second of two remotes "
+                          "behind a via= hop over the 20 ms link: without the hop cache "
+                          "%.3f s, with it %.3f s; hop cache speed-up %.1fx" % (
+                              label, off, on, off / on))
                 for link in links:
                     link.close()
             finally:
