@@ -7305,7 +7305,9 @@ def _fail(future, exc):
 # _ForwardFinder last on the remote's sys.meta_path; Group._start attaches a
 # _ForwardServer to the local gateway.  They talk on the reserved channel
 # _FORWARD_CID (odd, like the local side's ids, but one the local counter
-# never reaches), so a via= chain, a plain byte relay, carries it end to end:
+# never reaches), so a via= chain carries it end to end, and the proxy that
+# relays a far remote's stream (the hop) answers from its own cache what it
+# has seen answered before (see "The hop cache" below):
 #
 #   remote -> local   (request id, "dotted.name")
 #   local -> remote   (request id, ("ok", source, is_package, path, host), more)
@@ -7314,8 +7316,8 @@ def _fail(future, exc):
 # more: with forward_preload, {name: ("ok", ...)} for the allowed modules the
 # answered one imports statically (found with ast, transitively), which the
 # remote keeps for later imports: one round trip instead of one per module.
-# The remote also keeps every answer it got (a via= hop is a byte relay, so
-# the far remote asks the local side directly, through it).
+# The remote also keeps every answer it got; a via= hop keeps them for all
+# the forward= remotes it relays (_HopRelay), without a message of its own.
 #
 # The local side resolves names with PathFinder on sys.path and on the
 # parent's spec, so it never imports (never runs) anything, not even a
@@ -7590,14 +7592,20 @@ class _ForwardServer:
 # - child -> local: a well-formed request for a name the cache holds under
 #   the child's allow-list is not passed up.  The relay writes the answer
 #   (request id, answer, more) into the child's stdin itself, at a frame
-#   boundary of the local side's stream (the to_child thread writes whole
-#   frames around it), together with the acknowledgement the local side
-#   would have sent for the request; the child's later acknowledgements of
-#   the injected bytes are not passed up (the local side never sent them).
+#   boundary of the local side's stream: the from_child thread writes it
+#   only while to_child is idle between frames, else leaves it to to_child,
+#   which writes it at the next boundary (one lock orders the two), together
+#   with the acknowledgement the local side would have sent for the
+#   request; the child's later acknowledgements of the injected bytes are
+#   not passed up (the local side never sent them).  more is empty unless
+#   the child has forward_preload; then it is what the hop holds of the
+#   module's static imports (as _forward_closure, but from the cache).
 #
 # Anything else, including every byte of a stream that turns out not to be
 # frames, passes unchanged, and from then on that direction is relayed
 # plainly.  A sealed stream is never read; forward off: no reading at all.
+# In a chain (c via b, b via a), b's relay reads c's stream; a carries it
+# inside one of b's channels and does not look into it.
 # The cache lives as long as the hop process: a far remote started later
 # gets the source as the hop first saw it (each remote keeps its own copy
 # for its lifetime just the same).
