@@ -7736,7 +7736,7 @@ class _HopRelay:
         self._lock = threading.Lock()
         self._idle = True      # to_child is between two whole frames, not writing
         self._pending = []     # answers to write at the next boundary
-        self._asked = {}       # request id -> name, passed up, answer not seen yet
+        self._asked = {}       # request id -> name (None: not to keep), passed up, unanswered
         self._parts = []       # pieces of a large answer going down
         self._up_parts = False  # the child's item being sent up came in pieces
         self._owed = 0         # injected bytes whose acknowledgements stay here
@@ -7844,8 +7844,8 @@ class _HopRelay:
         if whole and self._down is not None:
             found = _hop_cache_get(self._allowed, name, self._preload)
         if found is None:
-            with self._lock:
-                self._asked[reqid] = name
+            with self._lock:  # an id asked twice at once: neither answer is kept
+                self._asked[reqid] = None if reqid in self._asked else name
             return None
         try:
             item = dumps((reqid, found[0], found[1]))

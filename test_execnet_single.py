@@ -8005,6 +8005,12 @@ class TestForwarding:
         ack = E._encode_frame(E._MSG_ACK, cid, E._COUNT.pack(owed + 10))
         assert second.up(ack) == E._encode_frame(E._MSG_ACK, cid, E._COUNT.pack(10))
         assert second.up(ack) == ack
+        # a request id used twice at once: neither answer is kept (which is whose?)
+        answer_b = ("ok", "X = 2\n", False, "/src/pkg/b.py", "here")
+        assert first.up(data_frame((5, "pkg.b")) + data_frame((5, "pkg.c"))) == data_frame(
+            (5, "pkg.b")) + data_frame((5, "pkg.c"))
+        first.down(data_frame((5, answer_b, {})) + data_frame((5, answer, {})))
+        assert [key[1] for key in E._HOP_CACHE] == ["pkg.a"]
         # a child allowed other packages only is not answered from this cache
         third = E._HopRelay(Recorder(), frozenset(["other", "pkg2"]), False)
         assert third.up(data_frame((1, "pkg.a"))) == data_frame((1, "pkg.a"))
