@@ -7633,7 +7633,7 @@ class _FrameScan:
         self._limit = limit
         self._head = b""     # a header cut by a piece's end
         self._left = 0       # payload bytes of the current frame still to come
-        self._frame = None   # (start, code, collect) of the current frame
+        self._frame = None   # (start, code, match, collect) of the current frame
         self._parts = []     # its payload so far, when collected
         self._offset = 0     # bytes fed before this piece
 
@@ -7862,6 +7862,9 @@ class _HopRelay:
         return b""
 
     def _inject(self, frames):
+        # Writing to the child's stdin from this thread, which also drains its
+        # stdout, cannot deadlock: the child's receiver thread never waits for
+        # its own output to drain (what it sends is queued), so stdin drains.
         with self._lock:
             if not self._idle:
                 self._pending.append(frames)

@@ -7927,6 +7927,16 @@ class TestForwarding:
         assert wait_for(lambda: len(asked) == 7)
         assert sorted(map(repr, asked)) == sorted(map(repr, [
             "y", 123, [1], "os", "x" * 5000, fwpkg, "os"]))   # 9.5 is not a request id
+        # an item that does not load: passed up (the local side fails that
+        # channel, as it would without a hop); the hop relays on
+        ch = hostile.remote_exec(textwrap.dedent("""
+            import execnet_single as e
+            channel.gateway._send(e._MSG_DATA_PART, e._FORWARD_CID, b"\\x02gar")
+            channel.gateway._send(e._MSG_DATA, e._FORWARD_CID, b"bage")
+            channel.gateway._send(e._MSG_DATA, e._FORWARD_CID, b"\\x02\\xff")
+            channel.send(2)
+            """))
+        assert ch.receive(timeout=60) == 2
         # bytes that are no frames: the far remote's gateway fails, the hop lives on
         ch = hostile.remote_exec("channel.gateway._io.write(b'\\xff' * 64)\nchannel.send(1)")
         with pytest.raises(EOFError, match="corrupt frame header"):
