@@ -8026,7 +8026,7 @@ class TestForwarding:
         assert third.up(data_frame((1, "pkg.a"))) == data_frame((1, "pkg.a"))
         assert third._io.written == []
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=60, deadline=None, suppress_health_check=ALL_HEALTH_CHECKS)
     @given(frames=st.lists(st.tuples(
         st.sampled_from([4, 8, 9, 5]), st.sampled_from([1, 0xFFFFFFFF, 0xFFFFFFFE]),
         st.sampled_from([0, 1, 8, 9, 100, 5000])), max_size=12),
