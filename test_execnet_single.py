@@ -7945,10 +7945,10 @@ class TestForwarding:
         self.import_helpers(later, fwpkg)
         assert later._forward_server.asked == []
 
-    def test_forward_off_the_hop_only_copies(self, group, fwpkg):
+    def test_the_hop_reads_only_unsealed_forward_streams(self, group, fwpkg, tmp_path):
         self.via_hop(group, "")
         # count, in the hop, the frame scanners made: one per direction of a
-        # forward= remote's relay, none for any other
+        # forward= remote's relay, none for any other (nor a sealed session)
         count = group["fwhop"].remote_exec(textwrap.dedent("""
             import execnet_single
             made = []
@@ -7970,6 +7970,13 @@ class TestForwarding:
         self.import_helpers(self.via_hop(group, "//forward=" + fwpkg), fwpkg)
         count.send(None)
         assert count.receive(timeout=30) == 2
+        with socket_server(tmp_path) as server:
+            sealed = mkgw(group, "socket=127.0.0.1:%d//keyfile=%s//via=fwhop//forward=%s" % (
+                server.port, server.keyfile, fwpkg))
+            self.import_helpers(sealed, fwpkg)
+            count.send(None)
+            assert count.receive(timeout=30) == 2
+            exit_and_join(sealed)
         count.close()
 
     def test_hop_relay_injects_at_a_boundary_and_settles_acknowledgements(self, monkeypatch):
