@@ -7554,7 +7554,7 @@ class _ForwardServer:
     def __init__(self, gateway, value, preload=False):
         self._allowed = _forward_allowed(value)
         self._preload = preload
-        self.asked = []   # the names asked for, in order (what a via= hop's cache saves)
+        self.asked = []   # the (first 1000) names asked for: what a via= hop's cache saves
         gateway._forward_server = self
         self._channel = gateway._new_channel(_FORWARD_CID)
         self._channel.setcallback(self._on_request)
@@ -7565,7 +7565,10 @@ class _ForwardServer:
     def _answer(self, item):
         if type(item) is not tuple or len(item) != 2:
             return
-        self.asked.append(item[1])
+        if len(self.asked) < 1000:  # bounded: a remote may ask for anything, endlessly
+            name = item[1]
+            self.asked.append(name if type(name) is str and len(name) <= 500
+                              else "<%s>" % type(name).__name__)
         reply = _forward_lookup(item[1], self._allowed)
         more = {}
         if self._preload and reply[0] == "ok":

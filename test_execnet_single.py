@@ -7925,8 +7925,8 @@ class TestForwarding:
         assert replies[1][0] == replies[2][0] == "ok"
         asked = hostile._forward_server.asked
         assert wait_for(lambda: len(asked) == 7)
-        assert sorted(map(repr, asked)) == sorted(map(repr, [
-            "y", 123, [1], "os", "x" * 5000, fwpkg, "os"]))   # 9.5 is not a request id
+        assert sorted(asked) == sorted([
+            "y", "<int>", "<list>", "os", "<str>", fwpkg, "os"])   # 9.5 is not a request id
         # an item that does not load: passed up (the local side fails that
         # channel, as it would without a hop); the hop relays on
         ch = hostile.remote_exec(textwrap.dedent("""
