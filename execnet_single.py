@@ -4906,11 +4906,20 @@ def _serve_via(channel):
     gateway._relayed.append(io)
     io.set_output_handler(_write_stderr_bytes)
     killer.setcallback(lambda message: io.kill())
+    # forward=: read the frames going by and answer from this hop's cache
+    # (section 12); a sealed stream is never read, and without forward= the
+    # relay only copies bytes
+    relay = None
+    if params.get("forward") and not isinstance(io, _SealedIO):
+        relay = _HopRelay(io, _forward_allowed(params["forward"]),
+                          params.get("forward_preload"))
+        leftover = relay.up(leftover)
+    write = io.write if relay is None else relay.down
 
     def to_child():
         try:
             for data in iochannel:
-                io.write(data)
+                write(data)
         except (OSError, RemoteError):
             pass
         io.close_write()
@@ -4924,6 +4933,10 @@ def _serve_via(channel):
                 break
             if not data:
                 break
+            if relay is not None:
+                data = relay.up(data)
+                if not data:
+                    continue   # all of it answered here
             try:
                 iochannel.send(data)
             except OSError:
@@ -7347,7 +7360,9 @@ def _fail(future, exc):
 # _ForwardFinder last on the remote's sys.meta_path; Group._start attaches a
 # _ForwardServer to the local gateway.  They talk on the reserved channel
 # _FORWARD_CID (odd, like the local side's ids, but one the local counter
-# never reaches), so a via= chain, a plain byte relay, carries it end to end:
+# never reaches), so a via= chain carries it end to end, and the proxy that
+# relays a far remote's stream (the hop) answers from its own cache what it
+# has seen answered before (see "The hop cache" below):
 #
 #   remote -> local   (request id, "dotted.name")
 #   local -> remote   (request id, ("ok", source, is_package, path, host), more)
@@ -7356,8 +7371,8 @@ def _fail(future, exc):
 # more: with forward_preload, {name: ("ok", ...)} for the allowed modules the
 # answered one imports statically (found with ast, transitively), which the
 # remote keeps for later imports: one round trip instead of one per module.
-# The remote also keeps every answer it got (a via= hop is a byte relay, so
-# the far remote asks the local side directly, through it).
+# The remote also keeps every answer it got; a via= hop keeps them for all
+# the forward= remotes it relays (_HopRelay), without a message of its own.
 #
 # The local side resolves names with PathFinder on sys.path and on the
 # parent's spec, so it never imports (never runs) anything, not even a
@@ -7594,6 +7609,8 @@ class _ForwardServer:
     def __init__(self, gateway, value, preload=False):
         self._allowed = _forward_allowed(value)
         self._preload = preload
+        self.asked = []   # the (first 1000) names asked for: what a via= hop's cache saves
+        gateway._forward_server = self
         self._channel = gateway._new_channel(_FORWARD_CID)
         self._channel.setcallback(self._on_request)
 
@@ -7603,6 +7620,10 @@ class _ForwardServer:
     def _answer(self, item):
         if type(item) is not tuple or len(item) != 2:
             return
+        if len(self.asked) < 1000:  # bounded: a remote may ask for anything, endlessly
+            name = item[1]
+            self.asked.append(name if type(name) is str and len(name) <= 500
+                              else "<%s>" % type(name).__name__)
         reply = _forward_lookup(item[1], self._allowed)
         more = {}
         if self._preload and reply[0] == "ok":
@@ -7612,6 +7633,304 @@ class _ForwardServer:
             self._channel.send((item[0], reply, more))
         except (OSError, ValueError):
             pass  # the gateway is gone
+
+
+# --- The hop cache: a via= relay that answers what it has seen answered ---
+#
+# A via= hop relays a far remote's bytes (_serve_via).  When that remote was
+# started with forward=, the relay also reads the frame headers going by
+# (_FrameScan: headers only; payloads are sliced out only for frames on
+# _FORWARD_CID) and _HopRelay does two things, with no message of its own:
+#
+# - local -> child: an answer on _FORWARD_CID to a request the relay saw go
+#   up is recorded, if "ok" (with the preloaded `more`), in _HOP_CACHE, one
+#   dict per hop process keyed by (allow-list, name), so a remote with a
+#   narrower forward= never gets what only a wider one was sent.  The bytes
+#   go on unchanged.
+# - child -> local: a well-formed request for a name the cache holds under
+#   the child's allow-list is not passed up.  The relay writes the answer
+#   (request id, answer, more) into the child's stdin itself, at a frame
+#   boundary of the local side's stream: the from_child thread writes it
+#   only while to_child is idle between frames, else leaves it to to_child,
+#   which writes it at the next boundary (one lock orders the two), together
+#   with the acknowledgement the local side would have sent for the
+#   request; the child's later acknowledgements of the injected bytes are
+#   not passed up (the local side never sent them).  more is empty unless
+#   the child has forward_preload; then it is what the hop holds of the
+#   module's static imports (as _forward_closure, but from the cache).
+#
+# Anything else, including every byte of a stream that turns out not to be
+# frames, passes unchanged, and from then on that direction is relayed
+# plainly.  A sealed stream is never read; forward off: no reading at all.
+# In a chain (c via b, b via a), b's relay reads c's stream; a carries it
+# inside one of b's channels and does not look into it.
+# The cache lives as long as the hop process: a far remote started later
+# gets the source as the hop first saw it (each remote keeps its own copy
+# for its lifetime just the same).
+
+_HOP_CACHE = {}          # (allowed, name) -> (answer, names preloaded with it)
+_HOP_CACHE_LOCK = threading.Lock()
+_HOP_CACHE_MAX = [4096]  # entries kept at most; 0 turns the cache off (benchmark)
+
+
+class _FrameScan:
+    """Frame boundaries of a byte stream fed in pieces of any size.
+
+    Only headers are parsed; the payloads of frames on channel `cid` with a
+    code in `codes` and at most `limit` bytes long are collected.  feed()
+    returns (frames, first, at_end): frames is a list of (start, end, code,
+    payload) for those frames ending in this piece (start < 0: the frame
+    began in an earlier piece; payload None: not collected), first the first
+    frame boundary inside the piece (None if there is none), at_end whether
+    the piece ends at a boundary.  A header no frame can have raises LoadError.
+    """
+
+    def __init__(self, cid, codes, limit):
+        self._cid = cid
+        self._codes = codes
+        self._limit = limit
+        self._head = b""     # a header cut by a piece's end
+        self._left = 0       # payload bytes of the current frame still to come
+        self._frame = None   # (start, code, match, collect) of the current frame
+        self._parts = []     # its payload so far, when collected
+        self._offset = 0     # bytes fed before this piece
+
+    def feed(self, data):
+        frames = []
+        size = len(data)
+        pos = 0
+        first = 0 if (self._frame is None and not self._head) else None
+        unpack = _HEADER.unpack_from
+        while pos < size:
+            if self._frame is None:
+                if self._head or size - pos < _HEADER_SIZE:
+                    take = bytes(data[pos:pos + _HEADER_SIZE - len(self._head)])
+                    self._head += take
+                    pos += len(take)
+                    if len(self._head) < _HEADER_SIZE:
+                        break
+                    header, self._head = self._head, b""
+                    code, cid, length = _HEADER.unpack(header)
+                else:
+                    code, cid, length = unpack(data, pos)
+                    pos += _HEADER_SIZE
+                if code > _LAST_MSGCODE or length > _MAX_PAYLOAD:
+                    raise LoadError("not a frame header at stream offset %d" % (
+                        self._offset + pos - _HEADER_SIZE))
+                match = cid == self._cid and code in self._codes
+                self._frame = (self._offset + pos - _HEADER_SIZE, code, match,
+                               match and length <= self._limit)
+                self._left = length
+            take = min(self._left, size - pos)
+            if self._frame[3] and take:
+                self._parts.append(bytes(data[pos:pos + take]))
+            pos += take
+            self._left -= take
+            if self._left:
+                break
+            start, code, match, collect = self._frame
+            self._frame = None
+            if first is None:
+                first = pos
+            if match:
+                frames.append((start - self._offset, pos, code,
+                               b"".join(self._parts) if collect else None))
+                self._parts = []
+        at_end = self._frame is None and not self._head
+        self._offset += size
+        return frames, first, at_end
+
+
+def _hop_cache_get(allowed, name, preload):
+    """(answer, more) from the cache, or None.  more, for a remote with
+    forward_preload: what the local side sent with the answer, and what the
+    cache holds of the modules it imports statically (as _forward_closure)."""
+    with _HOP_CACHE_LOCK:
+        entry = _HOP_CACHE.get((allowed, name))
+        if entry is None or not preload:
+            return entry and (entry[0], {})
+        more = {}
+        todo = list(entry[1]) + _static_imports(name, entry[0][1], entry[0][2])
+        while todo:
+            other = todo.pop()
+            found = _HOP_CACHE.get((allowed, other))
+            if other != name and other not in more and found is not None:
+                more[other] = found[0]
+                todo.extend(_static_imports(other, found[0][1], found[0][2]))
+        return entry[0], more
+
+
+def _hop_cache_put(allowed, name, answer, more):
+    with _HOP_CACHE_LOCK:
+        for other, other_answer in more.items():
+            if (len(_HOP_CACHE) < _HOP_CACHE_MAX[0] and _forward_answer_ok(other_answer)
+                    and _forward_permits(allowed, other)):
+                _HOP_CACHE.setdefault((allowed, other), (other_answer, ()))
+        if len(_HOP_CACHE) < _HOP_CACHE_MAX[0] or (allowed, name) in _HOP_CACHE:
+            _HOP_CACHE[(allowed, name)] = (answer, tuple(sorted(
+                other for other in more if (allowed, other) in _HOP_CACHE)))
+
+
+def _forward_permits(allowed, name):
+    """Whether the allow-list covers module `name` (a str)."""
+    return isinstance(name, str) and (allowed == "*" or name.partition(".")[0] in allowed)
+
+
+def _forward_answer_ok(answer):
+    """Whether answer is a well-formed "ok" answer (see the top of the section)."""
+    return (type(answer) is tuple and len(answer) == 5 and answer[0] == "ok"
+            and isinstance(answer[1], str) and isinstance(answer[3], str))
+
+
+class _HopRelay:
+    """In a via= hop: the relay of one forward= remote's frames, with the cache."""
+
+    def __init__(self, io, allowed, preload):
+        self._io = io
+        self._allowed = allowed
+        self._preload = preload
+        self._down = _FrameScan(_FORWARD_CID, (_MSG_DATA, _MSG_DATA_PART), _MAX_PAYLOAD)
+        self._up = _FrameScan(_FORWARD_CID, (_MSG_DATA, _MSG_DATA_PART, _MSG_ACK), 4096)
+        self._lock = threading.Lock()
+        self._idle = True      # to_child is between two whole frames, not writing
+        self._pending = []     # answers to write at the next boundary
+        self._asked = {}       # request id -> name (None: not to keep), passed up, unanswered
+        self._parts = []       # pieces of a large answer going down
+        self._up_parts = False  # the child's item being sent up came in pieces
+        self._owed = 0         # injected bytes whose acknowledgements stay here
+
+    # -- local -> child: the to_child thread --
+
+    def down(self, data):
+        """Write data to the child, and any injected answers at a boundary."""
+        first, at_end = None, False
+        if self._down is not None:
+            try:
+                frames, first, at_end = self._down.feed(data)
+            except LoadError:
+                self._down = None   # not frames after all: relay plainly, inject nothing
+                frames = []
+            for start, end, code, payload in frames:
+                self._record(code, payload)
+        io = self._io
+        with self._lock:
+            self._idle = False
+        if first and first < len(data) and self._pending:
+            view = memoryview(data)
+            io.write(view[:first])
+            with self._lock:
+                pending, self._pending = self._pending, []
+            io.writev(pending)
+            io.write(view[first:])
+        else:
+            io.write(data)
+        with self._lock:
+            if at_end and self._down is not None:
+                if self._pending:
+                    io.writev(self._pending)
+                    self._pending = []
+                self._idle = True
+
+    def _record(self, code, payload):
+        if code == _MSG_DATA_PART:
+            if payload is not None and sum(len(p) for p in self._parts) < _MAX_ITEM // 16:
+                self._parts.append(payload)
+            else:
+                self._parts = [None]   # too large to keep: this item is not recorded
+            return
+        parts, self._parts = self._parts, []
+        if payload is None or None in parts:
+            return
+        try:
+            reqid, answer, more = loads(b"".join(parts) + payload)
+        except (LoadError, TypeError, ValueError):
+            return
+        with self._lock:
+            name = self._asked.pop(reqid, None) if isinstance(reqid, int) else None
+        if name is not None and _forward_answer_ok(answer) and type(more) is dict:
+            _hop_cache_put(self._allowed, name, answer, more)
+
+    # -- child -> local: the from_child thread --
+
+    def up(self, data):
+        """The bytes to pass up for data from the child (requests answered here left out)."""
+        if self._up is None:
+            return data
+        try:
+            frames = self._up.feed(data)[0]
+        except LoadError:
+            self._up = None   # garbage: the local side will say so; we only relay
+            return data
+        out = []
+        pos = 0
+        for start, end, code, payload in frames:
+            instead = self._from_child(code, payload, start >= 0)
+            if instead is not None:
+                out.append(data[pos:start])
+                out.append(instead)
+                pos = end
+        if not out:
+            return data
+        out.append(data[pos:])
+        return b"".join(out)
+
+    def _from_child(self, code, payload, whole):
+        """None to pass the frame on, else the bytes to pass instead."""
+        if code == _MSG_DATA_PART:
+            self._up_parts = True
+            return None
+        if code == _MSG_ACK:
+            if not (whole and self._owed and payload is not None and len(payload) == 4):
+                return None
+            count = _COUNT.unpack(payload)[0]
+            kept = min(count, self._owed)
+            self._owed -= kept
+            return _encode_frame(_MSG_ACK, _FORWARD_CID, _COUNT.pack(count - kept)) if (
+                count > kept) else b""
+        in_pieces, self._up_parts = self._up_parts, False
+        if payload is None or in_pieces:
+            return None
+        try:
+            request = loads(payload)
+        except (LoadError, TypeError, ValueError):
+            return None
+        if (type(request) is not tuple or len(request) != 2 or type(request[0]) is not int
+                or not _forward_permits(self._allowed, request[1])):
+            return None   # the local side refuses or ignores it, as without a hop
+        reqid, name = request
+        found = None
+        if whole and self._down is not None:
+            found = _hop_cache_get(self._allowed, name, self._preload)
+        if found is None:
+            with self._lock:  # an id asked twice at once: neither answer is kept
+                self._asked[reqid] = None if reqid in self._asked else name
+            return None
+        try:
+            item = dumps((reqid, found[0], found[1]))
+        except DumpError:
+            return None
+        pieces = [item[i:i + _CHUNK] for i in range(0, len(item), _CHUNK)]
+        frames = [_encode_frame(_MSG_DATA_PART, _FORWARD_CID, piece) for piece in pieces[:-1]]
+        frames.append(_encode_frame(_MSG_DATA, _FORWARD_CID, pieces[-1]))
+        # the acknowledgement the local side would have sent for the request
+        frames.append(_encode_frame(_MSG_ACK, _FORWARD_CID, _COUNT.pack(len(payload))))
+        self._owed += len(item)
+        _trace("forward", name, "answered by the hop", len(found[1]))
+        self._inject(b"".join(frames))
+        return b""
+
+    def _inject(self, frames):
+        # Writing to the child's stdin from this thread, which also drains its
+        # stdout, cannot deadlock: the child's receiver thread never waits for
+        # its own output to drain (what it sends is queued), so stdin drains.
+        with self._lock:
+            if not self._idle:
+                self._pending.append(frames)
+                return
+            try:
+                self._io.write(frames)
+            except (OSError, ValueError):
+                pass  # the child is gone; from_child sees its end
 
 
 # === 13. Socket server ===
