@@ -7815,7 +7815,7 @@ class _HopRelay:
         io = self._io
         with self._lock:
             self._idle = False
-        if first and first < len(data) and self._pending:
+        if first is not None and first < len(data) and self._pending:
             view = memoryview(data)
             io.write(view[:first])
             with self._lock:
