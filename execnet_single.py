@@ -2310,6 +2310,7 @@ class Channel:
     TimeoutError = TimeoutError
     _executing = False
     _peer_closed = False   # the peer closed (or vanished): it receives no more
+    _unread_errors_ok = False   # set for a via= stream's channels nobody reads any more
 
     def __init__(self, gateway, id):
         """:private: made by Gateway.newchannel() and remote_exec()."""
@@ -2330,7 +2331,7 @@ class Channel:
         if gateway is None:
             return
         try:
-            if self._closed:
+            if self._closed and not self._unread_errors_ok:
                 for error in self._remoteerrors:
                     error.warn()
             elif not self._receiveclosed.is_set():
@@ -4866,7 +4867,11 @@ class _ChannelIO(_IO):
         self.close_write()
 
     def close_read(self):
-        """Nothing to close: the channel ends with the relay."""
+        """Nothing to close: the channel ends with the relay.  What the relay
+        still says of the process (how it ended) reaches nobody now, and is
+        not the user's unhandled error: it is not reported when collected."""
+        self.channel._unread_errors_ok = True
+        self.killer._unread_errors_ok = True
 
 
 def _start_via(spec, params, group):

@@ -3809,6 +3809,26 @@ sys.stdout.flush()
 
 
 class TestTermination:
+    def test_via_stream_broken_then_killed_reports_no_unhandled_error(self, group, caplog):
+        # the far remote's stream turns to garbage: its gateway ends with the
+        # corrupt-frame error; the kill at the end is then told on the relay's
+        # channel, which nobody reads any more: that is not the user's
+        # unhandled RemoteError (PyPy printed one at exit)
+        import gc
+
+        mkgw(group, "popen//id=brokenhop")
+        gw = mkgw(group, "popen//via=brokenhop")
+        ch = gw.remote_exec("channel.gateway._io.write(b'\\xff' * 64)\nchannel.send(1)")
+        with pytest.raises(EOFError, match="corrupt frame header"):
+            ch.receive(timeout=60)
+        channel = gw._io.channel
+        with caplog.at_level(30, logger="execnet_single"):
+            group.terminate(timeout=30)
+            assert channel.isclosed() and channel._remoteerrors   # told how it ended
+            del ch, gw, channel
+            gc.collect()
+        assert "unhandled RemoteError" not in caplog.text
+
     @pytest.mark.transports("popen", "via")
     def test_remote_that_will_not_leave_is_killed(self, group, transport):
         # its os._exit made a sleep: only the kill after the grace period
