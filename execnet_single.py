@@ -193,6 +193,18 @@ def _end_with_me(popen):
     return bool(kernel32.AssignProcessToJobObject(_JOB[0], int(popen._handle)))
 
 
+def _split_command(text):
+    """A python= command as an argv list: shlex's POSIX rules, except that on
+    Windows a backslash is a path separator (C:\\Python313\\python.exe) and
+    "double quotes" group words."""
+    import shlex
+
+    if not _WINDOWS:
+        return shlex.split(text)
+    return [word[1:-1] if len(word) > 1 and word[0] == word[-1] == '"' else word
+            for word in shlex.split(text, posix=False)]
+
+
 def _trace_off(*msg):
     """Tracing is off: do nothing."""
 
@@ -3984,9 +3996,7 @@ class _PopenIO(_FdIO):
 def _popen_args(spec):
     if spec.python in (None, True):
         return [sys.executable]
-    import shlex
-
-    return shlex.split(spec.python)
+    return _split_command(spec.python)
 
 
 def _start_popen(spec, params, group=None):
@@ -4200,9 +4210,7 @@ def _fork_server_for(spec, group):
 
 def _is_own_python(command):
     """Does the python= command start this very interpreter?"""
-    import shlex
-
-    args = shlex.split(command)
+    args = _split_command(command)
     if len(args) != 1:
         return False
     import shutil
