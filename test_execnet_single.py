@@ -2932,6 +2932,17 @@ class TestBootstrap:
         assert ch.receive(timeout=30) == "bar-1"
 
     @single_only
+    def test_python_command_with_windows_paths(self, monkeypatch):
+        # On a Windows host a python= command keeps its backslashes (paths)
+        # and "double quotes" group words; POSIX hosts split as the shell does
+        split = execnet._split_command
+        assert split(r'env X=1 "/a b/python" -u') == ["env", "X=1", "/a b/python", "-u"]
+        monkeypatch.setattr(execnet, "_WINDOWS", True)
+        assert split(r'C:\Python313\python.exe -u') == [r"C:\Python313\python.exe", "-u"]
+        assert split(r'"C:\Program Files\py\python.exe" -X utf8') == [
+            r"C:\Program Files\py\python.exe", "-X", "utf8"]
+
+    @single_only
     def test_code_for_remote_needs_the_same_abi(self):
         import marshal
 
@@ -7965,6 +7976,36 @@ class TestSocketServer:
         finally:
             listener.close()
 
+    @pytest.mark.skipif(not WINDOWS, reason="a Windows host's server relays its sessions; "
+                        "a POSIX server's sessions own their connections")
+    def test_killed_windows_server_takes_its_sessions_along(self, tmp_path, group):
+        # TerminateProcess runs no handler in the server: its job object ends
+        # the sessions and what they started (a session alone would end at
+        # the end of its stdin, a process it started that reads none would not)
+        keyfile = tmp_path / "server.key"
+        write_key(keyfile)
+        server = ServerProcess(tmp_path, "--key-file", str(keyfile))
+        pids = []
+        try:
+            gw = mkgw(group, server.spec)
+            pids = gw.remote_exec(
+                "import os, subprocess, sys\n"
+                "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+                " stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)\n"
+                "channel.send([os.getpid(), p.pid])").receive(30)
+            assert all(pid_alive(pid) for pid in pids)
+            server.proc.kill()
+            server.proc.wait(timeout=30)
+            assert wait_for(lambda: all(pid_gone(pid) for pid in pids), timeout=30), (
+                "a session or its child outlived the server")
+        finally:
+            server.stop()
+            for pid in pids:
+                try:
+                    psutil.Process(pid).kill()
+                except psutil.Error:
+                    pass
+
     @posix_only   # file modes (Windows: not checked, see _check_key_dir)
     def test_key_file_readable_by_others_is_refused(self, tmp_path, group):
         keyfile = tmp_path / "open.key"
@@ -8036,6 +8077,15 @@ class TestSocketServer:
             gw = mkgw(group, server.spec)
             assert gw.remote_exec("channel.send(4)").receive(30) == 4
             exit_and_join(gw)
+        finally:
+            assert server.stop() == 0
+        # the next start takes the same key (its directory now exists, and
+        # passes the checks: Windows checks none)
+        key = path.read_bytes()
+        server = ServerProcess(tmp_path)
+        try:
+            assert "key file %s" % path in server.banner
+            assert path.read_bytes() == key
         finally:
             assert server.stop() == 0
 
