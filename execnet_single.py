@@ -575,6 +575,8 @@ class _Text:
     # ssh transport
     SSH_FAILED = "gateway %s: ssh %s failed (exit status %s): %s"
     SSH_NO_PYTHON = "no python3 or python on the PATH of the remote shell"
+    SSH_TO_WINDOWS = ("gateway %s: ssh %s reached a Windows shell (cmd or PowerShell): ssh "
+                      "gateways to Windows hosts are not supported (its output is below)")
     SSH_BAD_ENV_NAME = "not a shell variable name (ssh passes env: through the remote shell)"
     NOT_AN_EXCEPTION_CLASS = "register_remote_exception needs an Exception subclass, not %r"
     # remote calls
@@ -5713,6 +5715,18 @@ def _spawner_fit(spec):
     return (spec.python if isinstance(spec.python, str) else None, sorted(spec.env.items()))
 
 
+# What cmd.exe and PowerShell (Windows' OpenSSH shells) say to our POSIX
+# shell command line: its first word, `export` or `for`, is not theirs
+_WINDOWS_SHELL_ANSWERS = ("is not recognized as an internal or external command",
+                          "was unexpected at this time",
+                          "is not recognized as the name of a cmdlet",
+                          "Missing opening '(' after keyword 'for'")
+
+
+def _windows_shell_answered(output):
+    return bool(output) and any(answer in output for answer in _WINDOWS_SHELL_ANSWERS)
+
+
 def _start_ssh(spec, params, group=None):
     """Start and bootstrap a Python over ssh; returns (io, rinfo, leftover)."""
     import shlex
@@ -5767,6 +5781,8 @@ def _start_ssh(spec, params, group=None):
         error = exc
         if io.wait(0.0) == 255 and not isinstance(exc, SshError):
             error = _ssh_error(spec, 255, exc.output)
+        elif _windows_shell_answered(exc.output):
+            error = HostNotFound(_Text.SSH_TO_WINDOWS % (spec.id, spec.ssh), exc.output)
         if first and isinstance(error, SshError):
             master.error = error
         if error is exc:

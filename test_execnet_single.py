@@ -9407,6 +9407,16 @@ class TestSsh:
         assert "/nonexistent/python3" in info.value.output   # the remote shell's message
         assert len(group) == 0
 
+    def test_windows_host_is_refused_clearly(self, server, group):
+        # A Windows host's shell (cmd here) answers our POSIX command line
+        # with its own error; a stand-in prints what cmd prints and fails
+        cmd_says = "'for' is not recognized as an internal or external command,"
+        with pytest.raises(execnet.HostNotFound) as info:
+            mkgw(group, server.spec('//python=echo "%s" >&2; exit 1;' % cmd_says))
+        assert "reached a Windows shell (cmd or PowerShell)" in str(info.value)
+        assert cmd_says in info.value.output
+        assert len(group) == 0
+
     def test_remote_too_old(self, server, group):
         python = need_interpreter("2.7")
         with pytest.raises(execnet.RemoteTooOld, match="2.7.18"):
