@@ -7976,6 +7976,41 @@ class TestSocketServer:
         finally:
             listener.close()
 
+    @pytest.mark.transports("wine")
+    def test_windows_server_serves_this_host(self, tmp_path, group, transport):
+        # py311's "wine" kind: `serve` in the Windows CPython under Wine,
+        # a sealed session from this (Linux) host; no python.exe outlives it
+        keyfile = tmp_path / "server.key"
+        write_key(keyfile)
+        proc = subprocess.Popen(
+            python_argv(wine_python()) + [
+                "-c", "import runpy, sys; sys.path.insert(0, %r); runpy.run_module("
+                "'execnet_single', run_name='__main__', alter_sys=True)" % HERE,
+                "serve", "--port", "0", "--key-file", str(keyfile)],
+            # (pipes: python.exe cannot start with a regular file as its stdio)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=server_env(tmp_path))
+        try:
+            banner = call_with_timeout(proc.stdout.readline, 60).decode()
+            import re
+
+            match = re.search(SERVER_RE, banner)
+            assert match, banner
+            gw = mkgw(group, match.group(3))
+            assert type(gw._io) is execnet._SealedIO
+            channel = gw.remote_exec("import sys\nchannel.send(sys.platform)\n"
+                                     "channel.send(channel.receive() * 2)")
+            assert channel.receive(30) == "win32"
+            channel.send(b"x" * 100000)
+            assert channel.receive(30) == b"x" * 200000
+            exit_and_join(gw)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+        assert wait_for(lambda: not wine_processes(), timeout=30), "python.exe left behind"
+
     @pytest.mark.skipif(not WINDOWS, reason="a Windows host's server relays its sessions; "
                         "a POSIX server's sessions own their connections")
     def test_killed_windows_server_takes_its_sessions_along(self, tmp_path, group):
