@@ -7972,7 +7972,12 @@ class _SocketServer:
     @staticmethod
     def _watch_client_windows(conn, child):
         """_watch_client without poll(): the connection readable with no
-        byte to peek at is the client's close (a relay thread reads the data)."""
+        byte to peek at is the client's close (a relay thread reads the data).
+
+        Not seen: a close (even a reset) behind data that the relay could not
+        hand on to a session that stopped reading; that session ends when it
+        reads again (test_session_stuck_in_a_c_call_ends_when_its_client_goes
+        is POSIX-only for this)."""
         import select
         import socket
         import time

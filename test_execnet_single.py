@@ -7976,6 +7976,25 @@ class TestSocketServer:
         finally:
             listener.close()
 
+    @posix_only   # a Windows server cannot see this close (_watch_client_windows)
+    def test_session_stuck_in_a_c_call_ends_when_its_client_goes(self, tmp_path, group):
+        # The session holds the GIL in a C call: it reads nothing, and what
+        # the client sent fills the way to it. The client goes: the server
+        # sees that without reading, and ends the session long before the
+        # call would.
+        with socket_server(tmp_path) as server:
+            gw = mkgw(group, server.spec)
+            pid = gw.remote_exec("import os; channel.send(os.getpid())").receive(30)
+            gw.remote_exec("import ctypes\nctypes.PyDLL(None).sleep(600)")   # (libc's)
+            time.sleep(1)   # (the remote is in the call by now, or soon after)
+
+            # more than a pipe holds, less than the sockets' buffers (so the
+            # write returns); never read, so no frame is needed
+            call_with_timeout(gw._io.write, 30, b"\0" * (512 * 1024))
+            gw._io.kill()   # (an abortive close, as group.terminate's)
+            assert wait_for(lambda: pid_gone(pid), timeout=60), (
+                "the stuck session outlived its client", server.logtext())
+
     @pytest.mark.transports("wine")
     def test_windows_server_serves_this_host(self, tmp_path, group, transport):
         # py311's "wine" kind: `serve` in the Windows CPython under Wine,
