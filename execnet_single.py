@@ -3543,8 +3543,9 @@ def _importable(name):
 #
 # A sealed socket session (section 9) skips steps 1-3: the server starts
 # `python -c _STAGE1_SEALED KEYFD PEER`, which reads the session keys from
-# the pipe KEYFD (on Windows KEYFD is "-": they come first on stdin), then one sealed record (section 4) holding the 12-byte
-# header, source, code and params of step 3; it checks the record's tag
+# the pipe KEYFD (on Windows KEYFD is "-": they come first on stdin), then
+# one sealed record (section 4) holding the 12-byte header, source, code and
+# params of step 3; it checks the record's tag
 # before it looks at any of it, and hands the keys on to _remote_main, so
 # the stream stays sealed.  The client knows the interpreter from the
 # handshake: no unauthenticated line is read or evaluated by either end.

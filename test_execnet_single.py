@@ -8660,7 +8660,8 @@ class TestSealedSessions:
             "path can read them)" % server.port)
         # serve() itself says the same
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; sys.path.insert(0, %r); "   # (Windows: no PYTHONPATH)
+            # (sys.path: the Windows CPython ignores PYTHONPATH)
+            [sys.executable, "-c", "import sys; sys.path.insert(0, %r); "
              "import execnet_single as e; e.serve('0.0.0.0', key_file=%r)" % (
                  HERE, server.keyfile)], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env=server_env(tmp_path))
