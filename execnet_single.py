@@ -155,6 +155,56 @@ def _set_niceness(value):
         raise ctypes.WinError(ctypes.get_last_error())
 
 
+# Windows: the job object whose processes end with this one (see _end_with_me)
+_JOB = []
+
+
+def _end_with_me(popen):
+    """Windows: popen's process (and what it starts) is killed when this
+    process ends, however it ends (a job object that kills on close: Windows
+    has no process groups to signal, and a killed server would leave its
+    sessions running).  Best effort: False if Windows refused."""
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.CreateJobObjectW.restype = ctypes.c_void_p
+    kernel32.CreateJobObjectW.argtypes = (ctypes.c_void_p, ctypes.c_wchar_p)
+    kernel32.SetInformationJobObject.argtypes = (ctypes.c_void_p, ctypes.c_int,
+                                                 ctypes.c_void_p, ctypes.c_uint32)
+    kernel32.AssignProcessToJobObject.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+    if not _JOB:
+        job = kernel32.CreateJobObjectW(None, None)
+        if not job:
+            return False
+        size = ctypes.c_size_t
+
+        class Limits(ctypes.Structure):   # JOBOBJECT_EXTENDED_LIMIT_INFORMATION
+            _fields_ = [("times", ctypes.c_int64 * 2), ("flags", ctypes.c_uint32),
+                        ("working_set", size * 2), ("processes", ctypes.c_uint32),
+                        ("affinity", size), ("priority", ctypes.c_uint32 * 2),
+                        ("io_counters", ctypes.c_uint64 * 6), ("memory", size * 4)]
+
+        info = Limits()
+        info.flags = 0x2000   # JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+        if not kernel32.SetInformationJobObject(job, 9, ctypes.byref(info),
+                                                ctypes.sizeof(info)):
+            return False
+        _JOB.append(job)   # never closed: closing it is what kills them
+    return bool(kernel32.AssignProcessToJobObject(_JOB[0], int(popen._handle)))
+
+
+def _split_command(text):
+    """A python= command as an argv list: shlex's POSIX rules, except that on
+    Windows a backslash is a path separator (C:\\Python313\\python.exe) and
+    "double quotes" group words."""
+    import shlex
+
+    if not _WINDOWS:
+        return shlex.split(text)
+    return [word[1:-1] if len(word) > 1 and word[0] == word[-1] == '"' else word
+            for word in shlex.split(text, posix=False)]
+
+
 def _trace_off(*msg):
     """Tracing is off: do nothing."""
 
@@ -525,6 +575,8 @@ class _Text:
     # ssh transport
     SSH_FAILED = "gateway %s: ssh %s failed (exit status %s): %s"
     SSH_NO_PYTHON = "no python3 or python on the PATH of the remote shell"
+    SSH_TO_WINDOWS = ("gateway %s: ssh %s reached a Windows shell (cmd or PowerShell): ssh "
+                      "gateways to Windows hosts are not supported (its output is below)")
     SSH_BAD_ENV_NAME = "not a shell variable name (ssh passes env: through the remote shell)"
     NOT_AN_EXCEPTION_CLASS = "register_remote_exception needs an Exception subclass, not %r"
     # remote calls
@@ -3541,8 +3593,9 @@ def _importable(name):
 #
 # A sealed socket session (section 9) skips steps 1-3: the server starts
 # `python -c _STAGE1_SEALED KEYFD PEER`, which reads the session keys from
-# the pipe KEYFD, then one sealed record (section 4) holding the 12-byte
-# header, source, code and params of step 3; it checks the record's tag
+# the pipe KEYFD (on Windows KEYFD is "-": they come first on stdin), then
+# one sealed record (section 4) holding the 12-byte header, source, code and
+# params of step 3; it checks the record's tag
 # before it looks at any of it, and hands the keys on to _remote_main, so
 # the stream stays sealed.  The client knows the interpreter from the
 # handshake: no unauthenticated line is read or evaluated by either end.
@@ -3598,9 +3651,12 @@ def _readexact(fd, n):
             sys.exit(4)
         data += chunk
     return bytes(data)
-fd = int(sys.argv[1])
-keys = _readexact(fd, 64)
-os.close(fd)
+if sys.argv[1] == "-":
+    keys = _readexact(0, 64)
+else:
+    fd = int(sys.argv[1])
+    keys = _readexact(fd, 64)
+    os.close(fd)
 head = _readexact(0, 4)
 size = struct.unpack("!I", head)[0]
 if size > %d:
@@ -3998,9 +4054,7 @@ class _PopenIO(_FdIO):
 def _popen_args(spec):
     if spec.python in (None, True):
         return [sys.executable]
-    import shlex
-
-    return shlex.split(spec.python)
+    return _split_command(spec.python)
 
 
 def _start_popen(spec, params, group=None):
@@ -4215,9 +4269,7 @@ def _fork_server_for(spec, group):
 
 def _is_own_python(command):
     """Does the python= command start this very interpreter?"""
-    import shlex
-
-    args = shlex.split(command)
+    args = _split_command(command)
     if len(args) != 1:
         return False
     import shutil
@@ -5127,9 +5179,11 @@ def _read_key_file(path):
     try:
         info = os.fstat(fd)
         mode = stat.S_IMODE(info.st_mode)
-        if mode & 0o077:
+        if _WINDOWS:
+            pass   # no modes or uids to check: see _check_key_dir
+        elif mode & 0o077:
             raise AuthenticationError(_Text.KEY_UNSAFE % (path, mode, path))
-        if info.st_uid not in (os.geteuid(), 0):
+        elif info.st_uid not in (os.geteuid(), 0):
             raise AuthenticationError(_Text.KEY_NOT_OWNED % (path, info.st_uid, os.geteuid()))
         data = os.read(fd, 4096)
     finally:
@@ -5175,9 +5229,16 @@ def _write_new_key(path, force=False):
 def _check_key_dir(path):
     """Refuse the directory of the per-user key file (and the one above it)
     if another user owns it or others may write to it: they could swap
-    the key."""
+    the key.
+
+    Windows: nothing is checked here or in _read_key_file.  Its modes are
+    only a read-only bit and its owners are ACLs; a key file in the user's
+    profile (the default) is private by the ACLs Windows gives profiles.
+    """
     import stat
 
+    if _WINDOWS:
+        return
     directory = os.path.dirname(os.path.abspath(path))
     for where in (directory, os.path.dirname(directory)):
         try:
@@ -5677,6 +5738,15 @@ class _PipeEnd:
         import select
         import socket
 
+        if _WINDOWS:   # no poll() on pipes: look at what the pipe holds
+            import time
+
+            deadline = None if self._timeout is None else time.time() + self._timeout
+            while _pipe_available(self._io.rfd) == 0:   # (None: its end, read b"")
+                if deadline is not None and time.time() > deadline:
+                    raise socket.timeout("timed out")
+                time.sleep(0.005)
+            return os.read(self._io.rfd, size)
         poller = select.poll()
         poller.register(self._io.rfd, select.POLLIN)
         if not poller.poll(None if self._timeout is None else self._timeout * 1000):
@@ -5717,6 +5787,18 @@ def _spawner_fit(spec):
     """What a spawned interpreter inherits from the first gateway's process:
     specs that differ here start in sessions of their own."""
     return (spec.python if isinstance(spec.python, str) else None, sorted(spec.env.items()))
+
+
+# What cmd.exe and PowerShell (Windows' OpenSSH shells) say to our POSIX
+# shell command line: its first word, `export` or `for`, is not theirs
+_WINDOWS_SHELL_ANSWERS = ("is not recognized as an internal or external command",
+                          "was unexpected at this time",
+                          "is not recognized as the name of a cmdlet",
+                          "Missing opening '(' after keyword 'for'")
+
+
+def _windows_shell_answered(output):
+    return bool(output) and any(answer in output for answer in _WINDOWS_SHELL_ANSWERS)
 
 
 def _start_ssh(spec, params, group=None):
@@ -5773,6 +5855,8 @@ def _start_ssh(spec, params, group=None):
         error = exc
         if io.wait(0.0) == 255 and not isinstance(exc, SshError):
             error = _ssh_error(spec, 255, exc.output)
+        elif _windows_shell_answered(exc.output):
+            error = HostNotFound(_Text.SSH_TO_WINDOWS % (spec.id, spec.ssh), exc.output)
         if first and isinstance(error, SshError):
             master.error = error
         if error is exc:
@@ -8193,7 +8277,7 @@ class _SocketServer:
         env = dict(os.environ)
         env.pop(_KEY_ENV, None)   # the session gets no copy of the server's key
         args = [sys.executable, "-c", _STAGE1]
-        if self._tls is None:
+        if self._tls is None and not _WINDOWS:
             keyfds = ()
             if keys is not None:
                 keyfds = os.pipe()
@@ -8212,12 +8296,22 @@ class _SocketServer:
                     os.close(keyfds[0])
             relay = None
         else:
+            # TLS, and every session on Windows (where a socket cannot be a
+            # child's stdin and there is no pass_fds): pipes relayed here; a
+            # sealed session's keys go first on its stdin ("-": see _STAGE1_SEALED)
+            if keys is not None:
+                args = [sys.executable, "-c", _STAGE1_SEALED, "-", peer]
             try:
                 child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          bufsize=0, env=env, start_new_session=True)
             except OSError:
                 conn.close()
                 raise
+            if _WINDOWS and not _end_with_me(child):
+                self._log("session %s: no job object; a killed server leaves it running"
+                          % peer)
+            if keys is not None:
+                os.write(child.stdin.fileno(), keys[0] + keys[1])   # (fits any pipe buffer)
             relay = _daemon(self._relay_to_child, (conn, child),
                             "execnet_single-relay-%s" % peer)
             # the relay may be stuck writing to a child that stopped reading
@@ -8245,10 +8339,36 @@ class _SocketServer:
         close without reading (POLLRDHUP), then end the session."""
         import select
 
+        if _WINDOWS:
+            _SocketServer._watch_client_windows(conn, child)
+            return
         poller = select.poll()
         poller.register(conn.fileno(), getattr(select, "POLLRDHUP", 0x2000))
         while child.poll() is None:
             if poller.poll(500):
+                break
+        _SocketServer._end_child(child)
+
+    @staticmethod
+    def _watch_client_windows(conn, child):
+        """_watch_client without poll(): the connection readable with no
+        byte to peek at is the client's close (a relay thread reads the data).
+
+        Not seen: a close (even a reset) behind data that the relay could not
+        hand on to a session that stopped reading; that session ends when it
+        reads again (test_session_stuck_in_a_c_call_ends_when_its_client_goes
+        is POSIX-only for this)."""
+        import select
+        import socket
+        import time
+
+        while child.poll() is None:
+            try:
+                if select.select([conn], [], [], 0.5)[0]:
+                    if not socket.socket.recv(conn, 1, socket.MSG_PEEK):
+                        break
+                    time.sleep(0.2)   # data the relay has yet to take
+            except (OSError, ValueError):   # closed, here or by the relay
                 break
         _SocketServer._end_child(child)
 

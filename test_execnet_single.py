@@ -273,6 +273,16 @@ WINDOWS = sys.platform == "win32"
 posix_only = pytest.mark.skipif(WINDOWS, reason="POSIX-only behaviour (a Windows host)")
 
 
+def module_argv():
+    """`python -m execnet_single`: the Windows CPython ignores PYTHONPATH (its
+    python313._pth), so there runpy runs the module from HERE as __main__."""
+    if WINDOWS:
+        return [sys.executable, "-c", "import runpy, sys; sys.path.insert(0, %r); "
+                "runpy.run_module('execnet_single', run_name='__main__', alter_sys=True)"
+                % HERE]
+    return [sys.executable, "-m", "execnet_single"]
+
+
 def wine_python():
     """The python= command of the Windows CPython under Wine; fail in CI, skip elsewhere, when missing."""
     python = os.path.join(WINE_ROOT, "python", "python.exe")
@@ -2950,6 +2960,17 @@ class TestBootstrap:
         gw = make_transport_gateway(group, transport, spec)
         ch = gw.remote_exec("import os; channel.send(os.environ.get('EXECNET_TEST_FOO'))")
         assert ch.receive(timeout=30) == "bar-1"
+
+    @single_only
+    def test_python_command_with_windows_paths(self, monkeypatch):
+        # On a Windows host a python= command keeps its backslashes (paths)
+        # and "double quotes" group words; POSIX hosts split as the shell does
+        split = execnet._split_command
+        assert split(r'env X=1 "/a b/python" -u') == ["env", "X=1", "/a b/python", "-u"]
+        monkeypatch.setattr(execnet, "_WINDOWS", True)
+        assert split(r'C:\Python313\python.exe -u') == [r"C:\Python313\python.exe", "-u"]
+        assert split(r'"C:\Program Files\py\python.exe" -X utf8') == [
+            r"C:\Program Files\py\python.exe", "-X", "utf8"]
 
     @single_only
     def test_code_for_remote_needs_the_same_abi(self):
@@ -6125,28 +6146,36 @@ def _make_tree(root):
         f.write(b"alpha\n")
     with open(os.path.join(root, "sub", "run.sh"), "wb") as f:
         f.write(b"#!/bin/sh\necho hi\n")
-    os.chmod(os.path.join(root, "sub", "run.sh"), 0o755)
+    if not WINDOWS:   # (no modes there)
+        os.chmod(os.path.join(root, "sub", "run.sh"), 0o755)
     with open(os.path.join(root, "sub", "deeper", "blob.bin"), "wb") as f:
         f.write(bytes(range(256)) * 100)
     with open(os.path.join(root, "skip.me"), "wb") as f:
         f.write(b"filtered out")
+    if WINDOWS:
+        return   # symlinks need a privilege there
     os.symlink("a.txt", os.path.join(root, "link"))
 
 
+# a file's mode as _tree gives it (Windows: no modes to compare)
+MODE_644 = None if WINDOWS else 0o644
+
+
 def _tree(root):
-    """{relpath: (kind, mode, content or link target)} of a directory tree."""
+    """{relpath with "/": (kind, mode or None (Windows), content or link target)}."""
     found = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
             if os.path.islink(path):
                 found[rel] = ("l", None, os.readlink(path))
             elif os.path.isdir(path):
                 found[rel] = ("d", None, None)
             else:
                 with open(path, "rb") as f:
-                    found[rel] = ("f", os.stat(path).st_mode & 0o777, f.read())
+                    found[rel] = ("f", None if WINDOWS else os.stat(path).st_mode & 0o777,
+                                  f.read())
     return found
 
 
@@ -6169,7 +6198,8 @@ class TestRSync:
         want = _tree(source)
         del want["skip.me"]
         assert _tree(dest) == want and finished == [1]
-        assert want["sub/run.sh"][1] == 0o755 and want["link"] == ("l", None, "a.txt")
+        if not WINDOWS:
+            assert want["sub/run.sh"][1] == 0o755 and want["link"] == ("l", None, "a.txt")
         assert "list" in reports and reports.count("ack") == 3
 
         # change one file, add an extra one at the target: only the change
@@ -6204,7 +6234,7 @@ class TestRSync:
         rsync = Vanishing(str(source), verbose=False)
         rsync.add_target(gw, str(tmp_path / "dest"))
         call_with_timeout(rsync.send, 120)
-        assert _tree(str(tmp_path / "dest")) == {"ex": ("f", 0o644, b"a" * 100)}
+        assert _tree(str(tmp_path / "dest")) == {"ex": ("f", MODE_644, b"a" * 100)}
 
     def test_file_disappearing_between_listing_and_sending_is_skipped(self, gw, tmp_path):
         source = tmp_path / "src"
@@ -6226,7 +6256,8 @@ class TestRSync:
                          delete=True)
         call_with_timeout(rsync.send, 120)
         assert finished == [1]
-        assert _tree(str(dest)) == {"a": ("f", 0o644, b"a" * 10), "c": ("f", 0o644, b"c" * 10)}
+        assert _tree(str(dest)) == {"a": ("f", MODE_644, b"a" * 10),
+                                    "c": ("f", MODE_644, b"c" * 10)}
         assert call_with_timeout(gw.remote_exec(remote_add, a=1).receive, 30) == 1
 
     def test_send_without_targets(self, tmp_path):
@@ -6235,6 +6266,7 @@ class TestRSync:
             rsync.send()
         rsync.send(raises=False)
 
+    @posix_only   # symlinks (a privilege on Windows)
     def test_symlinks_inside_tree_follow_it_others_stay(self, gw, tmp_path):
         real = tmp_path / "real"
         source = real / "src"
@@ -6348,6 +6380,7 @@ class TestRSync:
         assert os.stat(os.path.join(dest, "a.txt")).st_mtime_ns == mtime
         assert sync() == []
 
+    @posix_only   # SIGSTOP
     def test_targets_are_served_concurrently(self, group, transport, tmp_path):
         # The first target's host is stopped (SIGSTOP) and only resumed by
         # the second target's finishedcallback: serving one target after the
@@ -6388,7 +6421,7 @@ class TestRSync:
         rsync.add_target(good, str(tmp_path / "dest"), lambda: finished.append("good"))
         with pytest.raises(execnet.RemoteError) as excinfo:
             call_with_timeout(rsync.send, 120)
-        assert "Not a directory" in str(excinfo.value)
+        assert ("[WinError 3]" if WINDOWS else "Not a directory") in str(excinfo.value)
         assert finished == ["good"]
         want = _tree(source)
         del want["skip.me"]
@@ -6407,7 +6440,7 @@ class TestRSync:
         def kill_remote(command, size, channel):
             # the remote side has listed what it needs and now waits for it
             if command == "list":
-                os.kill(pid, signal.SIGKILL)
+                psutil.Process(pid).kill()   # (SIGKILL; Windows: TerminateProcess)
 
         rsync = _SkippingRSync(source, callback=kill_remote, verbose=False)
         rsync.add_target(gateway, str(tmp_path / "dest"), lambda: finished.append(1))
@@ -7431,7 +7464,7 @@ class ServerProcess:
         self.logpath = str(tmp_path / ("server-%d.log" % next(_ids)))
         self.log = open(self.logpath, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "execnet_single", "serve", "--port", "0"] + list(args),
+            module_argv() + ["serve", "--port", "0"] + list(args),
             stdout=subprocess.PIPE, stderr=self.log, env=server_env(tmp_path),
             cwd=str(tmp_path))
         try:
@@ -7450,12 +7483,17 @@ class ServerProcess:
             return f.read().decode("utf-8", "replace")
 
     def stop(self):
-        """SIGTERM; returns the exit status (kills after a bound)."""
+        """SIGTERM; returns the exit status (kills after a bound).
+
+        Windows has no SIGTERM to send: TerminateProcess, status 1, counts as
+        0 (the server's job object ends its sessions with it)."""
         try:
-            if self.proc.poll() is None:
+            running = self.proc.poll() is None
+            if running:
                 self.proc.send_signal(signal.SIGTERM)
             try:
-                return self.proc.wait(timeout=20)
+                status = self.proc.wait(timeout=20)
+                return 0 if WINDOWS and running and status == 1 else status
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=20)
@@ -7561,13 +7599,13 @@ def refused_serve(tmp_path, *args):
     stderr.  A server that starts anyway (prints its banner) fails the test
     at once and is stopped."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "execnet_single", "serve", "--port", "0"] + list(args),
+        module_argv() + ["serve", "--port", "0"] + list(args),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env(tmp_path))
     try:
         banner = call_with_timeout(proc.stdout.readline, 60)
         if banner:
             proc.terminate()
-        err = call_with_timeout(proc.stderr.read, 60).decode()
+        err = call_with_timeout(proc.stderr.read, 60).decode().replace("\r\n", "\n")
         status = proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
@@ -8248,11 +8286,96 @@ class TestSocketServer:
         finally:
             listener.close()
 
+    @posix_only   # a Windows server cannot see this close (_watch_client_windows)
+    def test_session_stuck_in_a_c_call_ends_when_its_client_goes(self, tmp_path, group):
+        # The session holds the GIL in a C call: it reads nothing, and what
+        # the client sent fills the way to it. The client goes: the server
+        # sees that without reading, and ends the session long before the
+        # call would.
+        with socket_server(tmp_path) as server:
+            gw = mkgw(group, server.spec)
+            pid = gw.remote_exec("import os; channel.send(os.getpid())").receive(30)
+            gw.remote_exec("import ctypes\nctypes.PyDLL(None).sleep(600)")   # (libc's)
+            time.sleep(1)   # (the remote is in the call by now, or soon after)
+
+            # more than a pipe holds, less than the sockets' buffers (so the
+            # write returns); never read, so no frame is needed
+            call_with_timeout(gw._io.write, 30, b"\0" * (512 * 1024))
+            gw._io.kill()   # (an abortive close, as group.terminate's)
+            assert wait_for(lambda: pid_gone(pid), timeout=60), (
+                "the stuck session outlived its client", server.logtext())
+
+    @pytest.mark.transports("wine")
+    def test_windows_server_serves_this_host(self, tmp_path, group, transport):
+        # py311's "wine" kind: `serve` in the Windows CPython under Wine,
+        # a sealed session from this (Linux) host; no python.exe outlives it
+        keyfile = tmp_path / "server.key"
+        write_key(keyfile)
+        proc = subprocess.Popen(
+            python_argv(wine_python()) + [
+                "-c", "import runpy, sys; sys.path.insert(0, %r); runpy.run_module("
+                "'execnet_single', run_name='__main__', alter_sys=True)" % HERE,
+                "serve", "--port", "0", "--key-file", str(keyfile)],
+            # (pipes: python.exe cannot start with a regular file as its stdio)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=server_env(tmp_path))
+        try:
+            banner = call_with_timeout(proc.stdout.readline, 60).decode()
+            import re
+
+            match = re.search(SERVER_RE, banner)
+            assert match, banner
+            gw = mkgw(group, match.group(3))
+            assert type(gw._io) is execnet._SealedIO
+            channel = gw.remote_exec("import sys\nchannel.send(sys.platform)\n"
+                                     "channel.send(channel.receive() * 2)")
+            assert channel.receive(30) == "win32"
+            channel.send(b"x" * 100000)
+            assert channel.receive(30) == b"x" * 200000
+            exit_and_join(gw)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+        assert wait_for(lambda: not wine_processes(), timeout=30), "python.exe left behind"
+
+    @pytest.mark.skipif(not WINDOWS, reason="a Windows host's server relays its sessions; "
+                        "a POSIX server's sessions own their connections")
+    def test_killed_windows_server_takes_its_sessions_along(self, tmp_path, group):
+        # TerminateProcess runs no handler in the server: its job object ends
+        # the sessions and what they started (a session alone would end at
+        # the end of its stdin, a process it started that reads none would not)
+        keyfile = tmp_path / "server.key"
+        write_key(keyfile)
+        server = ServerProcess(tmp_path, "--key-file", str(keyfile))
+        pids = []
+        try:
+            gw = mkgw(group, server.spec)
+            pids = gw.remote_exec(
+                "import os, subprocess, sys\n"
+                "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+                " stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)\n"
+                "channel.send([os.getpid(), p.pid])").receive(30)
+            assert all(pid_alive(pid) for pid in pids)
+            server.proc.kill()
+            server.proc.wait(timeout=30)
+            assert wait_for(lambda: all(pid_gone(pid) for pid in pids), timeout=30), (
+                "a session or its child outlived the server")
+        finally:
+            server.stop()
+            for pid in pids:
+                try:
+                    psutil.Process(pid).kill()
+                except psutil.Error:
+                    pass
+
+    @posix_only   # file modes (Windows: not checked, see _check_key_dir)
     def test_key_file_readable_by_others_is_refused(self, tmp_path, group):
         keyfile = tmp_path / "open.key"
         write_key(keyfile, 0o644)
         proc = subprocess.run(
-            [sys.executable, "-m", "execnet_single", "serve", "--port", "0",
+            module_argv() + ["serve", "--port", "0",
              "--key-file", str(keyfile)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=server_env(tmp_path), timeout=60)
         assert proc.returncode == 1
@@ -8264,11 +8387,11 @@ class TestSocketServer:
 
     def test_insecure_only_on_loopback(self, tmp_path, group):
         proc = subprocess.run(
-            [sys.executable, "-m", "execnet_single", "serve", "--insecure", "--host",
+            module_argv() + ["serve", "--insecure", "--host",
              "0.0.0.0", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=server_env(tmp_path), timeout=60)
         assert proc.returncode == 1 and proc.stdout == b""
-        assert proc.stderr.decode() == (
+        assert proc.stderr.decode().replace("\r\n", "\n") == (   # (Windows: \r\n)
             "execnet_single: error: --insecure is only allowed on a loopback address "
             "(127.0.0.1, ::1, localhost), not '0.0.0.0'\n")
         keyfile = tmp_path / "client.key"
@@ -8286,6 +8409,7 @@ class TestSocketServer:
             assert server.stop() == 0
         assert "WARNING: running WITHOUT authentication" in server.logtext()
 
+    @posix_only   # fcntl.flock
     def test_no_arguments_runs_the_server(self, tmp_path):
         import fcntl
 
@@ -8294,7 +8418,7 @@ class TestSocketServer:
         with open(os.path.join(tempfile.gettempdir(), "execnet_single-test-port-8888.lock"),
                   "a") as lock:
             call_with_timeout(fcntl.flock, 120, lock, fcntl.LOCK_EX)
-            proc = subprocess.Popen([sys.executable, "-m", "execnet_single"],
+            proc = subprocess.Popen(module_argv(),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     env=server_env(tmp_path), cwd=str(tmp_path))
             try:
@@ -8312,10 +8436,20 @@ class TestSocketServer:
         try:
             path = tmp_path / "cfg" / "execnet_single" / "server.key"
             assert "key file %s" % path in server.banner
-            assert os.stat(str(path)).st_mode & 0o777 == 0o600
+            if not WINDOWS:   # (no modes there: see _check_key_dir)
+                assert os.stat(str(path)).st_mode & 0o777 == 0o600
             gw = mkgw(group, server.spec)
             assert gw.remote_exec("channel.send(4)").receive(30) == 4
             exit_and_join(gw)
+        finally:
+            assert server.stop() == 0
+        # the next start takes the same key (its directory now exists, and
+        # passes the checks: Windows checks none)
+        key = path.read_bytes()
+        server = ServerProcess(tmp_path)
+        try:
+            assert "key file %s" % path in server.banner
+            assert path.read_bytes() == key
         finally:
             assert server.stop() == 0
 
@@ -8331,7 +8465,9 @@ class TestSocketServer:
             gw.remote_exec("channel.send(0)").receive(30)
             exit_and_join(gw)
             assert wait_for(lambda: "ended" in server.logtext())
-            fds_before = me.num_fds()
+            # (Windows: its handles, threads and events among them)
+            num_fds = getattr(me, "num_fds", None) or me.num_handles
+            fds_before = num_fds()
             rss_before = me.memory_info().rss
             wrong = hashlib.sha256(b"wrong").hexdigest().encode()
 
@@ -8385,8 +8521,8 @@ class TestSocketServer:
             assert gw.remote_exec("channel.send(5)").receive(30) == 5
             exit_and_join(gw)
             assert not marker.exists()
-            assert wait_for(lambda: me.num_fds() <= fds_before, timeout=30), (
-                me.num_fds(), fds_before)
+            assert wait_for(lambda: num_fds() <= fds_before, timeout=30), (
+                num_fds(), fds_before)
             assert me.num_threads() < 10
             # memory is back too: a leak of 8 KiB per connection would show
             # (not on PyPy: its RSS grows with JIT code and GC arenas, ~30 MB
@@ -8470,6 +8606,7 @@ class TestSocketServer:
         assert "closed the connection at once, without a greeting" in text
         assert "busy" in text and "--once" in text and "TLS" not in text
 
+    @posix_only   # file modes (Windows: not checked, see _check_key_dir)
     def test_key_file_modes(self, tmp_path, group):
         # what others may read or write is refused on both ends; 0600 and 0400 work
         for mode in (0o640, 0o660, 0o620, 0o604):
@@ -8492,6 +8629,7 @@ class TestSocketServer:
             finally:
                 assert server.stop() == 0
 
+    @posix_only   # uids (Windows: not checked, see _check_key_dir)
     def test_key_file_of_another_user_is_refused(self, tmp_path, group):
         need_root()
         keyfile = tmp_path / "theirs.key"
@@ -8502,6 +8640,7 @@ class TestSocketServer:
         with pytest.raises(execnet.AuthenticationError, match="belongs to uid 65534"):
             mkgw(group, "socket=127.0.0.1:1//keyfile=%s" % keyfile)
 
+    @posix_only   # uids (Windows: not checked, see _check_key_dir)
     def test_default_key_in_a_directory_of_another_user_is_refused(self, tmp_path, group):
         need_root()
         config = tmp_path / "cfg"
@@ -8831,14 +8970,19 @@ class TestSealedSessions:
             "path can read them)" % server.port)
         # serve() itself says the same
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import execnet_single as e; e.serve('0.0.0.0', "
-             "key_file=%r)" % server.keyfile], stdout=subprocess.PIPE,
+            # (sys.path: the Windows CPython ignores PYTHONPATH)
+            [sys.executable, "-c", "import sys; sys.path.insert(0, %r); "
+             "import execnet_single as e; e.serve('0.0.0.0', key_file=%r)" % (
+                 HERE, server.keyfile)], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env=server_env(tmp_path))
         try:
             line = call_with_timeout(proc.stderr.readline, 60).decode()
             assert "WARNING: listening on 0.0.0.0:" in line and "not encrypted" in line
         finally:
-            proc.send_signal(signal.SIGINT)
+            if WINDOWS:   # (no signals to send there)
+                proc.terminate()
+            else:
+                proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
             proc.stdout.close()
             proc.stderr.close()
@@ -9023,14 +9167,18 @@ class TestCLI:
              "import sys; channel.send('Python %d.%d' % sys.version_info[:2])", "popen"],
             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.decode() == "[gw0] Python %d.%d\n" % sys.version_info[:2]
+        # (Windows: print() writes \r\n)
+        assert proc.stdout.decode().replace("\r\n", "\n") == (
+            "[gw0] Python %d.%d\n" % sys.version_info[:2])
         assert proc.stderr == b""
 
     def test_run_on_several_gateways_reports_each_failure(self, tmp_path):
-        other = next((find_interpreters().get(v) for v in ("3.6", "3.13", "3.8")
-                      if find_interpreters().get(v)), sys.executable)
+        # (a Windows host cannot start this machine's Linux Pythons: itself again)
+        other = sys.executable if WINDOWS else next(
+            (find_interpreters().get(v) for v in ("3.6", "3.13", "3.8")
+             if find_interpreters().get(v)), sys.executable)
         proc = subprocess.run(
-            [sys.executable, "-m", "execnet_single", "run", "-c",
+            module_argv() + ["run", "-c",
              "import sys; channel.send(sys.version_info[:2])", "popen",
              "popen//python=%s//id=other" % other, "popen//python=/nonexistent/python//id=bad"],
             cwd=str(tmp_path), env=server_env(tmp_path), stdout=subprocess.PIPE,
@@ -9048,7 +9196,7 @@ class TestCLI:
         # --timeout bounds the wait for each item: the run fails soon,
         # instead of waiting for the remote's two minutes of sleep
         proc = subprocess.run(
-            [sys.executable, "-m", "execnet_single", "run", "--timeout", "2", "-c",
+            module_argv() + ["run", "--timeout", "2", "-c",
              "import os, time; channel.send(os.getpid()); time.sleep(120)", "popen"],
             cwd=str(tmp_path), env=server_env(tmp_path), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, timeout=20)
@@ -9059,7 +9207,7 @@ class TestCLI:
         assert wait_for(lambda: pid_gone(pid), timeout=10), "the sleeping remote outlived run"
 
     def test_help_documents_every_option(self, tmp_path):
-        proc = subprocess.run([sys.executable, "-m", "execnet_single", "serve", "--help"],
+        proc = subprocess.run(module_argv() + ["serve", "--help"],
                               env=server_env(tmp_path), stdout=subprocess.PIPE, timeout=60)
         assert proc.returncode == 0
         text = proc.stdout.decode()
@@ -9068,12 +9216,12 @@ class TestCLI:
             assert option in text
 
     def test_errors_are_one_line_traceback_with_debug(self, tmp_path):
-        args = [sys.executable, "-m", "execnet_single", "serve", "--port", "0",
+        args = module_argv() + ["serve", "--port", "0",
                 "--key-file", str(tmp_path / "missing")]
         proc = subprocess.run(args, env=server_env(tmp_path), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=60)
         assert proc.returncode == 1
-        assert proc.stderr.decode() == (
+        assert proc.stderr.decode().replace("\r\n", "\n") == (   # (Windows: \r\n)
             "execnet_single: error: cannot read key file %s: No such file or directory\n"
             % (tmp_path / "missing"))
         proc = subprocess.run(args[:3] + ["--debug"] + args[3:], env=server_env(tmp_path),
@@ -9082,11 +9230,12 @@ class TestCLI:
 
     def test_keygen_writes_a_private_key_once(self, tmp_path):
         path = tmp_path / "new.key"
-        cmd = [sys.executable, "-m", "execnet_single", "keygen", str(path)]
+        cmd = module_argv() + ["keygen", str(path)]
         proc = subprocess.run(cmd, env=server_env(tmp_path), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=60)
         assert proc.returncode == 0, proc.stderr
-        assert os.stat(str(path)).st_mode & 0o777 == 0o600
+        if not WINDOWS:   # (no modes there: see _check_key_dir)
+            assert os.stat(str(path)).st_mode & 0o777 == 0o600
         assert len(path.read_bytes().strip()) == 64
         proc = subprocess.run(cmd, env=server_env(tmp_path), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=60)
@@ -9131,6 +9280,8 @@ class TestCLI:
             gw.remote_exec("channel.send(7)").receive(30)
             exit_and_join(gw)
             assert server.proc.wait(timeout=30) == 0
+        if WINDOWS:
+            return   # no SIGINT to send to a Windows process
         keyfile = tmp_path / "server.key"
         server = ServerProcess(tmp_path, "--key-file", str(keyfile))
         server.proc.send_signal(signal.SIGINT)
@@ -9642,6 +9793,16 @@ class TestSsh:
         with pytest.raises(execnet.InterpreterNotFound) as info:
             mkgw(group, server.spec("//python=/nonexistent/python3"))
         assert "/nonexistent/python3" in info.value.output   # the remote shell's message
+        assert len(group) == 0
+
+    def test_windows_host_is_refused_clearly(self, server, group):
+        # A Windows host's shell (cmd here) answers our POSIX command line
+        # with its own error; a stand-in prints what cmd prints and fails
+        cmd_says = "'for' is not recognized as an internal or external command,"
+        with pytest.raises(execnet.HostNotFound) as info:
+            mkgw(group, server.spec('//python=echo "%s" >&2; exit 1;' % cmd_says))
+        assert "reached a Windows shell (cmd or PowerShell)" in str(info.value)
+        assert cmd_says in info.value.output
         assert len(group) == 0
 
     def test_remote_too_old(self, server, group):
