@@ -3843,6 +3843,7 @@ class TestTermination:
         with pytest.raises(EOFError, match="corrupt frame header"):
             ch.receive(timeout=60)
         channel = gw._io.channel
+        gc.collect()   # (what earlier tests left is not this test's to judge)
         with caplog.at_level(30, logger="execnet_single"):
             group.terminate(timeout=30)
             assert channel.isclosed() and channel._remoteerrors   # told how it ended
