@@ -3843,10 +3843,11 @@ class TestTermination:
         with pytest.raises(EOFError, match="corrupt frame header"):
             ch.receive(timeout=60)
         channel = gw._io.channel
+        gw._io.kill()   # (as exit() does): the relay kills it and says so
+        assert wait_for(lambda: channel.isclosed() and channel._remoteerrors, timeout=30)
         gc.collect()   # (what earlier tests left is not this test's to judge)
         with caplog.at_level(30, logger="execnet_single"):
             group.terminate(timeout=30)
-            assert channel.isclosed() and channel._remoteerrors   # told how it ended
             del ch, gw, channel
             gc.collect()
         assert "unhandled RemoteError" not in caplog.text
