@@ -9291,8 +9291,24 @@ class TestCLI:
         assert "Traceback" not in server.logtext()
 
 
+# The certificate sets the tests ask make_certificates for: for a Windows
+# host they are made beforehand on Linux (`python test_execnet_single.py
+# make-certificates DIR`, by tox -e wine313), as the Windows Python under
+# Wine cannot run openssl, and found through EXECNET_SINGLE_CERTIFICATES.
+CERTIFICATE_SETS = [(name, "serverAuth", "127.0.0.1") for name in (
+    "fixture", "flood", "srv", "good", "other", "floor")] + [
+    ("cli", "clientAuth", "127.0.0.1")] + [
+    (host, "serverAuth", host) for host in ("other.example", "127.0.0.2", "localhost")]
+
+
 def make_certificates(directory, name, usage="serverAuth", host="127.0.0.1"):
     """A CA and a certificate for host (127.0.0.1) signed by it, made by `openssl`."""
+    made = os.environ.get("EXECNET_SINGLE_CERTIFICATES")
+    if WINDOWS and made:
+        assert (name, usage, host) in CERTIFICATE_SETS, "add it to CERTIFICATE_SETS"
+        d = os.path.join(made, "%s-%s-%s" % (name, usage, host))
+        return tuple(os.path.join(d, name + suffix)
+                     for suffix in ("-ca.pem", "-cert.pem", "-cert.key"))
     openssl = shutil.which("openssl")
     if openssl is None:
         if IN_CI:
@@ -10158,3 +10174,10 @@ class TestSsh:
         ours, theirs = min(times["ours"]), min(times["theirs"])
         print("\nBENCH ssh start of %d: execnet_single %.3f s, execnet %.3f s, ratio %.2f "
               "(target %s)" % (count, ours, theirs, ours / theirs, target))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["make-certificates"] and len(sys.argv) == 3:
+    for made in CERTIFICATE_SETS:
+        directory = os.path.join(sys.argv[2], "%s-%s-%s" % made)
+        os.makedirs(directory, exist_ok=True)
+        make_certificates(directory, *made)
