@@ -3197,9 +3197,11 @@ def _format_error(exc):
 # print() or os.write(1, ...) can never corrupt the protocol.
 
 _EXIT_GRACE = 1.0   # remote: how long running code may finish after terminate
+_GRACE = struct.Struct("!d")   # a _MSG_TERMINATE payload: a longer grace (Group.terminate)
 
 
 class _RemoteGateway(_GatewayBase):
+    _exit_grace = _EXIT_GRACE
     """The remote end: runs remote_exec requests, forwards output."""
 
     def __init__(self, io, params):
@@ -3217,6 +3219,10 @@ class _RemoteGateway(_GatewayBase):
         self._send(_MSG_CLOSE, cid)
 
     def _on_terminate(self, cid, payload):
+        if len(payload) == _GRACE.size:   # the local side waits longer than exit()
+            grace = _GRACE.unpack(payload)[0]
+            if _EXIT_GRACE < grace < 3600.0:
+                self._exit_grace = grace
         if self._active:  # busy: the local side shows these if it must kill us
             self._send(_MSG_STACKS, 0, dumps(_format_stacks()))
         raise _GatewayTerminated()
@@ -3311,10 +3317,10 @@ class _RemoteGateway(_GatewayBase):
         # local side asked us to go (or is gone).
         self._tasks.put(None)
         with self._idle:
-            idle = self._idle.wait_for(lambda: not self._active, _EXIT_GRACE)
+            idle = self._idle.wait_for(lambda: not self._active, self._exit_grace)
         if not idle:  # leave a trace of where it hangs, as output on fd 2 (the
             # fd itself may be captured, e.g. by pytest in an xdist worker)
-            text = "%s\n%s" % (_Text.STACKS_ABANDONED % _EXIT_GRACE, _format_stacks())
+            text = "%s\n%s" % (_Text.STACKS_ABANDONED % self._exit_grace, _format_stacks())
             self._send(_MSG_OUTPUT, 2, text.encode("utf-8", "backslashreplace"))
         # a sealed stream that failed its check: the server logs why
         self._exit_process(_SEAL_STATUS if isinstance(error, _StreamError) else 0)
@@ -4778,13 +4784,15 @@ class Gateway(_GatewayBase):
         if self._receiver is not None and self._receiver is not threading.current_thread():
             self._receiver.join(timeout)
 
-    def _request_exit(self):
+    def _request_exit(self, grace=None):
         """Ask the remote to go; never blocks.  The flusher sends the
         request and then closes our write side (under the write lock, so no
-        sender writes to a closed and maybe reused fd)."""
+        sender writes to a closed and maybe reused fd).  grace: how long its
+        running code may take to finish, if longer than _EXIT_GRACE."""
         self._exit_requested = True
         self._close_requested = True
-        self._queue_frame(_encode_frame(_MSG_TERMINATE, 0))
+        self._queue_frame(_encode_frame(
+            _MSG_TERMINATE, 0, b"" if grace is None else _GRACE.pack(grace)))
         if self._flusher is None:  # never started: nothing else writes
             self._io.close_write()
 
@@ -6305,11 +6313,15 @@ class Group:
         proxies = {gw.spec.via or gw.spec.installvia for gw in gateways
                    if gw.spec.via or gw.spec.installvia}
         limit = _EXIT_TIMEOUT if timeout is None else timeout
+        # Running code may finish for all but the last second of the timeout
+        # (pytest-xdist gives 10 s, while its workers still unconfigure);
+        # only then does a busy remote show its stacks and leave.
+        grace = limit - 1.0 if limit - 1.0 > _EXIT_GRACE else None
         # those that others run through go last
         for batch in ([gw for gw in gateways if gw.id not in proxies],
                       [gw for gw in gateways if gw.id in proxies]):
             for gw in batch:
-                gw._request_exit()
+                gw._request_exit(grace)
             deadline = time.time() + limit
             for gw in batch:
                 gw._await_exit(deadline)

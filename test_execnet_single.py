@@ -3830,6 +3830,23 @@ sys.stdout.flush()
 
 
 class TestTermination:
+    @pytest.mark.parametrize("how", ["exit", "terminate(timeout=6)"])
+    def test_busy_remote_gets_the_terminate_timeout_as_grace(self, group, tmp_path, how):
+        # code still running 2 s after the exit request: gw.exit() gives it
+        # 1 s (_EXIT_GRACE); Group.terminate(timeout) all but the last second
+        # of its timeout, so it finishes (pytest-xdist's workers, still
+        # unconfiguring when terminated with 10 s, must not be cut off)
+        marker = tmp_path / "finished"
+        gw = mkgw(group, "popen")
+        ch = gw.remote_exec("import time\nchannel.send(1)\ntime.sleep(2)\n"
+                            "open(%r, 'w').close()" % str(marker))
+        assert ch.receive(timeout=30) == 1
+        if how == "exit":
+            call_with_timeout(gw.exit, 60)
+        else:
+            call_with_timeout(group.terminate, 60, timeout=6)
+        assert marker.exists() == (how != "exit")
+
     def test_via_stream_broken_then_killed_reports_no_unhandled_error(self, group, caplog):
         # the far remote's stream turns to garbage: its gateway ends with the
         # corrupt-frame error; the kill at the end is then told on the relay's
@@ -7375,7 +7392,8 @@ class TestPytestXdist:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-        assert "[gw0] " + execnet._Text.STACKS_ABANDONED % execnet._EXIT_GRACE in out, out
+        # (xdist terminates with a timeout of 10 s: the grace is 9 s)
+        assert "[gw0] " + execnet._Text.STACKS_ABANDONED % 9.0 in out, out
         assert re.search(r"\[gw0\]   File .*test_hang.py\", line \d+, in hang_in_this_test",
                          out), out
 
