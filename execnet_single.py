@@ -3480,23 +3480,41 @@ class _OutputForwarder:
                 self._drain(target)
 
 
+def _output_raw_class():
+    """The raw stream class under _make_output_stream (made once)."""
+    cls = _output_raw.get("class")
+    if cls is None:
+        import io
+
+        class OutputRaw(io.RawIOBase):
+            def __init__(self, forwarder, fd):
+                io.RawIOBase.__init__(self)
+                self._forwarder = forwarder
+                self._fd = fd
+
+            def writable(self):
+                return True
+
+            def fileno(self):
+                return self._fd
+
+            def write(self, data):
+                self._forwarder.write(self._fd, bytes(data))
+                return len(data)
+
+        cls = _output_raw["class"] = OutputRaw
+    return cls
+
+
+_output_raw = {}
+
+
 def _make_output_stream(forwarder, fd):
     """A text stream for sys.stdout/sys.stderr that sends through forwarder."""
     import io
 
-    class OutputRaw(io.RawIOBase):
-        def writable(self):
-            return True
-
-        def fileno(self):
-            return fd
-
-        def write(self, data):
-            forwarder.write(fd, bytes(data))
-            return len(data)
-
-    return io.TextIOWrapper(io.BufferedWriter(OutputRaw(), 8192), encoding="utf-8",
-                            errors="backslashreplace", line_buffering=True)
+    return io.TextIOWrapper(io.BufferedWriter(_output_raw_class()(forwarder, fd), 8192),
+                            encoding="utf-8", errors="backslashreplace", line_buffering=True)
 
 
 def _rinfo_dict():
@@ -3533,7 +3551,7 @@ def _remote_main(source, params_bytes, seal=None):
         sys.dont_write_bytecode = True
     me = sys.modules[__name__]
     for name in params.get("names", ()):
-        if name not in sys.modules and not _importable(name):
+        if name not in sys.modules and name not in _names_checked and not _importable(name):
             sys.modules[name] = me
     for name in params.get("force_names", ()):
         # install_as_execnet() on the local side: shadow an installed execnet
@@ -3568,9 +3586,15 @@ def _remote_main(source, params_bytes, seal=None):
     sys.stdout = _make_output_stream(gateway._forwarder, 1)
     sys.stderr = _make_output_stream(gateway._forwarder, 2)
     gateway._start_receiver()
+    # The compiler's first use sets up its state (about 1 ms): done here,
+    # while the local side reads our READY, not in the first remote_exec.
+    compile("pass", "<warm-up>", "exec")
     gateway._serve()
     # main thread done: the receiver thread ends the process
     threading.Event().wait()
+
+
+_names_checked = set()   # names a fork server found importable: its children skip them
 
 
 def _importable(name):
@@ -3624,13 +3648,14 @@ os.write(1, ("execnet_single:ok %d %s %s:%s:%s\n" % (
     sys.hexversion, sys.implementation.cache_tag, sys.implementation.name,
     getattr(sys, "abiflags", ""), "nogil" if free else "gil")).encode("ascii"))
 def _readexact(n):
-    data = b""
-    while len(data) < n:
-        chunk = os.read(0, n - len(data))
+    chunks = []
+    while n:
+        chunk = os.read(0, n)
         if not chunk:
             sys.exit(4)
-        data += chunk
-    return data
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
 import struct
 slen, clen, plen = struct.unpack("!III", _readexact(12))
 source = _readexact(slen)
@@ -4106,10 +4131,10 @@ def _fork_server_main(source, params_bytes):
     _set_own_spec()
     params = loads(params_bytes)
     _setup_trace()
-    import select
-    import signal
-    import socket
+    import select   # (every child's output forwarder uses it too)
 
+    signal = _signal_module()
+    socket = _socket_module()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, params["fork_fd"])
     ready_fd = os.dup(1)
     os.dup2(2, 1)   # what preloaded modules print must not reach the protocol
@@ -4117,6 +4142,7 @@ def _fork_server_main(source, params_bytes):
     for name in params.get("names", ()):   # as _remote_main: before the preloads import them
         if name not in sys.modules and not _importable(name):
             sys.modules[name] = me
+        _names_checked.add(name)   # the children need not look again
     info = {"pid": os.getpid()}
     for name in params["preload"]:
         try:
@@ -4129,6 +4155,11 @@ def _fork_server_main(source, params_bytes):
     if "preload_error" in info:
         os._exit(1)
     _trace("fork server ready, preloaded", params["preload"])
+    # What every child would otherwise do first, once each (while the host
+    # reads our READY): the compiler's first use sets up its state (about
+    # 1 ms; remote_exec compiles), the output streams' class.
+    compile("pass", "<warm-up>", "exec")
+    _output_raw_class()
     import gc
 
     if hasattr(gc, "freeze"):   # 3.7+: the children's collections leave the
@@ -4174,6 +4205,27 @@ def _fork_server_main(source, params_bytes):
     os._exit(0)
 
 
+def _signal_module():
+    """_signal: the C module, without signal.py's enum set-up (the fork
+    server and its children need a few functions of it only)."""
+    try:
+        import _signal
+        return _signal
+    except ImportError:
+        import signal
+        return signal
+
+
+def _socket_module():
+    """_socket, likewise: the fork server's Unix socket needs no socket.py."""
+    try:
+        import _socket
+        return _socket
+    except ImportError:
+        import socket
+        return socket
+
+
 def _reap_forked(sock):
     """Report every child that ended to the host."""
     while True:
@@ -4192,8 +4244,7 @@ def _reap_forked(sock):
 
 def _forked_child(source, params_bytes, fds, server_fds):
     """In a new child of the fork server: become a fresh popen remote."""
-    import signal
-
+    signal = _signal_module()
     global _trace
     try:
         os.setsid()   # as start_new_session=True gives a popen remote
@@ -4320,7 +4371,7 @@ class _ForkServer:
         self.error = None
         self._start_lock = threading.Lock()
         self._fork_lock = threading.Lock()
-        self._replies = _Queue()
+        self._waiting = []               # a _Queue per request sent, oldest first
         self._ended = {}                 # pid: status
         self._cond = threading.Condition(threading.Lock())
         self._gone = False
@@ -4356,6 +4407,7 @@ class _ForkServer:
                 raise InterpreterNotFound(_Text.NOT_FOUND % (describe, spec.id, exc))
             finally:
                 theirs.close()
+            _widen_pipe(io.wfd)   # the source and code (about 0.9 MB) in fewer wake-ups
             params = {"id": spec.id, "preload": list(self.preload), "fork_fd": fork_fd,
                       "names": _module_names()}
             io, info, leftover = _start_io(io, spec, params, describe, _FORK_SERVER_STAGE2_LINE)
@@ -4390,12 +4442,18 @@ class _ForkServer:
                 with self._cond:
                     self._ended[pid] = value
                     self._cond.notify_all()
-            else:
-                self._replies.put((kind, pid, value))
+            else:   # the answer to the oldest request (the server forks in order)
+                with self._fork_lock:
+                    waiter = self._waiting.pop(0) if self._waiting else None
+                if waiter is not None:
+                    waiter.put((kind, pid, value))
         with self._cond:
             self._gone = True
             self._cond.notify_all()
-        self._replies.put(None)
+        with self._fork_lock:
+            waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.put(None)
 
     def ended(self):
         """True once the server's socket closed (it ended or failed)."""
@@ -4418,21 +4476,29 @@ class _ForkServer:
         stderr_r, stderr_w = os.pipe()
         theirs = (stdin_r, stdout_w, stderr_w)
         reply = None
+        waiter = _Queue()
         try:
+            # Requests are not serialized with their answers: a group's
+            # gateways are forked back to back, and bootstrap side by side.
             with self._fork_lock:
-                try:
-                    self._sock.sendmsg([dumps(params)], [(
-                        socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", theirs))])
-                    reply = self._replies.get(
-                        timeout=float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT))
-                except _Empty:   # stuck: later answers would be out of step
-                    self._gone = True
-                    self.io.kill()
-                except OSError:
-                    pass
+                if not self._gone:
+                    try:
+                        self._sock.sendmsg([dumps(params)], [(
+                            socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", theirs))])
+                        self._waiting.append(waiter)
+                    except OSError:
+                        waiter = None
+                else:
+                    waiter = None
         finally:
             for fd in theirs:
                 os.close(fd)
+        if waiter is not None:
+            try:
+                reply = waiter.get(timeout=float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT))
+            except _Empty:   # stuck: later answers would be out of step
+                self._gone = True
+                self.io.kill()
         if reply is None or reply[0] != b"F":
             for fd in (stdin_w, stdout_r, stderr_r):
                 os.close(fd)
