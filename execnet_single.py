@@ -8470,6 +8470,7 @@ class _SocketServer:
             if relay is not None:
                 self._relay_from_child(conn, child)
                 relay.join()
+                conn.close()
             else:
                 self._watch_client(conn, child)
                 conn.close()
@@ -8565,7 +8566,8 @@ class _SocketServer:
             socket.socket.shutdown(conn, socket.SHUT_RDWR)   # wakes the other relay
         except OSError:
             pass
-        conn.close()
+        # (closed by _session once that relay has left conn.recv: closed
+        # under it, its fd could be another client's before it looks again)
         child.stdout.close()
 
     def _end_sessions(self):
