@@ -1957,7 +1957,7 @@ class _SealedIO(_IO):
         self._wended = False
         self._buf = b""
         self._ready = []       # verified payloads not yet returned
-        self._large = None     # a large record in progress: [mac, pieces, missing, tag]
+        self._large = None     # a large record in progress: [mac, pieces, missing, tag, size]
         self._ended = False
         self._broken = None
 
@@ -2121,7 +2121,7 @@ class _SealedIO(_IO):
             if len(large[3]) < _TAG_SIZE:
                 return
             self._large = None
-            self._verify(large[0], _RECORD_MAX, large[3])   # (a large size)
+            self._verify(large[0], large[4], large[3])
             self._ready.extend(large[1])
             data = data[take + need:]
             if not data:
@@ -2144,12 +2144,13 @@ class _SealedIO(_IO):
                     mac.update(view[pos:pos + 4])
                     mac.update(part)
                     self._large = [mac, [part] if part else [], length - len(part),
-                                   bytes(view[pos + 4 + length:size])]
+                                   bytes(view[pos + 4 + length:size]), length]
                     pos = size
                 break
             end = stop - _TAG_SIZE
-            mac.update(buf[pos:end])   # (_verify, inlined: the hot path)
-            if not self._compare(self._finish(mac, length, self._rout), buf[end:stop]):
+            mac.update(buf[pos:end])   # (_verify without its call: the hot path)
+            tag = mac.digest() if length <= _SMALL_RECORD else self._finish(mac, length, self._rout)
+            if not self._compare(tag, buf[end:stop]):
                 self._fail(_Text.SEAL_BAD_TAG % self._rseq)
             self._rseq += 1
             if word & _RECORD_END:
