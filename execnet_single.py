@@ -8567,8 +8567,11 @@ class _SocketServer:
             socket.socket.shutdown(conn, socket.SHUT_RDWR)   # wakes the other relay
         except OSError:
             pass
-        # (closed by _session once that relay has left conn.recv: closed
-        # under it, its fd could be another client's before it looks again)
+        # Closed by _session once that relay has left conn.recv: closed under
+        # it, its fd could be another client's before it looks again.  But
+        # on Windows only the close wakes a recv blocked in another thread.
+        if _WINDOWS:
+            conn.close()
         child.stdout.close()
 
     def _end_sessions(self):
