@@ -4193,8 +4193,8 @@ def _fork_server_main(source, params_bytes):
     _setup_trace()
     import select   # (every child's output forwarder uses it too)
 
-    signal = _signal_module()
-    socket = _socket_module()
+    signal = _c_module("signal")
+    socket = _c_module("socket")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, params["fork_fd"])
     ready_fd = os.dup(1)
     os.dup2(2, 1)   # what preloaded modules print must not reach the protocol
@@ -4265,25 +4265,14 @@ def _fork_server_main(source, params_bytes):
     os._exit(0)
 
 
-def _signal_module():
-    """_signal: the C module, without signal.py's enum set-up (the fork
-    server and its children need a few functions of it only)."""
+def _c_module(name):
+    """The C module under name ("_signal" for "signal"), where there is one:
+    without the .py module's enum set-up (about 1 ms each), which the fork
+    server and its children, needing a few functions only, can do without."""
     try:
-        import _signal
-        return _signal
+        return __import__("_" + name)
     except ImportError:
-        import signal
-        return signal
-
-
-def _socket_module():
-    """_socket, likewise: the fork server's Unix socket needs no socket.py."""
-    try:
-        import _socket
-        return _socket
-    except ImportError:
-        import socket
-        return socket
+        return __import__(name)
 
 
 def _reap_forked(sock):
@@ -4304,7 +4293,7 @@ def _reap_forked(sock):
 
 def _forked_child(source, params_bytes, fds, server_fds):
     """In a new child of the fork server: become a fresh popen remote."""
-    signal = _signal_module()
+    signal = _c_module("signal")
     global _trace
     try:
         os.setsid()   # as start_new_session=True gives a popen remote
