@@ -4204,12 +4204,9 @@ def _fork_server_main(source, params_bytes):
             sys.modules[name] = me
         _names_checked.add(name)   # the children need not look again
     info = {"pid": os.getpid()}
-    for name in params["preload"]:
-        try:
-            __import__(name)
-        except BaseException as exc:
-            info["preload_error"] = (name, "%s: %s" % (type(exc).__name__, exc))
-            break
+    error = _preload_modules(params["preload"])
+    if error is not None:
+        info["preload_error"] = error
     os.write(ready_fd, _encode_frame(_MSG_READY, 0, dumps(info)))
     os.close(ready_fd)
     if "preload_error" in info:
@@ -4250,6 +4247,11 @@ def _fork_server_main(source, params_bytes):
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds += struct.unpack("%di" % (len(payload) // 4), payload[:len(payload) // 4 * 4])
+            if data[:1] == b"I" and not fds:   # import more first (_ForkServer.grow)
+                sock.send(b"I" + dumps(_preload_modules(loads(data[1:]))))
+                if hasattr(gc, "freeze"):
+                    gc.freeze()
+                continue
             try:
                 pid = os.fork()
             except OSError as exc:
@@ -4263,6 +4265,17 @@ def _fork_server_main(source, params_bytes):
                 os.close(fd)
             sock.send(b"F" + struct.pack("!ii", pid, 0))
     os._exit(0)
+
+
+def _preload_modules(names):
+    """Import names in order (in the fork server); (name, error text) of
+    the first that fails, or None."""
+    for name in names:
+        try:
+            __import__(name)
+        except BaseException as exc:
+            return (name, "%s: %s" % (type(exc).__name__, exc))
+    return None
 
 
 def _c_module(name):
@@ -4366,11 +4379,64 @@ def _fork_server_for(spec, group):
         server = servers.get(key)
         if server is None or server.ended():
             ended = server   # (killed, say): a new one takes its place
-            server = servers[key] = _ForkServer(preload)
+            server = servers[key] = _adopt_spare(key) or _ForkServer(preload)
     if ended is not None:
         ended.close()
-    server.ensure_started(spec)
+    server.ensure_started(spec, preload)
     return server
+
+
+# Spare fork servers: started ahead of any Group (the pytest command starts
+# one with the session, so that it imports pytest on another core while
+# the session starts).  The first popen spec with no python= and no env:
+# whose preload= has all of a spare's modules takes it over for its Group;
+# the spare imports the rest before it forks, so the children have exactly
+# what the spec asked for.  Spares nobody took are ended by
+# _close_spare_fork_servers (or end with this process's end, as every fork
+# server does when its stdin closes).
+_spare_fork_servers = []
+
+
+def _start_spare_fork_server(preload):
+    """Start a fork server of this interpreter with preload (module names),
+    in the background; returns it (None where fork servers do not apply)."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return None
+    _setup_trace()
+    server = _ForkServer(tuple(preload))
+    with _fork_servers_lock:
+        _spare_fork_servers.append(server)
+
+    def start():
+        try:
+            server.ensure_started(XSpec("popen//id=spare"))
+        except BaseException as exc:   # the group that takes it over sees it
+            _trace("spare fork server failed:", exc)
+    _daemon(start, (), "execnet_single-spare-forkserver")
+    return server
+
+
+def _adopt_spare(key):
+    """The spare fork server that can serve key, taken off the list, or None."""
+    python, env, preload = key
+    if python is not None or env:
+        return None
+    for server in _spare_fork_servers:
+        if set(server.preload) <= set(preload) and not server.ended():
+            _spare_fork_servers.remove(server)
+            _trace("spare fork server with", server.preload, "taken for a preload of %d modules" % len(preload))
+            return server
+    return None
+
+
+def _close_spare_fork_servers():
+    """End the spare fork servers no Group took (after their start)."""
+    with _fork_servers_lock:
+        spares = list(_spare_fork_servers)
+        del _spare_fork_servers[:]
+    for server in spares:
+        with server._start_lock:   # (its start may still run)
+            server.close()
 
 
 def _is_own_python(command):
@@ -4427,16 +4493,46 @@ class _ForkServer:
         self._sock = None
         self._reader = None
 
-    def ensure_started(self, spec):
-        """Start the server (once); raise what its start raised."""
+    def ensure_started(self, spec, preload=None):
+        """Start the server (once); have it import what preload (a tuple)
+        adds to its own; raise what its start or those imports raised."""
         with self._start_lock:
             if self.io is None and self.error is None:
                 try:
                     self._start(spec)
                 except BaseException as exc:
                     self.error = exc
+            if self.error is None and preload is not None and preload != self.preload:
+                try:
+                    self._grow(spec, preload)
+                except BaseException as exc:
+                    self.error = exc
+                    self.close()
             if self.error is not None:
                 raise self.error
+
+    def _grow(self, spec, preload):
+        """Import the modules of preload the server has not (in its only
+        thread, before any later fork): it serves preload from now on."""
+        more = [name for name in preload if name not in self.preload]
+        waiter = _Queue()
+        with self._fork_lock:
+            if not self._gone:
+                self._sock.send(b"I" + dumps(more))
+                self._waiting.append(waiter)
+            else:
+                waiter.put(None)
+        try:
+            reply = waiter.get(timeout=float(spec.bootstrap_timeout or _BOOTSTRAP_TIMEOUT))
+        except _Empty:
+            reply = None
+        if reply is None or reply[0] != b"I":
+            raise HostNotFound(_Text.FORK_FAILED % (spec.id, self.describe, "it has ended"))
+        error = loads(reply[1])
+        if error is not None:
+            raise HostNotFound(_Text.PRELOAD_FAILED % ((spec.id, spec.preload) + tuple(error)))
+        _trace("fork server", self.io.remoteaddress, "imported %d more modules for" % len(more), spec.id)
+        self.preload = tuple(preload)
 
     def _start(self, spec):
         import socket
@@ -4481,9 +4577,15 @@ class _ForkServer:
     def _read(self):
         while True:
             try:
-                data = self._sock.recv(64)
+                data = self._sock.recv(1 << 16)
             except OSError:
                 data = b""
+            if data[:1] == b"I" and len(data) > 1:   # the answer to _grow
+                with self._fork_lock:
+                    waiter = self._waiting.pop(0) if self._waiting else None
+                if waiter is not None:
+                    waiter.put((b"I", data[1:], 0))
+                continue
             if len(data) != 9:
                 break
             kind, (pid, value) = data[:1], struct.unpack("!ii", data[1:])
@@ -8750,6 +8852,14 @@ def pytest_xdist_setupnodes(config, specs):
             spec.preload = ",".join(names)
 
 
+# An optional hook, as @pytest.hookimpl(optionalhook=True) marks one (pytest
+# is not imported here): pytest knows it only while pytest-xdist is loaded,
+# and `-p no:xdist` (or no xdist at all) must not make it an error.
+pytest_xdist_setupnodes.pytest_impl = {"optionalhook": True, "hookwrapper": False,
+                                       "wrapper": False, "tryfirst": False,
+                                       "trylast": False, "specname": None}
+
+
 def _cli_pytest(args):
     """`python -m execnet_single pytest ARGS`; returns pytest's exit status."""
     if __name__ == "__main__":
@@ -8761,12 +8871,35 @@ def _cli_pytest(args):
     module._alias_state["cli_pytest"] = True   # warm popen workers (pytest_xdist_setupnodes)
     import importlib
 
-    try:   # the user's pytest: this module depends on nothing outside the stdlib
-        pytest = importlib.import_module("pytest")
-    except ImportError as exc:
-        sys.stderr.write("execnet_single: error: %s\n" % (_Text.NO_PYTEST % (exc,)))
-        return 1
-    return int(pytest.main(["-p", "execnet_single"] + list(args)))
+    if os.environ.get(_PRELOAD_ENV, "1") != "0" and _asks_for_workers(args):
+        # the workers' fork server imports pytest while this process does
+        module._start_spare_fork_server(["pytest"])
+    try:
+        try:   # the user's pytest: this module depends on nothing outside the stdlib
+            pytest = importlib.import_module("pytest")
+        except ImportError as exc:
+            sys.stderr.write("execnet_single: error: %s\n" % (_Text.NO_PYTEST % (exc,)))
+            return 1
+        return int(pytest.main(["-p", "execnet_single"] + list(args)))
+    finally:
+        module._close_spare_fork_servers()
+
+
+def _asks_for_workers(args):
+    """Do pytest's arguments (or PYTEST_ADDOPTS) ask pytest-xdist for workers?"""
+    import shlex
+
+    words = list(args) + shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
+    if "--" in words:
+        words = words[:words.index("--")]
+    for word in words:
+        if word.startswith(("--numprocesses", "--tx", "--dist")):
+            return True
+        if word.startswith("-n") and word[2:] not in ("0", "=0"):
+            return True   # -n N, -nauto, -n8 (not -n0)
+        if word == "-d":
+            return True
+    return False
 
 
 def _cli_parser():

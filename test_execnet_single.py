@@ -5231,6 +5231,61 @@ class TestWarmStart:
     def test_killed_host_leaves_no_fork_server_or_children(self):
         _kill_host_and_check_pids_end(HOST_KILLED_WARM_SCRIPT % IMPORT_LINE, 3)
 
+    def _spare(self, preload):
+        spare = execnet._start_spare_fork_server(preload)
+        assert spare is not None
+        call_with_timeout(spare.ensure_started, 60, execnet.XSpec("popen//id=spare"))
+        return spare
+
+    def test_a_spare_fork_server_is_taken_over_and_imports_the_rest(self, group):
+        spare = self._spare(["json"])
+        try:
+            gw = mkgw(group, "popen//preload=json,colorsys,json.tool")
+            assert list(group._fork_servers.values()) == [spare]
+            assert spare.preload == ("json", "colorsys", "json.tool")
+            assert _facts(gw)[1] == spare.io.popen.pid   # forked by the spare
+            ch = gw.remote_exec("import sys\n"
+                                "channel.send([m in sys.modules for m in "
+                                "('json', 'colorsys', 'json.tool')])")
+            assert ch.receive(timeout=30) == [True, True, True]
+            # the next gateway of the same spec: the same server, nothing to import
+            second = mkgw(group, "popen//preload=json,colorsys,json.tool")
+            assert _facts(second)[1] == spare.io.popen.pid
+            assert execnet._spare_fork_servers == []
+        finally:
+            execnet._close_spare_fork_servers()
+
+    def test_a_spare_serves_only_specs_with_all_its_modules(self, group):
+        spare = self._spare(["json", "colorsys"])
+        try:
+            fewer = mkgw(group, "popen//preload=json")   # colorsys was not asked for
+            assert _facts(fewer)[1] not in (spare.io.popen.pid, os.getpid())
+            ch = fewer.remote_exec("import sys\nchannel.send('colorsys' in sys.modules)")
+            assert ch.receive(timeout=30) is False
+            other_env = mkgw(group, "popen//preload=json,colorsys//env:EXECNET_X=1")
+            assert _facts(other_env)[1] != spare.io.popen.pid
+            assert execnet._spare_fork_servers == [spare]
+        finally:
+            execnet._close_spare_fork_servers()
+        assert wait_for(lambda: pid_gone(spare.io.popen.pid), timeout=30)
+        assert execnet._spare_fork_servers == []
+
+    def test_a_spare_that_cannot_import_the_rest_is_a_clear_error(self, group):
+        spare = self._spare(["json"])
+        try:
+            with pytest.raises(execnet.HostNotFound) as info:
+                mkgw(group, "popen//preload=json,no_such_module_xyz")
+            message = str(info.value)
+            assert "preload=json,no_such_module_xyz" in message
+            assert "could not import no_such_module_xyz" in message
+            assert "ModuleNotFoundError" in message
+            assert wait_for(lambda: pid_gone(spare.io.popen.pid), timeout=30)
+            # the group goes on: a new server for the next gateway
+            gw = mkgw(group, "popen//preload=json")
+            assert _facts(gw)[1] not in (spare.io.popen.pid, os.getpid())
+        finally:
+            execnet._close_spare_fork_servers()
+
 # ========================================================== benchmarks
 #
 # Not timed tests: `tox -e bench` runs them against execnet 2.1 in the same
@@ -7274,6 +7329,48 @@ class TestPytestXdist:
         # the opt-out: EXECNET_SINGLE_PRELOAD=0 starts them from pytest's process
         assert cold_parents and all("execnet_single pytest" in p for p in cold_parents), \
             cold_parents
+
+    @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork server: Linux only")
+    def test_command_forks_workers_from_a_fork_server_started_with_it(self, tmp_path):
+        # the server that imports pytest is started before the session's
+        # own pytest import (on another core), and xdist's group takes it over
+        (tmp_path / "test_ppid.py").write_text(textwrap.dedent("""
+            import os
+            def test_parent():
+                with open("ppid-%s.txt" % os.environ.get("PYTEST_XDIST_WORKER", "main"), "w") as f:
+                    f.write(str(os.getppid()))
+        """))
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        traces = tmp_path / "traces"
+        for args, spare in ((["-n", "2"], True), (["-p", "no:xdist"], False)):
+            traces.mkdir()
+            proc = self._pytest(tmp_path, args + ["-q", "test_ppid.py"],
+                                env={"EXECNET_DEBUG": "1", "TMPDIR": str(traces)})
+            out = (proc.stdout + proc.stderr).decode()
+            assert proc.returncode == 0 and "passed" in out, out
+            text = "".join(p.read_text() for p in traces.glob("execnet-debug-*"))
+            started = re.findall(r"fork server (\d+) started for .* preload \('pytest',\)", text)
+            if spare:
+                assert len(started) == 1, text
+                assert "spare fork server with ('pytest',) taken" in text, text
+                assert "imported" in text and "more modules for gw" in text, text
+                ppids = {p.read_text() for p in tmp_path.glob("ppid-gw*.txt")}
+                assert ppids == {started[0]}, (ppids, text)
+            else:   # no workers asked for: no server started
+                assert "fork server" not in text, text
+            shutil.rmtree(str(traces))
+
+    @single_only
+    @pytest.mark.parametrize("args, addopts, expected", [
+        (["-n", "2"], "", True), (["-nauto"], "", True), (["--numprocesses=3"], "", True),
+        (["--tx", "popen"], "", True), (["--dist", "load"], "", True), (["-d"], "", True),
+        ([], "-n 4", True), (["-n0"], "", False), (["-q", "--no-header"], "", False),
+        ([], "", False), (["--", "-n", "2"], "", False),
+    ])
+    def test_command_starts_a_fork_server_only_when_asked_for_workers(
+            self, monkeypatch, args, addopts, expected):
+        monkeypatch.setenv("PYTEST_ADDOPTS", addopts)
+        assert execnet._asks_for_workers(args) is expected
 
     @single_only
     def test_setupnodes_makes_plain_popen_specs_warm(self, monkeypatch):
