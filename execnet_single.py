@@ -4424,7 +4424,8 @@ def _adopt_spare(key):
     for server in _spare_fork_servers:
         if set(server.preload) <= set(preload) and not server.ended():
             _spare_fork_servers.remove(server)
-            _trace("spare fork server with", server.preload, "taken for a preload of %d modules" % len(preload))
+            _trace("spare fork server with", server.preload,
+                   "taken for a preload of %d modules" % len(preload))
             return server
     return None
 
@@ -4531,7 +4532,8 @@ class _ForkServer:
         error = loads(reply[1])
         if error is not None:
             raise HostNotFound(_Text.PRELOAD_FAILED % ((spec.id, spec.preload) + tuple(error)))
-        _trace("fork server", self.io.remoteaddress, "imported %d more modules for" % len(more), spec.id)
+        _trace("fork server", self.io.remoteaddress,
+               "imported %d more modules for" % len(more), spec.id)
         self.preload = tuple(preload)
 
     def _start(self, spec):
