@@ -8894,12 +8894,14 @@ def _asks_for_workers(args):
     words = list(args) + shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
     if "--" in words:
         words = words[:words.index("--")]
-    for word in words:
-        if word.startswith(("--numprocesses", "--tx", "--dist")):
-            return True
-        if word.startswith("-n") and word[2:] not in ("0", "=0"):
-            return True   # -n N, -nauto, -n8 (not -n0)
-        if word == "-d":
+    for index, word in enumerate(words):
+        if word in ("-n", "--numprocesses"):   # -n N, -n auto (not -n 0)
+            if words[index + 1:index + 2] != ["0"]:
+                return True
+        elif word.startswith(("-n", "--numprocesses=")):   # -n8, -nauto, -n=8
+            if word.split("=")[-1] not in ("-n0", "0"):
+                return True
+        elif word.startswith(("--tx", "--dist")) or word == "-d":
             return True
     return False
 

@@ -7364,8 +7364,9 @@ class TestPytestXdist:
     @pytest.mark.parametrize("args, addopts, expected", [
         (["-n", "2"], "", True), (["-nauto"], "", True), (["--numprocesses=3"], "", True),
         (["--tx", "popen"], "", True), (["--dist", "load"], "", True), (["-d"], "", True),
-        ([], "-n 4", True), (["-n0"], "", False), (["-q", "--no-header"], "", False),
-        ([], "", False), (["--", "-n", "2"], "", False),
+        (["-n=2"], "", True), ([], "-n 4", True), (["-n0"], "", False), (["-n", "0"], "", False),
+        (["--numprocesses", "0"], "", False), (["--numprocesses=0"], "", False),
+        (["-q", "--no-header"], "", False), ([], "", False), (["--", "-n", "2"], "", False),
     ])
     def test_command_starts_a_fork_server_only_when_asked_for_workers(
             self, monkeypatch, args, addopts, expected):
