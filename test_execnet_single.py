@@ -5140,6 +5140,16 @@ time.sleep(300)
 """
 
 
+def _check_missing_preload_error(group):
+    """A gateway whose preload= names a missing module fails, saying which and why."""
+    with pytest.raises(execnet.HostNotFound) as info:
+        mkgw(group, "popen//preload=json,no_such_module_xyz")
+    message = str(info.value)
+    assert "preload=json,no_such_module_xyz" in message
+    assert "could not import no_such_module_xyz" in message
+    assert "ModuleNotFoundError" in message
+
+
 def _facts(gw):
     """What WARM_CHILD_FACTS reports (thread names with the gateway id as ID)."""
     ch = gw.remote_exec(WARM_CHILD_FACTS)
@@ -5186,12 +5196,7 @@ class TestWarmStart:
         assert hooks == [pid]
 
     def test_missing_preload_module_is_a_clear_error(self, group):
-        with pytest.raises(execnet.HostNotFound) as info:
-            mkgw(group, "popen//preload=json,no_such_module_xyz")
-        message = str(info.value)
-        assert "preload=json,no_such_module_xyz" in message
-        assert "could not import no_such_module_xyz" in message
-        assert "ModuleNotFoundError" in message
+        _check_missing_preload_error(group)
         assert len(group) == 0
 
     @pytest.mark.parametrize("value", ["json,", "a b", "os.2x", "json;os"])
@@ -5273,12 +5278,7 @@ class TestWarmStart:
     def test_a_spare_that_cannot_import_the_rest_is_a_clear_error(self, group):
         spare = self._spare(["json"])
         try:
-            with pytest.raises(execnet.HostNotFound) as info:
-                mkgw(group, "popen//preload=json,no_such_module_xyz")
-            message = str(info.value)
-            assert "preload=json,no_such_module_xyz" in message
-            assert "could not import no_such_module_xyz" in message
-            assert "ModuleNotFoundError" in message
+            _check_missing_preload_error(group)
             assert wait_for(lambda: pid_gone(spare.io.popen.pid), timeout=30)
             # the group goes on: a new server for the next gateway
             gw = mkgw(group, "popen//preload=json")
