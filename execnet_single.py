@@ -8891,7 +8891,10 @@ def _asks_for_workers(args):
     """Do pytest's arguments (or PYTEST_ADDOPTS) ask pytest-xdist for workers?"""
     import shlex
 
-    words = list(args) + shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
+    try:
+        words = list(args) + shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
+    except ValueError:   # (unbalanced quotes: pytest itself says so)
+        words = list(args)
     if "--" in words:
         words = words[:words.index("--")]
     for index, word in enumerate(words):

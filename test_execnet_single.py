@@ -7367,6 +7367,7 @@ class TestPytestXdist:
         (["-n=2"], "", True), ([], "-n 4", True), (["-n0"], "", False), (["-n", "0"], "", False),
         (["--numprocesses", "0"], "", False), (["--numprocesses=0"], "", False),
         (["-q", "--no-header"], "", False), ([], "", False), (["--", "-n", "2"], "", False),
+        (["-n", "2"], "-x '", True), ([], "-n 2 '", False),
     ])
     def test_command_starts_a_fork_server_only_when_asked_for_workers(
             self, monkeypatch, args, addopts, expected):
