@@ -7360,6 +7360,45 @@ class TestPytestXdist:
                 assert "fork server" not in text, text
             shutil.rmtree(str(traces))
 
+    @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork server: Linux only")
+    def test_command_ends_an_untaken_fork_server_and_misses_ini_addopts(self, tmp_path):
+        (tmp_path / "test_ppid.py").write_text(textwrap.dedent("""
+            import os
+            def test_parent():
+                with open("ppid-%s.txt" % os.environ["PYTEST_XDIST_WORKER"], "w") as f:
+                    f.write(str(os.getppid()))
+        """))
+        pattern = r"fork server (\d+) started for .* preload \((.*)\)"
+        traces = tmp_path / "traces"
+        # workers asked for, but nobody starts them (xdist blocked: a usage
+        # error): the spare the command started is ended when it ends
+        (tmp_path / "pytest.ini").write_text("[pytest]\n")
+        traces.mkdir()
+        proc = self._pytest(tmp_path, ["-n", "2", "-p", "no:xdist", "test_ppid.py"],
+                            env={"EXECNET_DEBUG": "1", "TMPDIR": str(traces)})
+        out = (proc.stdout + proc.stderr).decode()
+        assert proc.returncode != 0 and "-n" in out, out
+        text = "".join(p.read_text() for p in traces.glob("execnet-debug-*"))
+        started = re.findall(pattern, text)
+        assert [preload for pid, preload in started] == ["'pytest',"], text
+        assert wait_for(lambda: pid_gone(int(started[0][0])), timeout=30)
+        shutil.rmtree(str(traces))
+        # workers asked for in the ini file only: no spare, but still warm,
+        # from a server started when xdist starts them
+        (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = -n 2\n")
+        traces.mkdir()
+        proc = self._pytest(tmp_path, ["-q", "test_ppid.py"],
+                            env={"EXECNET_DEBUG": "1", "TMPDIR": str(traces)})
+        out = (proc.stdout + proc.stderr).decode()
+        assert proc.returncode == 0 and "passed" in out, out
+        text = "".join(p.read_text() for p in traces.glob("execnet-debug-*"))
+        started = re.findall(pattern, text)
+        assert len(started) == 1 and "'pytest'" in started[0][1], text
+        assert started[0][1] != "'pytest',", text
+        assert "spare" not in text, text
+        ppids = {p.read_text() for p in tmp_path.glob("ppid-gw*.txt")}
+        assert ppids == {started[0][0]}, (ppids, text)
+
     @single_only
     @pytest.mark.parametrize("args, addopts, expected", [
         (["-n", "2"], "", True), (["-nauto"], "", True), (["--numprocesses=3"], "", True),
