@@ -4247,7 +4247,7 @@ def _fork_server_main(source, params_bytes):
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds += struct.unpack("%di" % (len(payload) // 4), payload[:len(payload) // 4 * 4])
-            if data[:1] == b"I" and not fds:   # import more first (_ForkServer.grow)
+            if data[:1] == b"I" and not fds:   # import more first (_ForkServer._grow)
                 sock.send(b"I" + dumps(_preload_modules(loads(data[1:]))))
                 if hasattr(gc, "freeze"):
                     gc.freeze()

@@ -7201,6 +7201,14 @@ def _need_xdist():
         pytest.skip("pytest-xdist is not installed")
 
 
+PPID_SUITE = """
+import os
+def test_parent():
+    with open("ppid-%s.txt" % os.environ.get("PYTEST_XDIST_WORKER", "main"), "w") as f:
+        f.write(str(os.getppid()))
+"""
+
+
 @single_only
 class TestPytestXdist:
     def test_command_without_pytest_says_so(self):
@@ -7264,6 +7272,17 @@ class TestPytestXdist:
         return subprocess.run(command + ["-p", "no:cacheprovider"] + list(args),
                               cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=timeout)
+
+    def _traced(self, tmp_path, args):
+        """(proc, output, trace text of every process) of the command with
+        EXECNET_DEBUG=1, its trace files in a fresh directory."""
+        traces = tmp_path / "traces"
+        if traces.exists():
+            shutil.rmtree(str(traces))
+        traces.mkdir()
+        proc = self._pytest(tmp_path, args, env={"EXECNET_DEBUG": "1", "TMPDIR": str(traces)})
+        text = "".join(p.read_text() for p in traces.glob("execnet-debug-*"))
+        return proc, (proc.stdout + proc.stderr).decode(), text
 
     def test_command_runs_every_worker_on_execnet_single(self, tmp_path):
         (tmp_path / "test_suite.py").write_text(self.SUITE)
@@ -7334,21 +7353,11 @@ class TestPytestXdist:
     def test_command_forks_workers_from_a_fork_server_started_with_it(self, tmp_path):
         # the server that imports pytest is started before the session's
         # own pytest import (on another core), and xdist's group takes it over
-        (tmp_path / "test_ppid.py").write_text(textwrap.dedent("""
-            import os
-            def test_parent():
-                with open("ppid-%s.txt" % os.environ.get("PYTEST_XDIST_WORKER", "main"), "w") as f:
-                    f.write(str(os.getppid()))
-        """))
+        (tmp_path / "test_ppid.py").write_text(PPID_SUITE)
         (tmp_path / "pytest.ini").write_text("[pytest]\n")
-        traces = tmp_path / "traces"
         for args, spare in ((["-n", "2"], True), (["-p", "no:xdist"], False)):
-            traces.mkdir()
-            proc = self._pytest(tmp_path, args + ["-q", "test_ppid.py"],
-                                env={"EXECNET_DEBUG": "1", "TMPDIR": str(traces)})
-            out = (proc.stdout + proc.stderr).decode()
+            proc, out, text = self._traced(tmp_path, args + ["-q", "test_ppid.py"])
             assert proc.returncode == 0 and "passed" in out, out
-            text = "".join(p.read_text() for p in traces.glob("execnet-debug-*"))
             started = re.findall(r"fork server (\d+) started for .* preload \('pytest',\)", text)
             if spare:
                 assert len(started) == 1, text
@@ -7358,40 +7367,24 @@ class TestPytestXdist:
                 assert ppids == {started[0]}, (ppids, text)
             else:   # no workers asked for: no server started
                 assert "fork server" not in text, text
-            shutil.rmtree(str(traces))
 
     @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork server: Linux only")
     def test_command_ends_an_untaken_fork_server_and_misses_ini_addopts(self, tmp_path):
-        (tmp_path / "test_ppid.py").write_text(textwrap.dedent("""
-            import os
-            def test_parent():
-                with open("ppid-%s.txt" % os.environ["PYTEST_XDIST_WORKER"], "w") as f:
-                    f.write(str(os.getppid()))
-        """))
+        (tmp_path / "test_ppid.py").write_text(PPID_SUITE)
         pattern = r"fork server (\d+) started for .* preload \((.*)\)"
-        traces = tmp_path / "traces"
         # workers asked for, but nobody starts them (xdist blocked: a usage
         # error): the spare the command started is ended when it ends
         (tmp_path / "pytest.ini").write_text("[pytest]\n")
-        traces.mkdir()
-        proc = self._pytest(tmp_path, ["-n", "2", "-p", "no:xdist", "test_ppid.py"],
-                            env={"EXECNET_DEBUG": "1", "TMPDIR": str(traces)})
-        out = (proc.stdout + proc.stderr).decode()
+        proc, out, text = self._traced(tmp_path, ["-n", "2", "-p", "no:xdist", "test_ppid.py"])
         assert proc.returncode != 0 and "-n" in out, out
-        text = "".join(p.read_text() for p in traces.glob("execnet-debug-*"))
         started = re.findall(pattern, text)
         assert [preload for pid, preload in started] == ["'pytest',"], text
         assert wait_for(lambda: pid_gone(int(started[0][0])), timeout=30)
-        shutil.rmtree(str(traces))
         # workers asked for in the ini file only: no spare, but still warm,
         # from a server started when xdist starts them
         (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = -n 2\n")
-        traces.mkdir()
-        proc = self._pytest(tmp_path, ["-q", "test_ppid.py"],
-                            env={"EXECNET_DEBUG": "1", "TMPDIR": str(traces)})
-        out = (proc.stdout + proc.stderr).decode()
+        proc, out, text = self._traced(tmp_path, ["-q", "test_ppid.py"])
         assert proc.returncode == 0 and "passed" in out, out
-        text = "".join(p.read_text() for p in traces.glob("execnet-debug-*"))
         started = re.findall(pattern, text)
         assert len(started) == 1 and "'pytest'" in started[0][1], text
         assert started[0][1] != "'pytest',", text
