@@ -8874,7 +8874,13 @@ def _cli_pytest(args):
     import importlib
 
     if os.environ.get(_PRELOAD_ENV, "1") != "0" and _asks_for_workers(args):
-        # the workers' fork server imports pytest while this process does
+        # the workers' fork server imports pytest while this process does;
+        # what its start imports here is imported first, in this thread: two
+        # threads importing one module at once can see it half initialized
+        # (3.13: "cannot import name 'Mapping' from 'collections.abc'")
+        for name in ("subprocess", "selectors", "socket", "select", "array", "marshal",
+                     "importlib.util", "errno", "codecs", "time", "collections.abc"):
+            importlib.import_module(name)
         module._start_spare_fork_server(["pytest"])
     try:
         try:   # the user's pytest: this module depends on nothing outside the stdlib
